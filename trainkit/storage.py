@@ -1,0 +1,99 @@
+"""Every path trainkit reads or writes goes through here: fsspec, plus retries.
+
+Object stores fail transiently (503 SlowDown, resets, timeouts) far more often than local
+disks; each caller wraps its requests in :func:`retry` so a blip costs a pause, not a run.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
+
+import fsspec
+from fsspec.core import url_to_fs
+
+from trainkit.errors import StorageError
+
+T = TypeVar("T")
+
+# gcsfs first tries a gRPC bucket-type lookup that stalls for a minute against emulators and
+# private endpoints; plain JSON API calls work everywhere.
+os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+
+_STORAGE_OPTIONS: dict[str, dict[str, Any]] = {}
+
+
+def configure(options: Mapping[str, Mapping[str, Any]]) -> None:
+    """Sets per-protocol fsspec options (``{"s3": {"endpoint_url": ...}}``) for this process."""
+    _STORAGE_OPTIONS.clear()
+    _STORAGE_OPTIONS.update({k: dict(v) for k, v in options.items()})
+
+
+def protocol(url: str) -> str:
+    return url.split("://", 1)[0] if "://" in url else "file"
+
+
+def storage_options(url: str) -> dict[str, Any]:
+    proto = protocol(url)
+    aliases = {"gcs": "gs", "s3a": "s3"}
+    return dict(_STORAGE_OPTIONS.get(proto) or _STORAGE_OPTIONS.get(aliases.get(proto, proto)) or {})
+
+
+def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The filesystem and the protocol-less path for ``url``, with configured options."""
+    return url_to_fs(url, **storage_options(url))
+
+
+def join(base: str, *parts: str) -> str:
+    base = base.rstrip("/")
+    return "/".join([base, *(p.strip("/") for p in parts)])
+
+
+def is_local(url: str) -> bool:
+    return protocol(url) in ("file", "local")
+
+
+def local_path(url: str) -> str:
+    return url.split("://", 1)[1] if "://" in url else url
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether a failed store request is worth repeating."""
+    if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
+        return False
+    if isinstance(exc, (ConnectionError, TimeoutError)):
+        return True
+    text = f"{type(exc).__name__} {exc}".lower()
+    markers = ("503", "500", "502", "504", "429", "slowdown", "slow down", "throttl", "reset",
+               "timeout", "timed out", "temporarily", "serviceunavailable", "internalerror",
+               "connection", "broken pipe", "server disconnected", "try again")
+    return any(m in text for m in markers)
+
+
+def retry(
+    fn: Callable[[], T],
+    *,
+    what: str,
+    attempts: int = 8,
+    base_delay: float = 0.05,
+    max_delay: float = 5.0,
+    sleep: Callable[[float], None] = time.sleep,
+) -> T:
+    """Calls ``fn`` until it succeeds, retrying transient errors with full-jitter backoff.
+
+    A permanent error, or the last transient one, becomes a :class:`StorageError` naming
+    ``what`` (the object's URL), so a failure says which object it was.
+    """
+    for attempt in range(attempts):
+        try:
+            return fn()
+        except StorageError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - classified below
+            if not is_transient(exc) or attempt == attempts - 1:
+                raise StorageError(f"{what}: {type(exc).__name__}: {exc}") from exc
+            sleep(random.uniform(0, min(max_delay, base_delay * 2**attempt)))
+    raise AssertionError("unreachable")
