@@ -153,10 +153,9 @@ def validate(cfg: Config) -> Config:
     from trainkit.strategies import STRATEGIES
     from trainkit.tasks import TASKS
 
-    if not cfg.task:
-        raise ConfigError("no task: pick a recipe (recipe=resnet) or set task=<name>")
-    task = TASKS.get(cfg.task, "task")
-    cfg.model = dataclasses.asdict(_build(task.model_config, cfg.model, "model"))
+    if cfg.task:
+        task = TASKS.get(cfg.task, "task")
+        cfg.model = dataclasses.asdict(_build(task.model_config, cfg.model, "model"))
     STRATEGIES.get(cfg.strategy.name, "strategy")
     _choice("strategy.backend", cfg.strategy.backend, BACKENDS)
     if cfg.strategy.zero_stage not in (1, 2, 3):
@@ -186,16 +185,21 @@ def validate(cfg: Config) -> Config:
             f"strategy=single runs one process but launcher.workers={cfg.launcher.workers}; "
             "pick strategy=ddp, fsdp or deepspeed"
         )
-    world = cfg.launcher.workers * cfg.launcher.nodes
+    check_batch(cfg, cfg.launcher.workers * cfg.launcher.nodes)
+    if cfg.trainer.precision == "fp16" and cfg.strategy.name == "fsdp":
+        raise ConfigError("trainer.precision=fp16 with strategy=fsdp is not supported; use bf16")
+    return cfg
+
+
+def check_batch(cfg: Config, world: int) -> int:
+    """The per-rank micro-batch; the global batch must split evenly over ranks and micro-steps."""
     micro, rest = divmod(cfg.data.batch_size, world * cfg.trainer.grad_accum)
     if rest or not micro:
         raise ConfigError(
             f"data.batch_size={cfg.data.batch_size} must be a multiple of workers x grad_accum "
             f"= {world} x {cfg.trainer.grad_accum}"
         )
-    if cfg.trainer.precision == "fp16" and cfg.strategy.name == "fsdp":
-        raise ConfigError("trainer.precision=fp16 with strategy=fsdp is not supported; use bf16")
-    return cfg
+    return micro
 
 
 def load_config(data: typing.Mapping[str, Any]) -> Config:

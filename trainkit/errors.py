@@ -26,10 +26,21 @@ class StorageError(TrainkitError):
     exit_code = 2
 
 
-class Preempted(TrainkitError):
-    """The run stopped at an agreed step after a preemption notice; relaunch to resume."""
+class Preempted(SystemExit):
+    """The run stopped at an agreed step after a preemption notice; relaunch to resume.
+
+    A ``SystemExit`` so that a user's ``except Exception`` around the loop cannot swallow it:
+    the process ends with exit code 75 (``EX_TEMPFAIL``), which schedulers treat as "retry".
+    """
 
     exit_code = 75
+
+    def __init__(self, message: str = "preempted") -> None:
+        super().__init__(self.exit_code)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
 
 
 EXIT_PREEMPTED = Preempted.exit_code

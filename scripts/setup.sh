@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Creates .venv with trainkit and every extra (tests included) on a CPU-only machine.
+# torch is pinned to the CPU wheel here only: other packages' looser ranges would otherwise
+# pull a multi-GB CUDA build. On a GPU machine, `pip install -e ".[all]"` is enough.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+export PIP_CONSTRAINT="$PWD/.ci/constraints-cpu.txt" PIP_DISABLE_PIP_VERSION_CHECK=1
+.venv/bin/python -m pip install -q torch==2.13.0
+.venv/bin/python -m pip install -q -e ".[all,test]"

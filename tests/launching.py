@@ -1,0 +1,46 @@
+"""Running the real launcher in a subprocess, as a user would, and reading what it left."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+
+RESNET_TINY = [
+    "recipe=resnet", "model.width=4", "model.blocks=[1,1]", "model.image_size=8",
+    "data.batch_size=32", "optim.lr=0.05", "optim.warmup_steps=0", "optim.weight_decay=0",
+    "trainer.log_every=1", "trainer.progress=plain",
+]
+GPT_TINY = [
+    "recipe=gpt", "model.n_layer=2", "model.d_model=32", "model.n_head=2", "model.seq_len=32",
+    "model.corpus_bytes=200000", "data.batch_size=16", "optim.lr=3e-3", "optim.warmup_steps=0",
+    "trainer.log_every=1", "trainer.progress=plain", "trainer.grad_clip=1.0",
+]
+
+
+def launch(*overrides: str, env: dict[str, str] | None = None, timeout: float = 300,
+           cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    # One embedded store for the whole suite: each data set is prepared once.
+    full_env.setdefault("TRAINKIT_STORE", str(ROOT / ".cache" / "test-store"))
+    full_env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (str(ROOT / "tests"), full_env.get("PYTHONPATH", "")) if p
+    )
+    return subprocess.run(
+        [sys.executable, "-m", "trainkit.launch", *overrides],
+        capture_output=True, text=True, timeout=timeout, env=full_env, cwd=cwd or ROOT,
+    )
+
+
+def metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def losses(run_dir: str | Path) -> list[float]:
+    return [r["loss"] for r in metrics(run_dir)]

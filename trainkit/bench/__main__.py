@@ -1,0 +1,23 @@
+"""``python -m trainkit.bench step|data|checkpoint [options]``."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+BENCHES = {
+    "step": "trainkit.bench.step",
+    "data": "trainkit.data.bench",
+    "checkpoint": "trainkit.checkpoint.bench",
+}
+
+
+def main() -> None:
+    if len(sys.argv) < 2 or sys.argv[1] not in BENCHES:
+        print(f"usage: python -m trainkit.bench {{{'|'.join(BENCHES)}}} [options]", file=sys.stderr)
+        sys.exit(2)
+    importlib.import_module(BENCHES[sys.argv[1]]).main(sys.argv[2:])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,88 @@
+"""``launcher=local``: N worker processes on this machine through torch's elastic agent.
+
+The agent (the machinery behind ``torchrun``) spawns the workers, sets up rendezvous on
+loopback, watches them, and tears the group down when one fails; we only translate its
+outcome into one clear message and an exit code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+import tempfile
+import uuid
+from typing import Any
+
+from trainkit.config import Config
+from trainkit.errors import EXIT_PREEMPTED
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(cfg: Config) -> int:
+    from torch.distributed.elastic.multiprocessing.api import DefaultLogsSpecs
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    from trainkit.launch.worker import worker_main
+
+    port = cfg.launcher.master_port or free_port()
+    log_dir = tempfile.mkdtemp(prefix="trainkit-launch-")
+    config = LaunchConfig(
+        min_nodes=1,
+        max_nodes=1,
+        nproc_per_node=cfg.launcher.workers,
+        run_id=f"trainkit-{uuid.uuid4().hex[:8]}",
+        rdzv_backend="c10d",
+        rdzv_endpoint=f"127.0.0.1:{port}",
+        rdzv_configs={"timeout": 120},
+        max_restarts=0,
+        monitor_interval=0.2,
+        start_method="spawn",
+        local_addr="127.0.0.1",
+        logs_specs=DefaultLogsSpecs(log_dir=log_dir),
+    )
+    os.environ.setdefault("TORCHELASTIC_ERROR_FILE", os.path.join(log_dir, "error.json"))
+    try:
+        elastic_launch(config, worker_main)(cfg.to_dict())
+    except ChildFailedError as exc:
+        return report_failure(exc)
+    return 0
+
+
+def report_failure(exc: Any) -> int:
+    """Prints the first failed worker's error once and returns the job's exit code.
+
+    When every worker left with the preemption code the job is resumable: 75, no noise.
+    """
+    failures = exc.failures
+    codes = {f.exitcode for f in failures.values()}
+    if codes == {EXIT_PREEMPTED}:
+        return EXIT_PREEMPTED
+    rank, first = min(
+        ((r, f) for r, f in failures.items() if f.exitcode != EXIT_PREEMPTED), key=lambda rf: rf[1].timestamp
+    )
+    message = first.message
+    data = first.error_file_data
+    if isinstance(data, dict):
+        msg = data.get("message")
+        if isinstance(msg, dict):
+            message = msg.get("message", message)
+            trace = msg.get("extraInfo", {}).get("py_callstack")
+            if trace and not message.startswith("trainkit:"):
+                print(trace.rstrip(), file=sys.stderr)
+        elif isinstance(msg, str):
+            message = msg
+    elif isinstance(data, str) and data:
+        try:
+            message = json.loads(data).get("message", message)
+        except ValueError:
+            pass
+    print(f"error: worker rank {rank} failed (exit code {first.exitcode}): {message}", file=sys.stderr)
+    return 1 if first.exitcode in (0, None) or first.exitcode < 0 else first.exitcode

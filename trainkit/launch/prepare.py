@@ -1,0 +1,63 @@
+"""Checks and set-up done once, in the launching process, before any worker exists.
+
+A missing bucket or credential should cost a second, not a cluster start-up; and the
+embedded data set is written once here rather than raced for by every worker.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+
+from trainkit import storage
+from trainkit.config import Config
+from trainkit.errors import StorageError
+from trainkit.tasks import TASKS
+from trainkit.tasks.base import default_url, store_root
+
+
+def check_store(url: str, what: str) -> None:
+    """Fails fast, with the key named, when ``url``'s bucket or credentials are unusable."""
+    if storage.is_local(url):
+        return
+    try:
+        fs, path = storage.filesystem(url)
+        bucket = path.split("/", 1)[0]
+        found = storage.retry(lambda: fs.exists(bucket), what=url, attempts=3)
+    except Exception as exc:  # noqa: BLE001 - any failure here means the store is unusable
+        raise StorageError(f"{what}={url}: cannot reach the store ({type(exc).__name__}: {exc})") from exc
+    if not found:
+        raise StorageError(f"{what}={url}: bucket {bucket!r} does not exist or is not accessible")
+
+
+def prepare(cfg: Config) -> None:
+    storage.configure(cfg.storage)
+    check_store(cfg.run_dir, "run_dir")
+    task = TASKS.get(cfg.task, "task")
+    if cfg.data.url:
+        check_store(cfg.data.url, "data.url")
+        fs, path = storage.filesystem(storage.join(cfg.data.url, "index.json"))
+        if not storage.retry(lambda: fs.exists(path), what=cfg.data.url):
+            raise StorageError(
+                f"data.url={cfg.data.url}: no data set there (index.json missing); "
+                "write one with `python -m trainkit.data write`"
+            )
+        return
+    prepare_embedded(task, cfg.model)
+
+
+def prepare_embedded(task, model_cfg: dict) -> str:  # type: ignore[no-untyped-def]
+    """Writes the task's data set into the embedded store unless it is already there."""
+    from trainkit.data import write_shards
+
+    url = default_url(task, model_cfg)
+    root = store_root()
+    os.makedirs(root, exist_ok=True)
+    with open(os.path.join(root, f".{task.dataset(model_cfg)}.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if os.path.exists(os.path.join(storage.local_path(url), "index.json")):
+            return url
+        print(f"preparing {task.dataset(model_cfg)} in the embedded store {root}", flush=True)
+        for split, samples in task.samples(model_cfg):
+            write_shards(samples, url.rsplit("/", 1)[0] + "/" + split, shard_bytes=1 << 20)
+    return url

@@ -1,0 +1,42 @@
+"""Optimizer and LR schedule from ``cfg.optim``, built as factories so sharding can come first."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from trainkit.config import OptimConfig
+
+
+def optimizer_factory(cfg: OptimConfig) -> Callable[[list[nn.Parameter]], torch.optim.Optimizer]:
+    """Params → optimizer; weight decay only on matrices (not biases, norms, embeddings' scale)."""
+
+    def make(params: list[nn.Parameter]) -> torch.optim.Optimizer:
+        decay = [p for p in params if p.requires_grad and p.ndim >= 2]
+        rest = [p for p in params if p.requires_grad and p.ndim < 2]
+        groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}]
+        if cfg.name == "sgd":
+            return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+
+    return make
+
+
+def lr_lambda(cfg: OptimConfig, max_steps: int) -> Callable[[int], float]:
+    def factor(step: int) -> float:
+        if cfg.warmup_steps and step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        if cfg.schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - cfg.warmup_steps) / max(1, max_steps - cfg.warmup_steps))
+        shape = 0.5 * (1 + math.cos(math.pi * progress)) if cfg.schedule == "cosine" else 1 - progress
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * shape
+
+    return factor
+
+
+def scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, max_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, max_steps))

@@ -1,0 +1,383 @@
+"""``Run``: the one object a training loop needs, whoever launched it.
+
+It joins the process group, seeds, wraps model and optimizer per ``cfg.strategy``, builds
+the data loader, restores the latest committed checkpoint, and at every step boundary does
+the run's bookkeeping: metrics, checkpoint policy and the preemption agreement. The loop
+itself stays the user's::
+
+    run = trainkit.Run(cfg)
+    model, opt = run.setup(model, run.optimizer())
+    data = run.loader(trainkit.data.Stream(url))
+    run.restore(model=model, optimizer=opt, data=data)
+    for batch in run.steps(data):
+        with run.autocast():
+            loss = loss_fn(model, batch)
+        run.backward(loss)
+        run.optimizer_step(opt)
+    run.finish()
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import random
+import time
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from trainkit import distributed, storage
+from trainkit.config import Config, check_batch, load_config, run_dir_default
+from trainkit.errors import ConfigError, Preempted
+from trainkit.metrics import JsonlLog, Progress, format_summary
+from trainkit.optim import optimizer_factory, scheduler
+from trainkit.strategies import STRATEGIES
+from trainkit.strategies.base import OptimizerArg
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class Run:
+    def __init__(self, cfg: Config | Mapping[str, Any] | None = None) -> None:
+        if cfg is None:
+            cfg = Config()
+        self.cfg = cfg if isinstance(cfg, Config) else load_config(cfg)
+        cfg = self.cfg
+        if not cfg.run_dir:
+            cfg.run_dir = run_dir_default(cfg.recipe)
+        storage.configure(cfg.storage)
+        self.dist = distributed.init(cfg.strategy.backend, threads=cfg.trainer.threads)
+        if cfg.strategy.name != "single" and not self.dist.distributed:
+            # One process without a launcher: torch's wrappers still need a (1-rank) group.
+            self.dist = _single_process_group(cfg)
+        self.micro_batch = check_batch(cfg, self.dist.world_size)
+        # Same seed on every rank: identical initial weights without a broadcast.
+        seed_everything(cfg.seed)
+        self.strategy = STRATEGIES.get(cfg.strategy.name, "strategy")(cfg, self.dist)
+        self.run_dir = cfg.run_dir
+        self.step = 0
+        self.micro = 0
+        self.scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
+        self.model: nn.Module | None = None
+        self.restored_step: int | None = None
+        self._state: dict[str, Any] | None = None
+        self._loss_sum = torch.zeros((), dtype=torch.float64, device=self.dist.device)
+        self._loss_count = 0
+        self._stepped = False
+        self._grad_norm: float | None = None
+        self._timers = {"data_wait_s": 0.0, "checkpoint_block_s": 0.0}
+        self._start = time.time()
+        self._last_record: dict[str, Any] = {}
+        main = self.dist.is_main
+        self.metrics = JsonlLog(self.run_dir, "metrics.jsonl") if main else None
+        self.events = JsonlLog(self.run_dir, "events.jsonl") if main else None
+        self.checkpointer = None
+        if cfg.checkpoint.enabled:
+            from trainkit.checkpoint import Checkpointer, SavePolicy
+
+            self.checkpointer = Checkpointer(
+                storage.join(self.run_dir, "checkpoints"),
+                keep_last=cfg.checkpoint.keep_last,
+                keep_every=cfg.checkpoint.keep_every,
+                async_save=cfg.checkpoint.async_save,
+            )
+            self.save_policy = SavePolicy(cfg.checkpoint.every_steps, cfg.checkpoint.every_seconds)
+        from trainkit.preemption import PreemptionWatcher
+
+        p = cfg.preemption
+        self.watcher = PreemptionWatcher(
+            signals=p.signals, aws_endpoint=p.aws_endpoint, gcp_endpoint=p.gcp_endpoint,
+            poll_seconds=p.poll_seconds,
+        )
+        self.watcher.start()
+        if main:
+            self._write_config()
+            self._event("start", world_size=self.dist.world_size, strategy=cfg.strategy.name)
+
+    # -- building blocks -------------------------------------------------------------------
+    def optimizer(self) -> OptimizerArg:
+        """The optimizer ``cfg.optim`` describes, as a factory ``setup`` applies after wrapping."""
+        return optimizer_factory(self.cfg.optim)
+
+    def setup(self, model: nn.Module, optimizer: OptimizerArg, *, units: list[nn.Module] | None = None
+              ) -> tuple[nn.Module, torch.optim.Optimizer]:
+        """Wraps for the strategy (DDP/FSDP2/ZeRO) and attaches the configured LR schedule.
+
+        ``units`` are the blocks to shard and recompute one by one; default: the members of
+        every ``nn.ModuleList``.
+        """
+        model, opt = self.strategy.setup(model, optimizer, units)
+        self.model = model
+        self.scheduler = scheduler(
+            self.strategy.scheduler_optimizer(opt), self.cfg.optim, self.cfg.trainer.max_steps
+        )
+        return model, opt
+
+    def loader(self, stream: Any, *, transform: Any = None) -> Any:
+        """This rank's share of ``stream``, in micro-batches, resumable mid-epoch."""
+        from trainkit.data import Loader
+
+        return Loader(
+            stream,
+            batch_size=self.cfg.data.batch_size,
+            rank=self.dist.rank,
+            world_size=self.dist.world_size,
+            grad_accum=self.cfg.trainer.grad_accum,
+            seed=self.cfg.seed,
+            num_workers=self.cfg.data.num_workers,
+            transform=transform,
+        )
+
+    def stream(self, url: str) -> Any:
+        """A :class:`trainkit.data.Stream` over ``url`` with this run's cache settings."""
+        from trainkit.data import Stream
+
+        d = self.cfg.data
+        return Stream(
+            url, cache_dir=d.cache_dir or None, cache_bytes=d.cache_bytes, shuffle=d.shuffle,
+            shuffle_window=d.shuffle_window, prefetch=d.prefetch,
+        )
+
+    # -- state -----------------------------------------------------------------------------
+    def restore(self, *, model: nn.Module, optimizer: torch.optim.Optimizer, data: Any = None,
+                **extra: Any) -> int | None:
+        """Registers the state tree and loads the latest committed checkpoint, if any.
+
+        Returns the step resumed from (None for a fresh run). ``extra`` takes more objects
+        with ``state_dict``/``load_state_dict`` to save alongside.
+        """
+        from trainkit.checkpoint import RNGState
+
+        state = self.strategy.checkpoint_state(model, optimizer)
+        if self.scheduler is not None:
+            state["scheduler"] = self.scheduler
+        if data is not None:
+            state["data"] = data
+        state["trainer"] = _Counters(self)
+        state["rng"] = RNGState()
+        state.update(extra)
+        self._state = state
+        if self.checkpointer is None:
+            return None
+        step = self.checkpointer.load(state)
+        if step is None:
+            seed_everything(self.cfg.seed + self.dist.rank)
+            return None
+        self.restored_step = step
+        if self.dist.is_main:
+            assert self.metrics is not None
+            dropped = self.metrics.keep(lambda r: r.get("step", 0) <= step)
+            self._event("restore", step=step, recomputed_steps=dropped)
+            self._print(f"resumed from checkpoint at step {step}")
+        return step
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "micro": self.micro}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.step = int(state["step"])
+        self.micro = int(state["micro"])
+
+    # -- the loop ----------------------------------------------------------------------------
+    def steps(self, data: Any) -> Iterator[Any]:
+        """Yields micro-batches until ``max_steps`` or an agreed preemption stop.
+
+        Between optimizer steps it logs, saves on the checkpoint policy and checks, with one
+        collective, whether any rank was told to stop.
+        """
+        if self._state is None:
+            seed_everything(self.cfg.seed + self.dist.rank)
+        cfg = self.cfg.trainer
+        self.progress = Progress(cfg.progress, cfg.max_steps, self.step, self.dist.is_main)
+        self._mark = (time.perf_counter(), self.step)
+        it = iter(data)
+        try:
+            while self.step < cfg.max_steps:
+                t0 = time.perf_counter()
+                batch = next(it)
+                self._timers["data_wait_s"] += time.perf_counter() - t0
+                yield batch
+                if self._stepped:
+                    self._stepped = False
+                    self._after_step()
+        finally:
+            self.progress.close()
+
+    def autocast(self) -> contextlib.AbstractContextManager[Any]:
+        return self.strategy.autocast()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.micro += 1
+        self._loss_sum += loss.detach().to(torch.float64)
+        self._loss_count += 1
+        self.strategy.backward(loss, sync=self.micro % self.cfg.trainer.grad_accum == 0)
+
+    def optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Steps on accumulation boundaries; a no-op on the micro-steps in between."""
+        if self.micro % self.cfg.trainer.grad_accum:
+            self.strategy.micro_step()
+            return
+        self._grad_norm = self.strategy.optimizer_step(optimizer)
+        if self.scheduler is not None:
+            self.scheduler.step()
+        self.step += 1
+        self._stepped = True
+
+    def _after_step(self) -> None:
+        cfg = self.cfg
+        if self.step % cfg.trainer.log_every == 0 or self.step == cfg.trainer.max_steps:
+            self._log()
+        else:
+            self.progress.update(self.step, None)
+        due = self.checkpointer is not None and self.save_policy.due(self.step)
+        stop, due = distributed.agree(self.watcher.requested, due, self.dist.device)
+        if stop:
+            self._preempt()
+        if due and self.step < cfg.trainer.max_steps:
+            self.save(blocking=False)
+
+    def _log(self) -> None:
+        now = time.perf_counter()
+        t_mark, step_mark = self._mark
+        (loss,) = distributed.all_mean([float(self._loss_sum) / max(1, self._loss_count)], self.dist.device)
+        self._loss_sum.zero_()
+        self._loss_count = 0
+        steps = self.step - step_mark
+        elapsed = max(now - t_mark, 1e-9)
+        samples = steps * self.cfg.data.batch_size
+        record: dict[str, Any] = {
+            "step": self.step,
+            "loss": loss,
+            "lr": self.scheduler.get_last_lr()[0] if self.scheduler else None,
+            "samples_per_s": samples / elapsed,
+            "step_time_s": elapsed / max(1, steps),
+            "data_wait_s": self._timers["data_wait_s"] / max(1, steps),
+            "checkpoint_block_s": self._timers["checkpoint_block_s"] / max(1, steps),
+            "time": time.time(),
+        }
+        if self._grad_norm is not None:
+            record["grad_norm"] = self._grad_norm
+        self._timers = dict.fromkeys(self._timers, 0.0)
+        self._mark = (now, self.step)
+        self._last_record = record
+        if self.metrics is not None:
+            self.metrics.write(record)
+        self.progress.update(self.step, record)
+
+    def save(self, *, blocking: bool) -> None:
+        """Checkpoints the registered state tree at the current step (all ranks call this)."""
+        if self.checkpointer is None or self._state is None:
+            return
+        t0 = time.perf_counter()
+        self.checkpointer.save(self.step, self._state, blocking=blocking)
+        spent = time.perf_counter() - t0
+        self._timers["checkpoint_block_s"] += spent
+        self._event("checkpoint", step=self.step, blocking_s=spent, blocking=blocking)
+
+    def _preempt(self) -> None:
+        reason = self.watcher.reason or "another rank was preempted"
+        self._print(f"preemption ({reason}): saving at step {self.step}, then exiting with code 75")
+        if self.checkpointer is not None and self._state is not None:
+            self.checkpointer.wait()
+            if self.checkpointer.latest_step() != self.step:
+                self.save(blocking=True)
+        self._event("preempted", step=self.step, reason=reason)
+        self._close()
+        raise Preempted(f"preempted at step {self.step} ({reason}); relaunch to resume")
+
+    # -- the end -------------------------------------------------------------------------
+    def finish(self, **final: Any) -> dict[str, Any]:
+        """Final checkpoint and export, ``summary.json``, the summary table; ends the run."""
+        if self.checkpointer is not None and self._state is not None:
+            self.checkpointer.wait()
+            if self.checkpointer.latest_step() != self.step:
+                self.save(blocking=True)
+            if self.cfg.checkpoint.export_safetensors and self.model is not None:
+                from trainkit.checkpoint import export_safetensors
+
+                export_safetensors(self.model, storage.join(self.run_dir, "model.safetensors"))
+        wall = time.time() - self._start
+        summary: dict[str, Any] = {
+            "run_dir": self.run_dir,
+            "strategy": self.cfg.strategy.name,
+            "world_size": self.dist.world_size,
+            "steps": self.step,
+            "resumed_from": self.restored_step,
+            "wall_s": wall,
+        }
+        summary.update({k: self._last_record[k] for k in ("loss", "samples_per_s") if k in self._last_record})
+        summary.update(final)
+        if self.dist.is_main:
+            fs, path = storage.filesystem(storage.join(self.run_dir, "summary.json"))
+            storage.retry(lambda: fs.pipe(path, json.dumps(summary, indent=2).encode()), what=path)
+            self._event("finish", step=self.step)
+            self._print(format_summary(summary))
+        self._close()
+        return summary
+
+    def _close(self) -> None:
+        if self.checkpointer is not None:
+            self.checkpointer.close()
+        self.watcher.stop()
+        for log in (self.metrics, self.events):
+            if log is not None:
+                log.close()
+        distributed.shutdown()
+
+    # -- helpers -----------------------------------------------------------------------------
+    def _event(self, kind: str, **fields: Any) -> None:
+        if self.events is not None:
+            self.events.write({"event": kind, "time": time.time(), **fields})
+
+    def _print(self, text: str) -> None:
+        if self.dist.is_main:
+            progress = getattr(self, "progress", None)
+            if progress is not None:
+                progress.message(text)
+            else:
+                print(text, flush=True)
+
+    def _write_config(self) -> None:
+        from omegaconf import OmegaConf
+
+        text = OmegaConf.to_yaml(OmegaConf.create(self.cfg.to_dict()))
+        fs, path = storage.filesystem(storage.join(self.run_dir, "config.yaml"))
+        storage.retry(lambda: fs.pipe(path, text.encode()), what=path)
+
+
+class _Counters:
+    """The loop's counters as a state-tree member."""
+
+    def __init__(self, run: Run) -> None:
+        self.run = run
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.run.state_dict()
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.run.load_state_dict(state)
+
+
+def _single_process_group(cfg: Config) -> distributed.DistInfo:
+    import os
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(
+        {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "WORLD_SIZE": "1",
+         "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"}
+    )
+    info = distributed.init(cfg.strategy.backend, threads=cfg.trainer.threads)
+    if not info.distributed:
+        raise ConfigError(f"strategy={cfg.strategy.name} could not start a process group")
+    return info

@@ -1,0 +1,150 @@
+"""What every strategy does for the user's loop; subclasses differ only in wrapping.
+
+A strategy owns the parts of a training step that change with the parallelism: how the
+model and optimizer are wrapped, how ``backward`` behaves on accumulation micro-steps,
+and how gradients are clipped and applied. The loop itself stays the user's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from trainkit.config import Config
+from trainkit.distributed import DistInfo
+
+OptimizerArg = torch.optim.Optimizer | Callable[[list[nn.Parameter]], torch.optim.Optimizer]
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def default_units(model: nn.Module) -> list[nn.Module]:
+    """Repeated blocks (members of any ``nn.ModuleList``): the natural unit to shard or recompute."""
+    units: list[nn.Module] = []
+    for module in model.modules():
+        if isinstance(module, nn.ModuleList):
+            units.extend(module)
+    return units
+
+
+def checkpoint_activations(units: list[nn.Module]) -> None:
+    """Recomputes each unit's activations in backward; patches ``forward`` so state-dict keys stay."""
+    from torch.utils.checkpoint import checkpoint
+
+    for unit in units:
+        inner = unit.forward
+
+        @functools.wraps(inner)
+        def forward(*args: Any, _inner: Callable[..., Any] = inner, **kwargs: Any) -> Any:
+            return checkpoint(_inner, *args, use_reentrant=False, **kwargs)
+
+        unit.forward = forward
+
+
+def rebuild_optimizer(optimizer: OptimizerArg, old: list[nn.Parameter], new: list[nn.Parameter]) -> torch.optim.Optimizer:
+    """Recreates ``optimizer`` over ``new`` params that replaced ``old`` ones one-for-one.
+
+    FSDP2 swaps every parameter for a sharded DTensor, so an optimizer made before sharding
+    points at dead tensors. Groups and hyper-parameters carry over by parameter position.
+    """
+    if callable(optimizer) and not isinstance(optimizer, torch.optim.Optimizer):
+        return optimizer(new)
+    if optimizer.state:
+        raise ValueError("the optimizer already has state; hand it to setup() before the first step")
+    position = {id(p): i for i, p in enumerate(old)}
+    groups = []
+    for group in optimizer.param_groups:
+        hyper = {k: v for k, v in group.items() if k != "params"}
+        groups.append({"params": [new[position[id(p)]] for p in group["params"]], **hyper})
+    return type(optimizer)(groups, **optimizer.defaults)
+
+
+class Strategy:
+    """Single-process training; the base the torch-native strategies extend."""
+
+    name = "single"
+
+    def __init__(self, cfg: Config, dist: DistInfo) -> None:
+        self.cfg = cfg
+        self.dist = dist
+        self.precision = cfg.trainer.precision
+        self.grad_accum = cfg.trainer.grad_accum
+        self.scaler = torch.amp.GradScaler(dist.device.type) if self.precision == "fp16" else None
+        self.model: nn.Module | None = None
+
+    # -- setup ---------------------------------------------------------------------------
+    def setup(self, model: nn.Module, optimizer: OptimizerArg, units: list[nn.Module] | None = None
+              ) -> tuple[nn.Module, torch.optim.Optimizer]:
+        model = model.to(self.dist.device)
+        units = default_units(model) if units is None else units
+        if self.cfg.trainer.activation_checkpointing:
+            checkpoint_activations(units)
+        old = list(model.parameters())
+        model = self.wrap(model, units)
+        if self.cfg.trainer.compile:
+            model.compile()
+        new = list(model.parameters())
+        if isinstance(optimizer, torch.optim.Optimizer) and all(a is b for a, b in zip(old, new)):
+            opt = optimizer
+        else:
+            opt = rebuild_optimizer(optimizer, old, new)
+        self.model = model
+        return model, opt
+
+    def wrap(self, model: nn.Module, units: list[nn.Module]) -> nn.Module:
+        return model
+
+    # -- step ----------------------------------------------------------------------------
+    def autocast(self) -> contextlib.AbstractContextManager[Any]:
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(self.dist.device.type, dtype=DTYPES[self.precision])
+
+    def no_sync(self, sync: bool) -> contextlib.AbstractContextManager[Any]:
+        """Skips gradient communication on accumulation micro-steps that do not step."""
+        return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor, sync: bool) -> None:
+        loss = loss / self.grad_accum
+        if self.scaler is not None:
+            loss = self.scaler.scale(loss)
+        with self.no_sync(sync):
+            loss.backward()
+
+    def optimizer_step(self, optimizer: torch.optim.Optimizer) -> float | None:
+        """Unscales, clips and applies gradients; returns the pre-clip global norm when clipping."""
+        norm = None
+        if self.scaler is not None:
+            self.scaler.unscale_(optimizer)
+        if self.cfg.trainer.grad_clip > 0:
+            assert self.model is not None
+            total = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.trainer.grad_clip)
+            norm = float(total.full_tensor() if hasattr(total, "full_tensor") else total)
+        if self.scaler is not None:
+            self.scaler.step(optimizer)
+            self.scaler.update()
+        else:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return norm
+
+    def checkpoint_state(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        """The strategy-owned part of the state tree: model, optimizer and loss scaler."""
+        from trainkit.checkpoint import ModelOptimState
+
+        state: dict[str, Any] = {"model_optim": ModelOptimState(model, optimizer)}
+        if self.scaler is not None:
+            state["scaler"] = self.scaler
+        return state
+
+    def micro_step(self) -> None:
+        """Called on accumulation micro-steps that do not step the optimizer."""
+
+    def scheduler_optimizer(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+        """The torch optimizer an LR scheduler should drive."""
+        return optimizer

@@ -1,0 +1,39 @@
+"""FSDP2 (``fully_shard``): parameters, gradients and optimizer state sharded over ranks.
+
+Each repeated block is its own shard unit (all-gathered just before it runs), then the
+root; bf16 is handled by FSDP's mixed-precision policy (bf16 compute and all-gather, fp32
+reductions and master weights) rather than autocast.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch
+from torch import nn
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+
+from trainkit.strategies.base import Strategy
+
+
+class FSDPStrategy(Strategy):
+    name = "fsdp"
+
+    def wrap(self, model: nn.Module, units: list[nn.Module]) -> nn.Module:
+        policy = MixedPrecisionPolicy()
+        if self.precision == "bf16":
+            policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        reshard = self.cfg.strategy.reshard_after_forward
+        for unit in units:
+            fully_shard(unit, mp_policy=policy, reshard_after_forward=reshard)
+        fully_shard(model, mp_policy=policy, reshard_after_forward=reshard)
+        return model
+
+    def autocast(self) -> contextlib.AbstractContextManager[Any]:
+        return contextlib.nullcontext()
+
+    def no_sync(self, sync: bool) -> contextlib.AbstractContextManager[Any]:
+        assert isinstance(self.model, FSDPModule)
+        self.model.set_requires_gradient_sync(sync)
+        return contextlib.nullcontext()
