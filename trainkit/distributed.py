@@ -12,6 +12,9 @@ import torch.distributed as dist
 from trainkit.errors import ConfigError
 
 
+_OWNED = False
+
+
 @dataclass(frozen=True)
 class DistInfo:
     rank: int
@@ -51,14 +54,18 @@ def init(backend: str = "auto", *, threads: int = 0) -> DistInfo:
     else:
         device = torch.device("cpu")
     chosen = None
-    if "MASTER_ADDR" in os.environ and "RANK" in os.environ:
+    if dist.is_initialized():  # e.g. Ray Train set the group up before calling us
+        chosen = dist.get_backend()
+        rank, world = dist.get_rank(), dist.get_world_size()
+    elif "MASTER_ADDR" in os.environ and "RANK" in os.environ:
         chosen = pick_backend(backend)
-        if not dist.is_initialized():
-            dist.init_process_group(
-                chosen,
-                timeout=datetime.timedelta(seconds=int(os.environ.get("TRAINKIT_PG_TIMEOUT", 600))),
-                device_id=device if chosen == "nccl" else None,
-            )
+        global _OWNED
+        _OWNED = True
+        dist.init_process_group(
+            chosen,
+            timeout=datetime.timedelta(seconds=int(os.environ.get("TRAINKIT_PG_TIMEOUT", 600))),
+            device_id=device if chosen == "nccl" else None,
+        )
     return DistInfo(rank, world, local_rank, local_world, device, chosen)
 
 
@@ -70,8 +77,11 @@ def _set_threads(threads: int, local_world: int) -> None:
 
 
 def shutdown() -> None:
-    if dist.is_initialized():
+    """Leaves the group if we made it; a group Ray (or the user) made is theirs to end."""
+    global _OWNED
+    if _OWNED and dist.is_initialized():
         dist.destroy_process_group()
+    _OWNED = False
 
 
 def barrier() -> None:

@@ -98,9 +98,11 @@ class Run:
             poll_seconds=p.poll_seconds,
         )
         self.watcher.start()
+        self.attempt = 0
         if main:
             self._write_config()
-            self._event("start", world_size=self.dist.world_size, strategy=cfg.strategy.name)
+            assert self.events is not None
+            self.attempt = sum(1 for r in self.events.records() if r.get("event") == "start")
 
     # -- building blocks -------------------------------------------------------------------
     def optimizer(self) -> OptimizerArg:
@@ -187,14 +189,20 @@ class Run:
         self.micro = int(state["micro"])
 
     # -- the loop ----------------------------------------------------------------------------
-    def steps(self, data: Any) -> Iterator[Any]:
+    def steps(self, data: Any, *, tokens_per_sample: int = 0, flops_per_sample: float = 0.0) -> Iterator[Any]:
         """Yields micro-batches until ``max_steps`` or an agreed preemption stop.
 
         Between optimizer steps it logs, saves on the checkpoint policy and checks, with one
-        collective, whether any rank was told to stop.
+        collective, whether any rank was told to stop. ``tokens_per_sample`` adds tokens/s to
+        the metrics; ``flops_per_sample`` (forward + backward) adds MFU where the device's
+        peak is known.
         """
         if self._state is None:
             seed_everything(self.cfg.seed + self.dist.rank)
+        self._tokens_per_sample = tokens_per_sample
+        self._mfu_per_sample = _mfu_scale(flops_per_sample, self.dist, self.cfg.trainer.precision)
+        self._event("start", attempt=self.attempt, step=self.step, world_size=self.dist.world_size,
+                    strategy=self.cfg.strategy.name)
         cfg = self.cfg.trainer
         self.progress = Progress(cfg.progress, cfg.max_steps, self.step, self.dist.is_main)
         self._mark = (time.perf_counter(), self.step)
@@ -248,21 +256,29 @@ class Run:
         now = time.perf_counter()
         t_mark, step_mark = self._mark
         (loss,) = distributed.all_mean([float(self._loss_sum) / max(1, self._loss_count)], self.dist.device)
+        mem = distributed.all_max(_memory_peak(self.dist.device), self.dist.device)
         self._loss_sum.zero_()
         self._loss_count = 0
         steps = self.step - step_mark
         elapsed = max(now - t_mark, 1e-9)
         samples = steps * self.cfg.data.batch_size
+        per_step = {k: v / max(1, steps) for k, v in self._timers.items()}
         record: dict[str, Any] = {
             "step": self.step,
             "loss": loss,
             "lr": self.scheduler.get_last_lr()[0] if self.scheduler else None,
             "samples_per_s": samples / elapsed,
             "step_time_s": elapsed / max(1, steps),
-            "data_wait_s": self._timers["data_wait_s"] / max(1, steps),
-            "checkpoint_block_s": self._timers["checkpoint_block_s"] / max(1, steps),
+            **per_step,
+            "compute_s": elapsed / max(1, steps) - sum(per_step.values()),
+            "mem_peak_bytes": int(mem),
             "time": time.time(),
+            "attempt": self.attempt,
         }
+        if self._tokens_per_sample:
+            record["tokens_per_s"] = record["samples_per_s"] * self._tokens_per_sample
+        if self._mfu_per_sample:
+            record["mfu"] = record["samples_per_s"] * self._mfu_per_sample
         if self._grad_norm is not None:
             record["grad_norm"] = self._grad_norm
         self._timers = dict.fromkeys(self._timers, 0.0)
@@ -351,6 +367,26 @@ class Run:
         text = OmegaConf.to_yaml(OmegaConf.create(self.cfg.to_dict()))
         fs, path = storage.filesystem(storage.join(self.run_dir, "config.yaml"))
         storage.retry(lambda: fs.pipe(path, text.encode()), what=path)
+
+
+def _memory_peak(device: torch.device) -> float:
+    """Peak accelerator memory allocated, or the process's peak resident set on CPU."""
+    if device.type == "cuda":
+        return float(torch.cuda.max_memory_allocated(device))
+    import resource
+
+    return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+
+
+def _mfu_scale(flops_per_sample: float, dist_info: distributed.DistInfo, precision: str) -> float:
+    """MFU per (sample/s): training FLOPs per sample over the whole job's peak FLOP/s."""
+    if not flops_per_sample:
+        return 0.0
+    from trainkit.metrics.mfu import peak_flops
+
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    peak = peak_flops(dist_info.device, dtype)
+    return flops_per_sample / (peak * dist_info.world_size) if peak else 0.0
 
 
 class _Counters:

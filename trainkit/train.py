@@ -27,7 +27,7 @@ def train(cfg_dict: Mapping[str, Any]) -> dict[str, Any]:
     data = run.loader(run.stream(cfg.data.url or default_url(task, cfg.model)))
     run.restore(model=model, optimizer=opt, data=data)
     model.train()
-    for batch in run.steps(data):
+    for batch in run.steps(data, tokens_per_sample=task.tokens_per_sample(cfg.model)):
         batch = {k: v.to(run.dist.device, non_blocking=True) for k, v in batch.items()}
         with run.autocast():
             loss, _ = task.loss(model, batch)

@@ -8,6 +8,7 @@ outcome into one clear message and an exit code.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import sys
@@ -32,6 +33,9 @@ def launch(cfg: Config) -> int:
 
     from trainkit.launch.worker import worker_main
 
+    # The agent logs each worker's traceback and every teardown step; we report once instead.
+    for name in ("torch.distributed.elastic", "torch.multiprocessing"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
     port = cfg.launcher.master_port or free_port()
     log_dir = tempfile.mkdtemp(prefix="trainkit-launch-")
     config = LaunchConfig(
@@ -65,8 +69,10 @@ def report_failure(exc: Any) -> int:
     codes = {f.exitcode for f in failures.values()}
     if codes == {EXIT_PREEMPTED}:
         return EXIT_PREEMPTED
+    # The rank that raised (it left an error file) caused it; its peers only lost a connection.
     rank, first = min(
-        ((r, f) for r, f in failures.items() if f.exitcode != EXIT_PREEMPTED), key=lambda rf: rf[1].timestamp
+        ((r, f) for r, f in failures.items() if f.exitcode != EXIT_PREEMPTED),
+        key=lambda rf: (not rf[1].error_file_data, rf[1].timestamp),
     )
     message = first.message
     data = first.error_file_data

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-import sys
+import json
+import os
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -14,6 +16,14 @@ from trainkit.errors import Preempted, TrainkitError
 def _is_peer_loss(exc: BaseException) -> bool:
     text = str(exc)
     return any(m in text for m in ("Connection closed by peer", "Connection reset by peer", "Broken pipe"))
+
+
+def _record_message(message: str) -> None:
+    """Leaves the error where the elastic agent collects it, without a traceback."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if path:
+        with open(path, "w") as f:
+            json.dump({"message": {"message": message, "extraInfo": {"timestamp": str(int(time.time()))}}}, f)
 
 
 @record
@@ -30,7 +40,7 @@ def worker_main(cfg_dict: Mapping[str, Any]) -> None:
     except Preempted:
         raise
     except TrainkitError as exc:
-        print(f"trainkit: {exc}", file=sys.stderr, flush=True)
+        _record_message(f"trainkit: {exc}")
         raise SystemExit(exc.exit_code) from None
     except RuntimeError as exc:
         if _is_peer_loss(exc):

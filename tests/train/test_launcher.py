@@ -1,0 +1,38 @@
+"""The local launcher: same seed ⇒ same losses; a worker failure is reported once, non-zero."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from launching import RESNET_TINY, launch, losses
+
+DDP2 = ["strategy=ddp", "launcher.workers=2", "trainer.max_steps=8", "checkpoint.enabled=false"]
+
+
+def test_same_seed_same_losses(tmp_path: Path) -> None:
+    for name in ("a", "b"):
+        result = launch(*RESNET_TINY, *DDP2, "seed=3", f"run_dir={tmp_path / name}")
+        assert result.returncode == 0, result.stderr
+    assert losses(tmp_path / "a") == losses(tmp_path / "b")
+    assert len(losses(tmp_path / "a")) == 8
+    other = launch(*RESNET_TINY, *DDP2, "seed=4", f"run_dir={tmp_path / 'c'}")
+    assert other.returncode == 0, other.stderr
+    assert losses(tmp_path / "c") != losses(tmp_path / "a")
+
+
+def test_worker_failure_is_reported_once(tmp_path: Path) -> None:
+    result = launch(*RESNET_TINY, *DDP2, "task=failing_task:TASK", f"run_dir={tmp_path / 'f'}")
+    assert result.returncode == 1
+    err = result.stderr
+    assert err.count("synthetic failure on rank 1 at its third step") == 2, err  # traceback + summary line
+    assert "error: worker rank 1 failed (exit code 1): ValueError: synthetic failure" in err
+    assert "Connection closed by peer" not in err
+
+
+def test_plain_progress_and_summary(tmp_path: Path) -> None:
+    result = launch(*RESNET_TINY, "trainer.max_steps=4", "trainer.log_every=2", f"run_dir={tmp_path / 'p'}")
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "step 2/4 loss=" in out and "step 4/4 loss=" in out
+    assert "trainkit run summary" in out and "eval_accuracy" in out
+    assert (tmp_path / "p" / "config.yaml").read_text().count("max_steps: 4") == 1
