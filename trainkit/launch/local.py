@@ -7,9 +7,11 @@ outcome into one clear message and an exit code.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import signal
 import socket
 import sys
 import tempfile
@@ -51,13 +53,35 @@ def launch(cfg: Config) -> int:
         start_method="spawn",
         local_addr="127.0.0.1",
         logs_specs=DefaultLogsSpecs(log_dir=log_dir),
+        # Our handlers forward stop signals to the workers (see forward_signals); the agent's
+        # own would kill them before they can agree on a step and save.
+        signals_to_handle="SIGHUP,SIGQUIT",
     )
     os.environ.setdefault("TORCHELASTIC_ERROR_FILE", os.path.join(log_dir, "error.json"))
+    forward_signals(cfg.preemption.signals)
     try:
         elastic_launch(config, worker_main)(cfg.to_dict())
     except ChildFailedError as exc:
         return report_failure(exc)
     return 0
+
+
+def forward_signals(names: list[str]) -> None:
+    """Relays stop signals to the workers, which agree on a step, save and exit 75.
+
+    On a spot VM, Kubernetes or Slurm the notice often reaches only the top process (us);
+    on a terminal Ctrl-C reaches everyone, so a worker may see a signal twice, which the
+    watcher tolerates. A second signal to us is relayed as well: the workers decide.
+    """
+    import psutil
+
+    def relay(signum: int, frame: Any) -> None:
+        for child in psutil.Process().children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                child.send_signal(signum)
+
+    for name in names:
+        signal.signal(getattr(signal, name), relay)
 
 
 def report_failure(exc: Any) -> int:
@@ -66,8 +90,9 @@ def report_failure(exc: Any) -> int:
     When every worker left with the preemption code the job is resumable: 75, no noise.
     """
     failures = exc.failures
-    codes = {f.exitcode for f in failures.values()}
-    if codes == {EXIT_PREEMPTED}:
+    first_code = min(failures.values(), key=lambda f: f.timestamp).exitcode
+    # Workers that stopped for a preemption exit 75; the agent may then terminate stragglers.
+    if first_code == EXIT_PREEMPTED and all(f.exitcode in (EXIT_PREEMPTED, -15) for f in failures.values()):
         return EXIT_PREEMPTED
     # The rank that raised (it left an error file) caused it; its peers only lost a connection.
     rank, first = min(

@@ -1,0 +1,213 @@
+"""``python -m trainkit.chaos [options] -- <launch overrides>``
+
+Runs the recipe once without interruption (the reference), then again under a random
+schedule of faults — SIGKILL of one worker or of the whole launch (a lost machine), some
+timed to land while a checkpoint is being written, and SIGTERM with notice — relaunching
+the same command after each until it finishes. Then it compares the two runs: per-step
+losses in ``metrics.jsonl`` and the exported weights must be identical, and a SIGTERM must
+lose no step. Exit code 0 when they agree.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from trainkit import storage
+from trainkit.errors import EXIT_PREEMPTED
+
+
+@dataclass
+class Fault:
+    kind: str  # "kill-worker" | "kill-all" | "kill-mid-save" | "sigterm"
+    at_step: int
+
+
+@dataclass
+class Attempt:
+    fault: str
+    exit_code: int
+    last_logged_step: int
+
+
+@dataclass
+class Report:
+    attempts: list[Attempt] = field(default_factory=list)
+    identical_losses: bool = False
+    identical_weights: bool = False
+    steps_lost_on_sigterm: list[int] = field(default_factory=list)
+    mismatches: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.identical_losses and self.identical_weights and not any(self.steps_lost_on_sigterm)
+
+
+def _read_jsonl(url: str) -> list[dict[str, Any]]:
+    fs, path = storage.filesystem(url)
+    try:
+        text = fs.cat_file(path).decode()
+    except FileNotFoundError:
+        return []
+    rows = []
+    for line in text.splitlines():
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            pass  # a line being written right now
+    return rows
+
+
+def last_step(run_dir: str) -> int:
+    rows = _read_jsonl(storage.join(run_dir, "metrics.jsonl"))
+    return max((r["step"] for r in rows), default=0)
+
+
+def saving_now(run_dir: str) -> bool:
+    """A checkpoint directory without its manifest: a save is being written."""
+    fs, path = storage.filesystem(storage.join(run_dir, "checkpoints"))
+    try:
+        entries = [e for e in fs.ls(path, detail=False) if os.path.basename(e.rstrip("/")).startswith("step_")]
+        return any(not fs.exists(f"{e.rstrip('/')}/manifest.json") for e in entries)
+    except FileNotFoundError:
+        return False
+
+
+def plan(kills: int, sigterms: int, max_steps: int, rng: random.Random) -> list[Fault]:
+    kinds = ["kill-mid-save"] * max(1, kills // 3) + ["sigterm"] * sigterms
+    kinds += [rng.choice(["kill-worker", "kill-all"]) for _ in range(kills - kinds.count("kill-mid-save"))]
+    rng.shuffle(kinds)
+    steps = sorted(rng.randint(2, max_steps - 1) for _ in kinds)
+    return [Fault(k, s) for k, s in zip(kinds, steps)]
+
+
+class Harness:
+    def __init__(self, overrides: list[str], workdir: str, env: dict[str, str] | None = None,
+                 timeout: float = 900.0) -> None:
+        self.overrides = overrides
+        self.workdir = workdir
+        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        self.timeout = timeout
+
+    def _start(self, run_dir: str) -> subprocess.Popen[bytes]:
+        cmd = [sys.executable, "-m", "trainkit.launch", *self.overrides, f"run_dir={run_dir}",
+               "trainer.log_every=1", "trainer.progress=plain"]
+        log = open(os.path.join(self.workdir, "launch.log"), "ab")
+        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True)
+
+    def run_reference(self) -> str:
+        run_dir = storage.join(self.workdir, "reference") if "://" in self.workdir else os.path.join(self.workdir, "reference")
+        proc = self._start(run_dir)
+        if proc.wait(self.timeout) != 0:
+            raise RuntimeError(f"reference run failed with exit code {proc.returncode}; see {self.workdir}/launch.log")
+        return run_dir
+
+    def _deliver(self, proc: subprocess.Popen[bytes], fault: Fault, run_dir: str, rng: random.Random) -> None:
+        deadline = time.monotonic() + self.timeout
+        while proc.poll() is None and time.monotonic() < deadline:
+            step = last_step(run_dir)
+            if step >= fault.at_step and (fault.kind != "kill-mid-save" or saving_now(run_dir)):
+                break
+            time.sleep(0.02)
+        if proc.poll() is not None:
+            return
+        if fault.kind == "sigterm":
+            proc.send_signal(signal.SIGTERM)
+            return
+        workers = [c for c in psutil.Process(proc.pid).children(recursive=True) if "python" in c.name()]
+        if fault.kind == "kill-worker" and workers:
+            rng.choice(workers).kill()
+        else:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+    def run_chaos(self, faults: list[Fault], seed: int) -> tuple[str, list[Attempt]]:
+        rng = random.Random(seed)
+        run_dir = os.path.join(self.workdir, "chaos")
+        attempts = []
+        pending = list(faults)
+        while True:
+            before = last_step(run_dir)
+            proc = self._start(run_dir)
+            fault = pending.pop(0) if pending else None
+            if fault is not None:
+                fault.at_step = max(fault.at_step, before + 1)
+                self._deliver(proc, fault, run_dir, rng)
+            code = proc.wait(self.timeout)
+            attempts.append(Attempt(fault.kind if fault else "none", code, last_step(run_dir)))
+            if code == 0:
+                return run_dir, attempts
+            if fault is None:
+                raise RuntimeError(f"an undisturbed attempt failed with exit code {code}; see {self.workdir}/launch.log")
+
+
+def compare(reference: str, chaos: str, attempts: list[Attempt]) -> Report:
+    from safetensors.torch import load_file
+
+    report = Report(attempts=attempts)
+    ref = {r["step"]: r["loss"] for r in _read_jsonl(storage.join(reference, "metrics.jsonl"))}
+    got = {r["step"]: r["loss"] for r in _read_jsonl(storage.join(chaos, "metrics.jsonl"))}
+    report.identical_losses = ref == got
+    if not report.identical_losses:
+        diff = [s for s in sorted(set(ref) | set(got)) if ref.get(s) != got.get(s)]
+        report.mismatches.append(f"losses differ at steps {diff[:10]}")
+    a = load_file(os.path.join(reference, "model.safetensors"))
+    b = load_file(os.path.join(chaos, "model.safetensors"))
+    report.identical_weights = a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
+    if not report.identical_weights:
+        report.mismatches.append("exported weights differ")
+    stop = None
+    for event in _read_jsonl(storage.join(chaos, "events.jsonl")):
+        if event.get("event") == "preempted":
+            stop = event["step"]
+        elif event.get("event") == "restore" and stop is not None:
+            report.steps_lost_on_sigterm.append(stop - event["step"])
+            stop = None
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--" in argv:
+        split = argv.index("--")
+        own, overrides = argv[:split], argv[split + 1 :]
+    else:
+        own, overrides = argv, []
+    p = argparse.ArgumentParser(prog="python -m trainkit.chaos")
+    p.add_argument("--kills", type=int, default=5)
+    p.add_argument("--sigterms", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workdir", default="runs/chaos")
+    args = p.parse_args(own)
+    from trainkit.launch.compose import compose_config
+
+    cfg = compose_config(overrides)
+    os.makedirs(args.workdir, exist_ok=True)
+    harness = Harness(overrides, args.workdir)
+    faults = plan(args.kills, args.sigterms, cfg.trainer.max_steps, random.Random(args.seed))
+    print(f"reference run ({cfg.trainer.max_steps} steps) ...", flush=True)
+    reference = harness.run_reference()
+    print(f"chaos run with {len(faults)} faults: {', '.join(f'{f.kind}@{f.at_step}' for f in faults)}", flush=True)
+    chaos, attempts = harness.run_chaos(faults, args.seed)
+    report = compare(reference, chaos, attempts)
+    for a in report.attempts:
+        print(f"  attempt: fault={a.fault:14s} exit={a.exit_code:4d} last logged step={a.last_logged_step}")
+    print(f"identical losses: {report.identical_losses}  identical weights: {report.identical_weights}  "
+          f"steps lost per SIGTERM: {report.steps_lost_on_sigterm}")
+    for m in report.mismatches:
+        print(f"  MISMATCH: {m}")
+    return 0 if report.ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
