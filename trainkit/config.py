@@ -66,6 +66,10 @@ class TrainerConfig:
     # Intra-op threads per worker; 0 splits this machine's cores between local workers.
     threads: int = 0
     progress: str = "auto"
+    # Extra metric sinks besides metrics.jsonl: tensorboard, wandb, mlflow (rank 0 only).
+    loggers: list[str] = field(default_factory=list)
+    # Keyword arguments per logger, e.g. {"wandb": {"project": "p"}}.
+    logger_options: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 @dataclass

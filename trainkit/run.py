@@ -79,17 +79,8 @@ class Run:
         main = self.dist.is_main
         self.metrics = JsonlLog(self.run_dir, "metrics.jsonl") if main else None
         self.events = JsonlLog(self.run_dir, "events.jsonl") if main else None
-        self.checkpointer = None
-        if cfg.checkpoint.enabled:
-            from trainkit.checkpoint import Checkpointer, SavePolicy
-
-            self.checkpointer = Checkpointer(
-                storage.join(self.run_dir, "checkpoints"),
-                keep_last=cfg.checkpoint.keep_last,
-                keep_every=cfg.checkpoint.keep_every,
-                async_save=cfg.checkpoint.async_save,
-            )
-            self.save_policy = SavePolicy(cfg.checkpoint.every_steps, cfg.checkpoint.every_seconds)
+        # Made by restore(), once the state tree is known: no tree, nothing to save.
+        self.checkpointer: Any = None
         from trainkit.preemption import PreemptionWatcher
 
         p = cfg.preemption
@@ -98,6 +89,11 @@ class Run:
             poll_seconds=p.poll_seconds,
         )
         self.watcher.start()
+        self.loggers: list[Any] = []
+        if main and cfg.trainer.loggers:
+            from trainkit.metrics.loggers import build_loggers
+
+            self.loggers = build_loggers(cfg.trainer.loggers, self.run_dir, cfg.trainer.logger_options)
         self.attempt = 0
         if main:
             self._write_config()
@@ -167,8 +163,17 @@ class Run:
         state["rng"] = RNGState()
         state.update(extra)
         self._state = state
-        if self.checkpointer is None:
+        if not self.cfg.checkpoint.enabled:
+            seed_everything(self.cfg.seed + self.dist.rank)
             return None
+        from trainkit.checkpoint import SavePolicy
+
+        c = self.cfg.checkpoint
+        self.checkpointer = self.strategy.checkpointer(
+            storage.join(self.run_dir, "checkpoints"), keep_last=c.keep_last, keep_every=c.keep_every,
+            async_save=c.async_save,
+        )
+        self.save_policy = SavePolicy(c.every_steps, c.every_seconds)
         step = self.checkpointer.load(state)
         if step is None:
             seed_everything(self.cfg.seed + self.dist.rank)
@@ -176,8 +181,10 @@ class Run:
         self.restored_step = step
         if self.dist.is_main:
             assert self.metrics is not None
-            dropped = self.metrics.keep(lambda r: r.get("step", 0) <= step)
-            self._event("restore", step=step, recomputed_steps=dropped)
+            reached = max((r.get("step", 0) for r in self.metrics.records()), default=step)
+            self.metrics.keep(lambda r: r.get("step", 0) <= step)
+            # Steps the previous attempt logged past this checkpoint (exact with log_every=1).
+            self._event("restore", step=step, recomputed_steps=max(0, reached - step))
             self._print(f"resumed from checkpoint at step {step}")
         return step
 
@@ -203,6 +210,7 @@ class Run:
         self._mfu_per_sample = _mfu_scale(flops_per_sample, self.dist, self.cfg.trainer.precision)
         self._event("start", attempt=self.attempt, step=self.step, world_size=self.dist.world_size,
                     strategy=self.cfg.strategy.name)
+        self._data = data
         cfg = self.cfg.trainer
         self.progress = Progress(cfg.progress, cfg.max_steps, self.step, self.dist.is_main)
         self._mark = (time.perf_counter(), self.step)
@@ -250,6 +258,7 @@ class Run:
         if stop:
             self._preempt()
         if due and self.step < cfg.trainer.max_steps:
+            self.save_policy.mark_saved(self.step)  # ranks whose own clock was not due yet
             self.save(blocking=False)
 
     def _log(self) -> None:
@@ -275,6 +284,10 @@ class Run:
             "time": time.time(),
             "attempt": self.attempt,
         }
+        position = getattr(self._data, "position", None)
+        if position is not None:
+            # Global samples consumed: with exactly-once data this is step x batch_size.
+            record["samples_seen"] = int(position)
         if self._tokens_per_sample:
             record["tokens_per_s"] = record["samples_per_s"] * self._tokens_per_sample
         if self._mfu_per_sample:
@@ -286,6 +299,8 @@ class Run:
         self._last_record = record
         if self.metrics is not None:
             self.metrics.write(record)
+        for logger in self.loggers:
+            logger.log(record, self.step)
         self.progress.update(self.step, record)
 
     def save(self, *, blocking: bool) -> None:
@@ -299,6 +314,8 @@ class Run:
         self._event("checkpoint", step=self.step, blocking_s=spent, blocking=blocking)
 
     def _preempt(self) -> None:
+        if self._last_record.get("step") != self.step:
+            self._log()  # so the record of useful time reaches the stop step
         reason = self.watcher.reason or "another rank was preempted"
         self._print(f"preemption ({reason}): saving at step {self.step}, then exiting with code 75")
         if self.checkpointer is not None and self._state is not None:
@@ -317,9 +334,7 @@ class Run:
             if self.checkpointer.latest_step() != self.step:
                 self.save(blocking=True)
             if self.cfg.checkpoint.export_safetensors and self.model is not None:
-                from trainkit.checkpoint import export_safetensors
-
-                export_safetensors(self.model, storage.join(self.run_dir, "model.safetensors"))
+                self.strategy.export(self.model, storage.join(self.run_dir, "model.safetensors"))
         wall = time.time() - self._start
         summary: dict[str, Any] = {
             "run_dir": self.run_dir,
@@ -343,6 +358,8 @@ class Run:
         if self.checkpointer is not None:
             self.checkpointer.close()
         self.watcher.stop()
+        for logger in self.loggers:
+            logger.close()
         for log in (self.metrics, self.events):
             if log is not None:
                 log.close()
@@ -352,6 +369,9 @@ class Run:
     def _event(self, kind: str, **fields: Any) -> None:
         if self.events is not None:
             self.events.write({"event": kind, "time": time.time(), **fields})
+            for logger in self.loggers:
+                if hasattr(logger, "event"):
+                    logger.event(kind, fields.get("step"), **{k: v for k, v in fields.items() if k != "step"})
 
     def _print(self, text: str) -> None:
         if self.dist.is_main:

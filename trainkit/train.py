@@ -10,9 +10,9 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-from torch.utils.data import default_collate
 
 from trainkit.config import load_config
+from trainkit.data import default_collate
 from trainkit.run import Run
 from trainkit.tasks import TASKS
 from trainkit.tasks.base import default_url
@@ -23,17 +23,35 @@ def train(cfg_dict: Mapping[str, Any]) -> dict[str, Any]:
     task = TASKS.get(cfg.task, "task")
     model_cfg = task.model_config(**cfg.model)
     run = Run(cfg)
-    model, opt = run.setup(task.build_model(model_cfg), run.optimizer())
-    data = run.loader(run.stream(cfg.data.url or default_url(task, cfg.model)))
+    stream = run.stream(cfg.data.url or default_url(task, cfg.model))
+    model = task.build_model(model_cfg)
+    flops = training_flops(run, task, model, stream)
+    model, opt = run.setup(model, run.optimizer())
+    data = run.loader(stream)
     run.restore(model=model, optimizer=opt, data=data)
     model.train()
-    for batch in run.steps(data, tokens_per_sample=task.tokens_per_sample(cfg.model)):
-        batch = {k: v.to(run.dist.device, non_blocking=True) for k, v in batch.items()}
+    for batch in run.steps(data, tokens_per_sample=task.tokens_per_sample(cfg.model), flops_per_sample=flops):
+        batch = _to(batch, run.dist.device)
         with run.autocast():
             loss, _ = task.loss(model, batch)
         run.backward(loss)
         run.optimizer_step(opt)
     return run.finish(**evaluate(run, model, task, cfg.data.url))
+
+
+def training_flops(run: Run, task: Any, model: torch.nn.Module, stream: Any) -> float:
+    """Forward + backward FLOPs per sample, counted once on one sample; only where MFU can be
+    reported (a GPU whose peak is known), since counting costs a forward pass."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from trainkit.metrics.mfu import peak_flops
+
+    if peak_flops(run.dist.device, torch.bfloat16) is None:
+        return 0.0
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        task.loss(model, default_collate([stream[0]]))
+    return 3.0 * counter.get_total_flops()
 
 
 @torch.no_grad()
@@ -54,7 +72,7 @@ def evaluate(run: Run, model: torch.nn.Module, task: Any, train_url: str) -> dic
     for start in range(0, n, size):
         ids = range(start, min(n, start + size))
         batch = default_collate([stream[i] for i in ids])
-        batch = {k: v.to(run.dist.device) for k, v in batch.items()}
+        batch = _to(batch, run.dist.device)
         with run.autocast():
             loss, extra = task.loss(model, batch)
         total["eval_loss"] += float(loss) * len(ids)
@@ -63,6 +81,6 @@ def evaluate(run: Run, model: torch.nn.Module, task: Any, train_url: str) -> dic
     return {k: v / max(1, n) for k, v in total.items()}
 
 
-def main(cfg_dict: Mapping[str, Any]) -> None:
-    """Worker entry point (picklable, for spawn-based launchers)."""
-    train(cfg_dict)
+def _to(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+

@@ -15,3 +15,10 @@ def _local(cfg: Config) -> int:
     from trainkit.launch.local import launch
 
     return launch(cfg)
+
+
+@LAUNCHERS.register("ray")
+def _ray(cfg: Config) -> int:
+    from trainkit.launch.ray_launcher import launch
+
+    return launch(cfg)

@@ -39,9 +39,9 @@ def run(argv: list[str]) -> int:
 
     args, overrides = parse(argv)
     if args.multirun:
-        from trainkit.errors import ConfigError
+        from trainkit.launch.sweep import sweep
 
-        raise ConfigError("-m (sweeps) is not available yet; run one trial per command")
+        return sweep(overrides, args.config_dir)
     cfg = compose_config(overrides, args.config_dir)
     if args.cfg:
         from omegaconf import OmegaConf

@@ -84,6 +84,19 @@ def forward_signals(names: list[str]) -> None:
         signal.signal(getattr(signal, name), relay)
 
 
+def _user_frames(trace: str) -> str:
+    """The traceback without the elastic agent's own wrapper frames."""
+    lines, out, skip = trace.rstrip().splitlines(), [], False
+    for line in lines:
+        if line.startswith("  File "):
+            skip = "torch/distributed/elastic" in line
+        elif not line.startswith("    "):
+            skip = False
+        if not skip:
+            out.append(line)
+    return "\n".join(out)
+
+
 def report_failure(exc: Any) -> int:
     """Prints the first failed worker's error once and returns the job's exit code.
 
@@ -107,7 +120,7 @@ def report_failure(exc: Any) -> int:
             message = msg.get("message", message)
             trace = msg.get("extraInfo", {}).get("py_callstack")
             if trace and not message.startswith("trainkit:"):
-                print(trace.rstrip(), file=sys.stderr)
+                print(_user_frames(trace), file=sys.stderr)
         elif isinstance(msg, str):
             message = msg
     elif isinstance(data, str) and data:

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import fcntl
 import os
+from typing import Any
 
 from trainkit import storage
 from trainkit.config import Config
 from trainkit.errors import StorageError
 from trainkit.tasks import TASKS
-from trainkit.tasks.base import default_url, store_root
+from trainkit.tasks.base import Task, default_url, store_root
 
 
 def check_store(url: str, what: str) -> None:
@@ -46,18 +47,25 @@ def prepare(cfg: Config) -> None:
     prepare_embedded(task, cfg.model)
 
 
-def prepare_embedded(task, model_cfg: dict) -> str:  # type: ignore[no-untyped-def]
-    """Writes the task's data set into the embedded store unless it is already there."""
+def write_task_data(task: Task, model_cfg: dict[str, Any], base_url: str) -> list[str]:
+    """Writes each split of the task's data set as shards under ``base_url/<split>``."""
     from trainkit.data import write_shards
 
+    urls = []
+    for split, samples in task.samples(model_cfg):
+        urls.append(storage.join(base_url, split))
+        write_shards(samples, urls[-1], shard_bytes=1 << 20)
+    return urls
+
+
+def prepare_embedded(task: Task, model_cfg: dict[str, Any]) -> str:
+    """Writes the task's data set into the embedded store unless it is already there."""
     url = default_url(task, model_cfg)
     root = store_root()
     os.makedirs(root, exist_ok=True)
     with open(os.path.join(root, f".{task.dataset(model_cfg)}.lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if os.path.exists(os.path.join(storage.local_path(url), "index.json")):
-            return url
-        print(f"preparing {task.dataset(model_cfg)} in the embedded store {root}", flush=True)
-        for split, samples in task.samples(model_cfg):
-            write_shards(samples, url.rsplit("/", 1)[0] + "/" + split, shard_bytes=1 << 20)
+        if not os.path.exists(os.path.join(storage.local_path(url), "index.json")):
+            print(f"preparing {task.dataset(model_cfg)} in the embedded store {root}", flush=True)
+            write_task_data(task, model_cfg, url.rsplit("/", 1)[0])
     return url

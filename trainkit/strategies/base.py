@@ -142,6 +142,18 @@ class Strategy:
             state["scaler"] = self.scaler
         return state
 
+    def checkpointer(self, root: str, **options: Any) -> Any:
+        """Saves and loads the state tree under ``root`` (sharded DCP for torch-native strategies)."""
+        from trainkit.checkpoint import Checkpointer
+
+        return Checkpointer(root, **options)
+
+    def export(self, model: nn.Module, url: str) -> None:
+        """Writes the full, unsharded weights as safetensors at ``url`` (all ranks call it)."""
+        from trainkit.checkpoint import export_safetensors
+
+        export_safetensors(model, url)
+
     def micro_step(self) -> None:
         """Called on accumulation micro-steps that do not step the optimizer."""
 

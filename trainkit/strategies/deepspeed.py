@@ -84,4 +84,49 @@ class DeepSpeedStrategy(Strategy):
         return self.base_optimizer
 
     def checkpoint_state(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-        return {"engine": model}
+        # The engine saves model, optimizer and loss scaler itself; see EngineCheckpointer.
+        return {}
+
+    def export(self, model: nn.Module, url: str) -> None:
+        """Gathers ZeRO-3's partitioned parameters (a no-op for stages 1-2), rank 0 writes."""
+        import deepspeed
+        from safetensors.torch import save as st_save
+
+        from trainkit import storage
+
+        module = model.module
+        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+            if self.dist.rank == 0:
+                state = {k: v.detach().float().cpu().contiguous() for k, v in module.state_dict().items()}
+                blob = st_save(state)
+                fs, path = storage.filesystem(url)
+                storage.retry(lambda: fs.pipe(path, blob), what=url)
+
+    def checkpointer(self, root: str, **options: Any) -> Any:
+        from trainkit.checkpoint import DeepSpeedCheckpointer
+
+        async_save = options.pop("async_save", True)
+        return EngineCheckpointer(DeepSpeedCheckpointer(root, async_upload=async_save, **options), self.model)
+
+
+class EngineCheckpointer:
+    """The Checkpointer interface over DeepSpeed's engine checkpoints plus the rest of the tree."""
+
+    def __init__(self, inner: Any, engine: Any) -> None:
+        self.inner = inner
+        self.engine = engine
+
+    def save(self, step: int, state: dict[str, Any], *, blocking: bool = False) -> None:
+        self.inner.save(step, self.engine, state, blocking=blocking)
+
+    def load(self, state: dict[str, Any], step: int | None = None) -> int | None:
+        return self.inner.load(self.engine, state, step)
+
+    def wait(self) -> None:
+        self.inner.wait()
+
+    def latest_step(self) -> int | None:
+        return self.inner.latest_step()
+
+    def close(self) -> None:
+        self.inner.close()

@@ -1,0 +1,38 @@
+"""The chaos harness on CPU with 2 workers: random SIGKILLs (some mid-save) and SIGTERMs,
+relaunch until done; the result must be bitwise the uninterrupted run."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+
+from launching import RESNET_TINY, ROOT
+from trainkit.chaos.__main__ import Harness, compare, plan
+
+OVERRIDES = [*RESNET_TINY, "strategy=ddp", "launcher.workers=2", "checkpoint.every_steps=3"]
+
+
+def _run(tmp_path: Path, steps: int, kills: int, sigterms: int, seed: int) -> None:
+    overrides = [*OVERRIDES, f"trainer.max_steps={steps}"]
+    harness = Harness(overrides, str(tmp_path), env={"TRAINKIT_STORE": str(ROOT / ".cache" / "test-store")})
+    faults = plan(kills, sigterms, steps, random.Random(seed))
+    reference = harness.run_reference()
+    chaos, attempts = harness.run_chaos(faults, seed)
+    report = compare(reference, chaos, attempts)
+    log = (tmp_path / "launch.log").read_text()[-3000:]
+    assert report.ok, (report, log)
+    exits = [a.exit_code for a in attempts]
+    assert exits.count(75) == sigterms, (attempts, log)
+    assert sum(1 for a in attempts if a.fault.startswith("kill")) == kills, attempts
+    assert exits[-1] == 0
+
+
+def test_chaos_five_kills_two_sigterms(tmp_path: Path) -> None:
+    _run(tmp_path, steps=60, kills=5, sigterms=2, seed=1)
+
+
+@pytest.mark.slow
+def test_chaos_twenty_kills(tmp_path: Path) -> None:
+    _run(tmp_path, steps=200, kills=20, sigterms=4, seed=7)
