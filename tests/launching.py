@@ -12,8 +12,9 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 
 RESNET_TINY = [
-    "recipe=resnet", "model.width=4", "model.blocks=[1,1]", "model.image_size=8",
-    "data.batch_size=32", "optim.lr=0.05", "optim.warmup_steps=0", "optim.weight_decay=0",
+    "recipe=resnet", "model.width=8", "model.blocks=[1,1]", "model.image_size=8",
+    "data.batch_size=32", "optim.lr=0.1", "optim.schedule=constant", "optim.warmup_steps=0",
+    "optim.weight_decay=0",
     "trainer.log_every=1", "trainer.progress=plain",
 ]
 GPT_TINY = [
