@@ -308,6 +308,8 @@ class Run:
         if self.checkpointer is None or self._state is None:
             return
         t0 = time.perf_counter()
+        if self.model is not None:
+            self.strategy.before_save(self.model)
         self.checkpointer.save(self.step, self._state, blocking=blocking)
         spent = time.perf_counter() - t0
         self._timers["checkpoint_block_s"] += spent

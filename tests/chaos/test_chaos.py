@@ -8,10 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from launching import RESNET_TINY, ROOT
+from launching import GPT_TINY, ROOT
 from trainkit.chaos.__main__ import Harness, compare, plan
 
-OVERRIDES = [*RESNET_TINY, "strategy=ddp", "launcher.workers=2", "checkpoint.every_steps=3"]
+# Wide enough that a checkpoint (~20 MB with AdamW state) takes long enough to be hit mid-save.
+OVERRIDES = [*GPT_TINY, "model.d_model=256", "model.n_head=4", "strategy=ddp", "launcher.workers=2",
+             "checkpoint.every_steps=3"]
 
 
 def _run(tmp_path: Path, steps: int, kills: int, sigterms: int, seed: int) -> None:
@@ -25,7 +27,9 @@ def _run(tmp_path: Path, steps: int, kills: int, sigterms: int, seed: int) -> No
     assert report.ok, (report, log)
     exits = [a.exit_code for a in attempts]
     assert exits.count(75) == sigterms, (attempts, log)
-    assert sum(1 for a in attempts if a.fault.startswith("kill")) == kills, attempts
+    kill_attempts = [a for a in attempts if a.fault.startswith("kill")]
+    assert len(kill_attempts) == kills and all(a.exit_code != 0 for a in kill_attempts), attempts
+    assert any(a.mid_save for a in kill_attempts), attempts
     assert exits[-1] == 0
 
 

@@ -39,6 +39,8 @@ class Attempt:
     fault: str
     exit_code: int
     last_logged_step: int
+    # For kills: whether a checkpoint was being written at that instant.
+    mid_save: bool = False
 
 
 @dataclass
@@ -84,6 +86,14 @@ def saving_now(run_dir: str) -> bool:
         return False
 
 
+def _is_worker(proc: psutil.Process) -> bool:
+    """A training worker, not multiprocessing's resource tracker or another helper."""
+    try:
+        return "spawn_main" in " ".join(proc.cmdline())
+    except psutil.Error:
+        return False
+
+
 def plan(kills: int, sigterms: int, max_steps: int, rng: random.Random) -> list[Fault]:
     kinds = ["kill-mid-save"] * max(1, kills // 3) + ["sigterm"] * sigterms
     kinds += [rng.choice(["kill-worker", "kill-all"]) for _ in range(kills - kinds.count("kill-mid-save"))]
@@ -113,23 +123,34 @@ class Harness:
             raise RuntimeError(f"reference run failed with exit code {proc.returncode}; see {self.workdir}/launch.log")
         return run_dir
 
-    def _deliver(self, proc: subprocess.Popen[bytes], fault: Fault, run_dir: str, rng: random.Random) -> None:
+    def _deliver(self, proc: subprocess.Popen[bytes], fault: Fault, run_dir: str, rng: random.Random) -> bool:
+        """Waits for the fault's step (and, for mid-save kills, for a save in flight), then strikes.
+
+        Returns whether a checkpoint was being written when the kill landed.
+        """
         deadline = time.monotonic() + self.timeout
+        reached = None
         while proc.poll() is None and time.monotonic() < deadline:
             step = last_step(run_dir)
-            if step >= fault.at_step and (fault.kind != "kill-mid-save" or saving_now(run_dir)):
-                break
-            time.sleep(0.02)
+            if step >= fault.at_step:
+                reached = reached or time.monotonic()
+                if fault.kind != "kill-mid-save" or saving_now(run_dir):
+                    break
+                if time.monotonic() - reached > 30:
+                    break  # no save seen in time: an ordinary kill then
+            time.sleep(0.005 if reached else 0.02)
         if proc.poll() is not None:
-            return
+            return False
         if fault.kind == "sigterm":
             proc.send_signal(signal.SIGTERM)
-            return
-        workers = [c for c in psutil.Process(proc.pid).children(recursive=True) if "python" in c.name()]
+            return False
+        mid_save = saving_now(run_dir)
+        workers = [c for c in psutil.Process(proc.pid).children(recursive=True) if _is_worker(c)]
         if fault.kind == "kill-worker" and workers:
             rng.choice(workers).kill()
         else:
             os.killpg(proc.pid, signal.SIGKILL)
+        return mid_save
 
     def run_chaos(self, faults: list[Fault], seed: int) -> tuple[str, list[Attempt]]:
         rng = random.Random(seed)
@@ -140,11 +161,12 @@ class Harness:
             before = last_step(run_dir)
             proc = self._start(run_dir)
             fault = pending.pop(0) if pending else None
+            mid_save = False
             if fault is not None:
                 fault.at_step = max(fault.at_step, before + 1)
-                self._deliver(proc, fault, run_dir, rng)
+                mid_save = self._deliver(proc, fault, run_dir, rng)
             code = proc.wait(self.timeout)
-            attempts.append(Attempt(fault.kind if fault else "none", code, last_step(run_dir)))
+            attempts.append(Attempt(fault.kind if fault else "none", code, last_step(run_dir), mid_save))
             if code == 0:
                 return run_dir, attempts
             if fault is None:
@@ -201,7 +223,8 @@ def main(argv: list[str] | None = None) -> int:
     chaos, attempts = harness.run_chaos(faults, args.seed)
     report = compare(reference, chaos, attempts)
     for a in report.attempts:
-        print(f"  attempt: fault={a.fault:14s} exit={a.exit_code:4d} last logged step={a.last_logged_step}")
+        where = " (mid-save)" if a.mid_save else ""
+        print(f"  attempt: fault={a.fault + where:25s} exit={a.exit_code:4d} last logged step={a.last_logged_step}")
     print(f"identical losses: {report.identical_losses}  identical weights: {report.identical_weights}  "
           f"steps lost per SIGTERM: {report.steps_lost_on_sigterm}")
     for m in report.mismatches:

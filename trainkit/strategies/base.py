@@ -142,6 +142,21 @@ class Strategy:
             state["scaler"] = self.scaler
         return state
 
+    def before_save(self, model: nn.Module) -> None:
+        """Makes replicated buffers (BatchNorm statistics) rank 0's on every rank.
+
+        Each rank updates its own running statistics; DDP overwrites them with rank 0's at the
+        next forward anyway. A checkpoint stores one copy of a replicated tensor, from
+        whichever rank the planner picks, so without this a resumed run could continue from
+        another rank's statistics and drift from an uninterrupted one.
+        """
+        import torch.distributed as dist
+
+        if not dist.is_initialized() or dist.get_world_size() == 1:
+            return
+        for buffer in model.buffers():
+            dist.broadcast(buffer.data if not hasattr(buffer, "to_local") else buffer.to_local(), 0)
+
     def checkpointer(self, root: str, **options: Any) -> Any:
         """Saves and loads the state tree under ``root`` (sharded DCP for torch-native strategies)."""
         from trainkit.checkpoint import Checkpointer

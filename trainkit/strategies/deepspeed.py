@@ -87,6 +87,9 @@ class DeepSpeedStrategy(Strategy):
         # The engine saves model, optimizer and loss scaler itself; see EngineCheckpointer.
         return {}
 
+    def before_save(self, model: nn.Module) -> None:
+        """DeepSpeed saves the module from rank 0 only: nothing to reconcile."""
+
     def export(self, model: nn.Module, url: str) -> None:
         """Gathers ZeRO-3's partitioned parameters (a no-op for stages 1-2), rank 0 writes."""
         import deepspeed

@@ -1,0 +1,286 @@
+"""Single-process Checkpointer behaviour on a local disk (file://): the protocol itself."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from trainkit.checkpoint import (Checkpointer, CheckpointMismatch, ModelOptimState, RNGState, SavePolicy,
+                                 export_safetensors, load_for_export, rng_state, set_rng_state)
+from trainkit.checkpoint._dcp_io import safe_load_metadata
+from trainkit.errors import StorageError
+
+
+def make(seed: int = 0):
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+    return model, torch.optim.AdamW(model.parameters(), lr=1e-2)
+
+
+def step(model, opt):
+    x = torch.randn(4, 8) * (1 + random.random() + float(np.random.rand()))
+    model(x).pow(2).mean().backward()
+    opt.step()
+    opt.zero_grad()
+
+
+def snapshot(model, opt) -> dict[str, torch.Tensor]:
+    out = {f"m.{k}": v.detach().clone() for k, v in model.state_dict().items()}
+    for pid, st in opt.state_dict()["state"].items():
+        for k, v in st.items():
+            out[f"o.{pid}.{k}"] = v.detach().clone() if torch.is_tensor(v) else torch.tensor(v)
+    return out
+
+
+def same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def state_of(model, opt, meta):
+    return {"app": ModelOptimState(model, opt), "meta": meta, "rng": RNGState()}
+
+
+def seed_all(s: int) -> None:
+    torch.manual_seed(s)
+    random.seed(s)
+    np.random.seed(s)
+
+
+def test_single_resume_is_bitwise(tmp_path):
+    root = str(tmp_path / "ck")
+    model, opt = make()
+    seed_all(1)
+    meta = {"step": 0, "tag": ("a", 1), "lrs": [0.1, float("inf")], "raw": b"\x00\xff", "dt": torch.bfloat16}
+    ck = Checkpointer(root)
+    for s in range(1, 7):
+        step(model, opt)
+        meta["step"] = s
+        if s == 3:
+            ck.save(s, state_of(model, opt, meta))
+    ck.close()
+    final = snapshot(model, opt)
+
+    model2, opt2 = make(seed=99)
+    seed_all(12345)  # the RNG streams must come from the checkpoint
+    meta2 = {"step": -1}
+    ck2 = Checkpointer(root)
+    assert ck2.latest_step() == 3 and ck2.steps() == [3]
+    assert ck2.load(state_of(model2, opt2, meta2)) == 3
+    assert meta2 == {"step": 3, "tag": ("a", 1), "lrs": [0.1, float("inf")], "raw": b"\x00\xff", "dt": torch.bfloat16}
+    for _ in range(4, 7):
+        step(model2, opt2)
+    assert same(final, snapshot(model2, opt2))
+    assert opt2.param_groups[0]["betas"] == (0.9, 0.999)
+
+
+def test_empty_root_loads_nothing(tmp_path):
+    model, opt = make()
+    ck = Checkpointer(str(tmp_path / "none"))
+    assert ck.latest_step() is None and ck.steps() == []
+    assert ck.load(state_of(model, opt, {"step": 0})) is None
+
+
+def test_rng_state_roundtrip_is_json():
+    seed_all(7)
+    d = rng_state()
+    json.dumps(d)
+    a = (random.random(), float(np.random.rand()), torch.rand(3))
+    set_rng_state(json.loads(json.dumps(d)))
+    b = (random.random(), float(np.random.rand()), torch.rand(3))
+    assert a[0] == b[0] and a[1] == b[1] and torch.equal(a[2], b[2])
+
+
+def _two_checkpoints(root):
+    model, opt = make()
+    seed_all(0)
+    ck = Checkpointer(root, keep_last=5, async_save=False)
+    snaps = {}
+    for s in (1, 2):
+        step(model, opt)
+        ck.save(s, state_of(model, opt, {"step": s}))
+        snaps[s] = snapshot(model, opt)
+    ck.close()
+    return snaps
+
+
+def _flip_byte(path):
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x40
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage", ["no_manifest", "truncate_shard", "flip_byte", "bad_manifest", "drop_rank_json"])
+def test_torn_checkpoint_is_skipped(tmp_path, damage):
+    root = tmp_path / "ck"
+    snaps = _two_checkpoints(str(root))
+    d2 = root / "step_000000002"
+    if damage == "no_manifest":
+        (d2 / "manifest.json").unlink()
+    elif damage == "truncate_shard":
+        shard = d2 / "__0_0.distcp"
+        shard.write_bytes(shard.read_bytes()[:100])
+    elif damage == "flip_byte":
+        _flip_byte(d2 / "__0_0.distcp")
+    elif damage == "bad_manifest":
+        (d2 / "manifest.json").write_text('{"format": "trainkit-checkpoint/1", "st')
+    elif damage == "drop_rank_json":
+        (d2 / "rank_00000.json").unlink()
+    model, opt = make(seed=5)
+    meta = {"step": -1}
+    ck = Checkpointer(str(root))
+    with pytest.warns(UserWarning, match="step_000000002"):
+        assert ck.load(state_of(model, opt, meta)) == 1
+    assert meta["step"] == 1
+    assert same(snaps[1], snapshot(model, opt))
+    # the bad step is no longer offered, and a new save of step 2 commits over it
+    assert ck.latest_step() == 1
+    ck.save(2, state_of(model, opt, meta), blocking=True)
+    assert ck.latest_step() == 2
+    assert ck.load(state_of(*make(), {"step": 0})) == 2
+
+
+def test_explicit_corrupt_step_raises(tmp_path):
+    root = tmp_path / "ck"
+    _two_checkpoints(str(root))
+    _flip_byte(root / "step_000000002" / "__0_0.distcp")
+    model, opt = make()
+    with pytest.raises(StorageError, match="checksum"):
+        Checkpointer(str(root)).load(state_of(model, opt, {"step": 0}), step=2)
+
+
+def test_size_only_verification_still_catches_dcp_errors(tmp_path):
+    root = tmp_path / "ck"
+    snaps = _two_checkpoints(str(root))
+    shard = root / "step_000000002" / "__0_0.distcp"
+    shard.write_bytes(b"\x00" * shard.stat().st_size)  # same size, garbage content
+    model, opt = make(seed=3)
+    with pytest.warns(UserWarning, match="DCP load failed"):
+        assert Checkpointer(str(root), verify="size").load(state_of(model, opt, {"step": 0})) == 1
+    assert same(snaps[1], snapshot(model, opt))
+
+
+def test_malicious_metadata_is_never_unpickled(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("touch " + str(tmp_path / "pwned"),))
+
+    with pytest.raises(pickle.UnpicklingError):
+        safe_load_metadata(pickle.dumps(Evil()))
+    root = tmp_path / "ck"
+    _two_checkpoints(str(root))
+    # an attacker who can write the bucket can also fix up the manifest's checksums
+    d2 = root / "step_000000002"
+    evil = pickle.dumps(Evil())
+    (d2 / ".metadata").write_bytes(evil)
+    man = json.loads((d2 / "manifest.json").read_text())
+    import hashlib
+
+    man["files"][".metadata"].update(size=len(evil), sha256=hashlib.sha256(evil).hexdigest())
+    (d2 / "manifest.json").write_text(json.dumps(man))
+    model, opt = make()
+    with pytest.warns(UserWarning, match="refusing to unpickle"):
+        assert Checkpointer(str(root)).load(state_of(model, opt, {"step": 0})) == 1
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_mismatched_model_raises_instead_of_skipping(tmp_path):
+    root = str(tmp_path / "ck")
+    _two_checkpoints(root)
+    other = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
+    with pytest.raises(CheckpointMismatch, match="shape mismatch"):
+        Checkpointer(root).load({"app": ModelOptimState(other, torch.optim.AdamW(other.parameters()))})
+
+
+def test_retention_keeps_last_and_every_kth(tmp_path):
+    root = tmp_path / "ck"
+    model, opt = make()
+    ck = Checkpointer(str(root), keep_last=2, keep_every=4, async_save=True)
+    for s in range(1, 10):
+        if s == 7:  # garbage of an interrupted save: an uncommitted dir older than what follows
+            (root / "step_000000005x").mkdir()  # not a step dir: never touched
+            (root / "step_000000006").mkdir(exist_ok=True)
+        step(model, opt)
+        ck.save(s, state_of(model, opt, {"step": s}))
+    ck.close()
+    assert ck.steps() == [4, 8, 9]
+    dirs = sorted(p.name for p in root.iterdir() if p.is_dir())
+    assert dirs == ["step_000000004", "step_000000005x", "step_000000008", "step_000000009"]
+    assert (root / "latest").read_text().strip() == "9"
+
+
+def test_failed_save_never_deletes_the_only_committed_checkpoint(tmp_path):
+    root = tmp_path / "ck"
+    model, opt = make()
+    ck = Checkpointer(str(root), keep_last=1)
+    ck.save(1, state_of(model, opt, {"step": 1}), blocking=True)
+    (root / "step_000000002").write_text("a file where the step dir should go")
+    ck.save(2, state_of(model, opt, {"step": 2}))
+    with pytest.raises(StorageError, match="step 2"):
+        ck.wait()
+    ck.save(3, state_of(model, opt, {"step": 3}), blocking=True)
+    assert ck.steps() == [3]
+    ck.close()
+
+
+def test_failed_save_keeps_previous(tmp_path):
+    root = tmp_path / "ck"
+    model, opt = make()
+    ck = Checkpointer(str(root), keep_last=1)
+    ck.save(1, state_of(model, opt, {"step": 1}), blocking=True)
+    (root / "step_000000002").write_text("blocker")
+    ck.save(2, state_of(model, opt, {"step": 2}))
+    with pytest.raises(StorageError):
+        ck.close()
+    assert Checkpointer(str(root)).steps() == [1]
+
+
+def test_async_save_does_not_block_and_snapshots_at_call(tmp_path):
+    root = str(tmp_path / "ck")
+    big = {"w": torch.randn(16 << 20)}  # 64 MiB
+    ref = big["w"].clone()
+    ck = Checkpointer(root)
+    ck.save(1, {"big": big})
+    blocked = ck.last_blocking_s
+    big["w"].add_(1.0)  # training goes on while the upload runs
+    assert ck.latest_step() in (None, 1)
+    ck.wait()
+    assert ck.latest_step() == 1
+    assert blocked < ck.last_save_s, (blocked, ck.last_save_s)
+    target = {"big": {"w": torch.zeros_like(ref)}}
+    assert ck.load(target) == 1
+    assert torch.equal(target["big"]["w"], ref)  # the values at save() time, not after
+    ck.close()
+
+
+def test_export_roundtrip(tmp_path):
+    from safetensors.torch import load_file
+
+    model, opt = make()
+    step(model, opt)
+    root = str(tmp_path / "ck")
+    with Checkpointer(root) as ck:
+        ck.save(1, {"app": ModelOptimState(model, opt)})
+    url = export_safetensors(model, str(tmp_path / "export" / "model.safetensors"))
+    exported = load_file(url)
+    assert same(exported, {k: v for k, v in model.state_dict().items()})
+    from_ckpt = load_for_export(root, prefix="app.model.")
+    assert same(from_ckpt, exported)
+    assert load_for_export(f"{root}/step_000000001", prefix="app.model.").keys() == exported.keys()
+
+
+def test_save_policy_steps_and_seconds():
+    now = [0.0]
+    p = SavePolicy(every_steps=5, every_seconds=10, clock=lambda: now[0])
+    assert [s for s in range(1, 12) if p.due(s)] == [5, 10]
+    now[0] = 9.0
+    assert not p.due(11)
+    now[0] = 20.5
+    assert p.due(12) and not p.due(13)
+    assert p.agreed(15)  # not distributed: the local answer
+    assert not SavePolicy().due(100)

@@ -1,0 +1,299 @@
+"""The on-store layout and commit protocol shared by every trainkit checkpointer.
+
+Layout under ``root`` (any fsspec URL)::
+
+    step_000000100/          one directory per step; shards written by every rank
+        __0_0.distcp ...     DCP shards (or DeepSpeed files for DeepSpeedCheckpointer)
+        .metadata            DCP metadata (rank 0)
+        rank_00000.json      per-rank non-tensor state (JSON), one per rank
+        rank_00000.safetensors  per-rank tensors (only when a rank-local entry has tensors)
+        manifest.json        written LAST by rank 0: the commit point
+    latest                   "100\\n": moved after the manifest (a hint for tools/humans)
+
+A step directory without a valid ``manifest.json`` does not exist for readers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import time
+from collections.abc import Iterable
+from typing import Any
+
+from trainkit import storage
+from trainkit.errors import StorageError
+
+log = logging.getLogger("trainkit.checkpoint")
+
+FORMAT = "trainkit-checkpoint/1"
+MANIFEST = "manifest.json"
+CORRUPT_MANIFEST = "manifest.corrupt.json"
+LATEST = "latest"
+_STEP_RE = re.compile(r"^step_(\d{9,})$")
+_CHUNK = 8 << 20
+
+
+def step_name(step: int) -> str:
+    return f"step_{step:09d}"
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+class CheckpointStore:
+    """Listing, manifests, verification and retention for one checkpoint root."""
+
+    def __init__(self, root: str) -> None:
+        if not root:
+            raise StorageError("checkpoint root is empty")
+        self.root = root.rstrip("/")
+        self.fs, self.root_path = storage.filesystem(self.root)
+        self.root_path = self.root_path.rstrip("/")
+        self.local = storage.is_local(self.root)
+
+    # -- names ---------------------------------------------------------------------------
+    def step_url(self, step: int) -> str:
+        return storage.join(self.root, step_name(step))
+
+    def step_path(self, step: int) -> str:
+        return f"{self.root_path}/{step_name(step)}"
+
+    def file_path(self, step: int, name: str) -> str:
+        return f"{self.step_path(step)}/{name}"
+
+    def _url(self, path: str) -> str:
+        return storage.join(self.root, path[len(self.root_path):]) if path.startswith(self.root_path) else path
+
+    def _retry(self, fn, path: str):
+        return storage.retry(fn, what=self._url(path))
+
+    # -- listing -------------------------------------------------------------------------
+    def invalidate(self, path: str | None = None) -> None:
+        try:
+            self.fs.invalidate_cache(path or self.root_path)
+        except Exception:  # noqa: BLE001 - cache only
+            pass
+
+    def step_dirs(self) -> dict[int, str]:
+        """Every ``step_*`` directory, committed or not."""
+        self.invalidate()
+
+        def ls():
+            try:
+                return self.fs.ls(self.root_path, detail=False)
+            except FileNotFoundError:
+                return []
+
+        out: dict[int, str] = {}
+        for p in self._retry(ls, self.root_path):
+            m = _STEP_RE.match(p.rstrip("/").rsplit("/", 1)[-1])
+            if m:
+                out[int(m.group(1))] = p.rstrip("/")
+        return out
+
+    def committed_steps(self) -> list[int]:
+        """Steps whose directory holds a manifest (not yet verified), ascending."""
+        self.invalidate()
+        pattern = f"{self.root_path}/step_*/{MANIFEST}"
+
+        def glob():
+            try:
+                return self.fs.glob(pattern)
+            except FileNotFoundError:
+                return []
+
+        steps = []
+        for p in self._retry(glob, pattern):
+            m = _STEP_RE.match(p.rstrip("/").rsplit("/", 2)[-2])
+            if m:
+                steps.append(int(m.group(1)))
+        return sorted(set(steps))
+
+    def is_committed(self, step: int) -> bool:
+        path = self.file_path(step, MANIFEST)
+        self.invalidate(self.step_path(step))
+        return bool(self._retry(lambda: self.fs.exists(path), path))
+
+    # -- manifests -----------------------------------------------------------------------
+    def read_manifest(self, step: int) -> dict[str, Any]:
+        """The parsed manifest; ValueError when it is malformed, FileNotFoundError when absent."""
+        path = self.file_path(step, MANIFEST)
+        try:
+            raw = self._retry(lambda: self.fs.cat_file(path), path)
+        except StorageError as exc:
+            if isinstance(exc.__cause__, FileNotFoundError):
+                raise FileNotFoundError(path) from exc
+            raise
+        try:
+            man = json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ValueError(f"{self._url(path)}: manifest is not valid JSON ({exc})") from exc
+        if not isinstance(man, dict) or man.get("format") != FORMAT or man.get("step") != step \
+                or not isinstance(man.get("files"), dict):
+            raise ValueError(f"{self._url(path)}: not a trainkit manifest for step {step}")
+        return man
+
+    def valid_latest(self) -> int | None:
+        """Newest step whose manifest is present and parses."""
+        for step in reversed(self.committed_steps()):
+            try:
+                self.read_manifest(step)
+                return step
+            except (ValueError, FileNotFoundError) as exc:
+                log.warning("checkpoint step %d ignored: %s", step, exc)
+        return None
+
+    def put_bytes(self, path: str, data: bytes) -> None:
+        """One object, atomically: a PUT on object stores, write-then-rename on local disks."""
+        if self.local:
+            tmp = f"{path}.tmp"
+
+            def put():
+                self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+                self.fs.pipe_file(tmp, data)
+                self.fs.mv(tmp, path)
+
+            self._retry(put, path)
+        else:
+            self._retry(lambda: self.fs.pipe_file(path, data), path)
+
+    def list_sizes(self, step: int) -> dict[str, int]:
+        sp = self.step_path(step)
+        self.invalidate(sp)
+        entries = self._retry(lambda: self.fs.ls(sp, detail=True), sp)
+        out = {}
+        for e in entries:
+            if e.get("type") == "directory":
+                continue
+            out[e["name"].rstrip("/").rsplit("/", 1)[-1]] = int(e.get("size") or 0)
+        return out
+
+    def commit(self, step: int, files: dict[str, dict[str, Any]], *, world_size: int,
+               extra: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Rank 0, after every rank has written: check, write the manifest, move ``latest``."""
+        listed = self.list_sizes(step)
+        problems = []
+        for name, rec in files.items():
+            if name not in listed:
+                problems.append(f"{name} missing")
+            elif listed[name] != rec["size"]:
+                problems.append(f"{name} is {listed[name]} bytes, writer wrote {rec['size']}")
+        if problems:
+            raise StorageError(f"{self.step_url(step)}: not committing: {'; '.join(problems)}")
+        # leftovers of an earlier, interrupted attempt at this step: not part of this checkpoint
+        for name in sorted(set(listed) - set(files) - {MANIFEST}):
+            p = self.file_path(step, name)
+            try:
+                self._retry(lambda p=p: self.fs.rm_file(p), p)
+            except StorageError as exc:
+                log.warning("could not remove stale %s: %s", p, exc)
+        manifest = {
+            "format": FORMAT,
+            "step": step,
+            "world_size": world_size,
+            "created_unix": time.time(),
+            "files": dict(sorted(files.items())),
+            **(extra or {}),
+        }
+        self.put_bytes(self.file_path(step, MANIFEST), json.dumps(manifest, indent=1).encode())
+        self.put_bytes(f"{self.root_path}/{LATEST}", f"{step}\n".encode())
+        return manifest
+
+    # -- verification --------------------------------------------------------------------
+    def file_sha256(self, step: int, name: str) -> tuple[int, str]:
+        path = self.file_path(step, name)
+
+        def read():
+            h = hashlib.sha256()
+            n = 0
+            with self.fs.open(path, "rb") as f:
+                while True:
+                    chunk = f.read(_CHUNK)
+                    if not chunk:
+                        break
+                    h.update(chunk)
+                    n += len(chunk)
+            return n, h.hexdigest()
+
+        return self._retry(read, path)
+
+    def verify_sizes(self, step: int, manifest: dict[str, Any]) -> list[str]:
+        listed = self.list_sizes(step)
+        bad = []
+        for name, rec in manifest["files"].items():
+            if name not in listed:
+                bad.append(f"{name} missing")
+            elif listed[name] != rec["size"]:
+                bad.append(f"{name}: {listed[name]} bytes, manifest says {rec['size']}")
+        return bad
+
+    def verify_checksums(self, step: int, manifest: dict[str, Any], names: Iterable[str]) -> list[str]:
+        bad = []
+        for name in names:
+            rec = manifest["files"][name]
+            try:
+                size, sha = self.file_sha256(step, name)
+            except StorageError as exc:
+                bad.append(f"{name}: {exc}")
+                continue
+            if size != rec["size"] or sha != rec["sha256"]:
+                bad.append(f"{name}: checksum mismatch")
+        return bad
+
+    def quarantine(self, step: int) -> None:
+        """De-commits a corrupt step: its manifest becomes ``manifest.corrupt.json``."""
+        src, dst = self.file_path(step, MANIFEST), self.file_path(step, CORRUPT_MANIFEST)
+        try:
+            self._retry(lambda: self.fs.mv(src, dst), src)
+            log.warning("checkpoint %s de-committed (manifest renamed to %s)", self.step_url(step), CORRUPT_MANIFEST)
+        except StorageError as exc:
+            log.warning("could not de-commit %s: %s", self.step_url(step), exc)
+
+    # -- retention -----------------------------------------------------------------------
+    def delete_step(self, step: int) -> None:
+        sp = self.step_path(step)
+        man = self.file_path(step, MANIFEST)
+
+        def rm_manifest():
+            try:
+                self.fs.rm_file(man)
+            except FileNotFoundError:
+                pass
+
+        self._retry(rm_manifest, man)  # de-commit first: a half-deleted step is uncommitted
+
+        def rm_dir():
+            try:
+                self.fs.rm(sp, recursive=True)
+            except FileNotFoundError:
+                pass
+
+        self._retry(rm_dir, sp)
+        self.invalidate(sp)
+
+    def apply_retention(self, keep_last: int, keep_every: int) -> list[int]:
+        """Deletes committed steps beyond ``keep_last`` (sparing every ``keep_every``-th) and
+        uncommitted step dirs older than the newest committed step. Returns deleted steps."""
+        committed = self.committed_steps()
+        if not committed:
+            return []
+        newest = committed[-1]
+        keep = set(committed[-max(1, keep_last):]) | {newest}
+        if keep_every > 0:
+            keep |= {s for s in committed if s % keep_every == 0}
+        deleted = []
+        for step in sorted(self.step_dirs()):
+            if step >= newest or step in keep:
+                continue
+            try:
+                self.delete_step(step)
+                deleted.append(step)
+            except StorageError as exc:
+                log.warning("retention: could not delete %s: %s", self.step_url(step), exc)
+        if deleted:
+            log.info("retention: deleted steps %s under %s", deleted, self.root)
+        return deleted
