@@ -1,0 +1,14 @@
+"""Training data from object storage: shards, deterministic elastic order, exact resume.
+
+* :func:`write_shards` / :class:`ShardWriter`: samples -> shards + index.json at any fsspec URL.
+* :class:`Stream`: random access to a sharded dataset, with a bounded node-local cache.
+* :class:`Loader`: this rank's micro-batches, resumable exactly from ``state_dict()``.
+
+See docs/data.md.
+"""
+
+from trainkit.data.loader import Loader, default_collate
+from trainkit.data.stream import Stream, read_index
+from trainkit.data.writer import ShardWriter, folder_samples, write_shards
+
+__all__ = ["Loader", "ShardWriter", "Stream", "default_collate", "folder_samples", "read_index", "write_shards"]

@@ -1,0 +1,479 @@
+"""Per-node local cache of whole shards, bounded in bytes, evicting by the known order.
+
+Layout of one cache directory (one per dataset URL)::
+
+    .lock                                  flock'd around every admission/eviction decision
+    <shard name>.<sha256[:16]>             complete, verified shards (read-only after rename)
+    .tmp.<shard name>.<bytes>.<pid>.<rand> downloads in flight; the size in the name reserves
+                                           space, the pid lets anyone delete a dead process's
+                                           leftovers
+
+A shard enters the cache only as a temp file that is downloaded, size- and sha256-checked,
+then atomically renamed, so a crashed attempt (or a concurrent one) can never leave a
+half-written file under a final name. Any number of processes (loader workers, ranks of one
+node) may share a directory: decisions are made under the flock, downloads outside it, and a
+process that finds another one fetching the same shard waits for its rename.
+
+Eviction is Belady's rule with the real future: every process knows the epoch order, so the
+shard to evict is the one whose next use is furthest away (or never, e.g. an old version).
+A prefetch is admitted only if it evicts shards needed *later* than itself; a demand fetch
+(needed now) may evict anything complete. The bound counts complete files plus reserved
+in-flight downloads and is never exceeded.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import logging
+import os
+import secrets
+import threading
+import time
+import warnings
+from collections import Counter
+from collections.abc import Callable, Hashable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+import numpy as np
+
+from trainkit import storage
+from trainkit.errors import ConfigError, StorageError
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+_PRESENT, _BUSY, _DEFERRED = "present", "busy", "deferred"
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    name: str
+    url: str
+    num_samples: int
+    bytes: int
+    sha256: str
+
+    @property
+    def local_name(self) -> str:
+        return f"{self.name}.{self.sha256[:16]}"
+
+
+def default_cache_root() -> Path:
+    env = os.environ.get("TRAINKIT_CACHE_DIR")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "trainkit" / "data"
+
+
+def cache_dir_for(url: str, cache_dir: str | os.PathLike | None) -> Path:
+    root = Path(cache_dir) if cache_dir else default_cache_root()
+    return root / hashlib.sha256(url.rstrip("/").encode()).hexdigest()[:16]
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 8 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            b = f.read(chunk)
+            if not b:
+                return h.hexdigest()
+            h.update(b)
+
+
+_TRANSIENT_ERRNOS = {errno.EBUSY, errno.EAGAIN, errno.ETIMEDOUT, errno.ECONNRESET, errno.ECONNABORTED,
+                     errno.ECONNREFUSED, errno.EPIPE}
+_TRANSIENT_CODES = {408, 429, 500, 502, 503, 504}
+
+
+def _also_transient(exc: BaseException) -> bool:
+    """Transient errors that :func:`trainkit.storage.is_transient` does not recognise by their
+    text: s3fs turns 503 SlowDown / ServiceUnavailable into ``OSError(EBUSY, "Please reduce
+    your request rate.")``; gcsfs's HttpError carries the status in ``.code``."""
+    if isinstance(exc, OSError) and exc.errno in _TRANSIENT_ERRNOS:
+        return True
+    code = getattr(exc, "code", None)
+    return isinstance(code, int) and code in _TRANSIENT_CODES
+
+
+def retry_io(fn: Callable[[], T], *, what: str) -> T:
+    """:func:`trainkit.storage.retry` (backoff + full jitter), also retrying the errors above."""
+
+    def call() -> T:
+        try:
+            return fn()
+        except Exception as exc:  # noqa: BLE001 - reclassified, re-raised
+            if _also_transient(exc) and not storage.is_transient(exc):
+                raise ConnectionError(f"{type(exc).__name__}: {exc}") from exc
+            raise
+
+    return storage.retry(call, what=what)
+
+
+def download_verified(shard: ShardInfo, dest: str, fs_for: Callable[[], tuple]) -> None:
+    """Downloads ``shard`` to ``dest`` with retries; checks size and sha256.
+
+    A mismatch is retried once (a truncated transfer looks the same), then it is a
+    :class:`StorageError` naming the shard's URL.
+    """
+    for attempt in range(2):
+        def get() -> None:
+            fs, path = fs_for()
+            fs.get_file(path, dest)
+        retry_io(get, what=shard.url)
+        size = os.path.getsize(dest)
+        if size != shard.bytes:
+            problem = f"size {size} bytes, index says {shard.bytes}"
+        else:
+            digest = sha256_file(dest)
+            if digest == shard.sha256:
+                return
+            problem = f"sha256 {digest}, index says {shard.sha256}"
+        log.warning("%s: %s (attempt %d)", shard.url, problem, attempt + 1)
+    raise StorageError(f"{shard.url}: corrupt shard: {problem}")
+
+
+class ShardCache:
+    """Fetches shards into ``directory`` on demand and ahead of use; see the module doc."""
+
+    def __init__(
+        self,
+        directory: str | os.PathLike,
+        shards: Sequence[ShardInfo],
+        cache_bytes: int,
+        next_use: Callable[[int], np.ndarray],
+        fs_for: Callable[[str], tuple],
+        threads: int = 4,
+        schedule_key: Callable[[int], Hashable] | None = None,
+    ) -> None:
+        self.dir = Path(directory)
+        self.shards = list(shards)
+        self.cache_bytes = int(cache_bytes)
+        self.next_use = next_use  # position -> per-shard next global position of use
+        self.fs_for = fs_for
+        self.threads = max(1, int(threads))
+        self.schedule_key = schedule_key  # position -> what decides the prefetch schedule (the window)
+        self.on_evict: Callable[[int], None] | None = None  # told when this process evicts a shard
+        biggest = max((s.bytes for s in self.shards), default=0)
+        if self.cache_bytes < biggest:
+            raise ConfigError(
+                f"cache_bytes={self.cache_bytes} is smaller than the largest shard ({biggest} bytes)"
+            )
+        self._by_local = {s.local_name: i for i, s in enumerate(self.shards)}
+        self.stats: Counter[str] = Counter()
+        self.fetched: list[int] = []  # shard indices fetched by this process, in order
+        self.evicted: list[int | None] = []  # shard indices this process evicted (None: unknown file)
+        self._position = 0
+        self._pid = -1
+        self._setup()
+
+    # -- per-process runtime (rebuilt after fork) ----------------------------------------
+    def _setup(self) -> None:
+        self._pid = os.getpid()
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._tlock = threading.Lock()
+        self._lockfile = open(self.dir / ".lock", "a+b")  # noqa: SIM115 - lives as long as self
+        self._pool: ThreadPoolExecutor | None = None
+        self._inflight: dict[int, Future] = {}
+        self._mutex = threading.Lock()  # guards _inflight
+        self._present: set[int] = set()  # shards this process saw complete (may go stale: see forget)
+        self._last_key: Hashable = object()
+
+    def _check_pid(self) -> None:
+        if self._pid != os.getpid():
+            self.stats = Counter()
+            self.fetched, self.evicted = [], []
+            self._setup()
+
+    def __getstate__(self):
+        d = self.__dict__.copy()
+        for k in ("_tlock", "_lockfile", "_pool", "_inflight", "_mutex", "_present", "_last_key"):
+            d.pop(k, None)
+        d["_pid"] = -1
+        return d
+
+    def __setstate__(self, d) -> None:
+        self.__dict__.update(d)
+        self._setup()
+
+    def close(self) -> None:
+        if self._pid == os.getpid() and self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
+    # -- public ------------------------------------------------------------------------
+    def path(self, i: int) -> str:
+        """Local path of shard ``i``, fetching it now if needed (blocks)."""
+        self._check_pid()
+        final = self.dir / self.shards[i].local_name
+        if i in self._present or final.exists():
+            self._present.add(i)
+            self.stats["hits"] += 1
+            return str(final)
+        with self._mutex:
+            fut = self._inflight.get(i)
+        if fut is not None and fut.cancel():  # queued, not started: fetch it here, now
+            self._done(i, fut)
+            fut = None
+        if fut is not None:
+            got = fut.result()
+            if got is not None and os.path.exists(got):
+                self.stats["waits"] += 1
+                return got
+        return self._fetch(i, demand=True)
+
+    def forget(self, i: int) -> None:
+        """Shard ``i`` turned out to be gone (evicted by another process)."""
+        self._present.discard(i)
+
+    def advance(self, position: int, ahead: int, evict_position: int | None = None) -> None:
+        """Tells the cache the reader is at global ``position``; starts fetching the shards of
+        the current window plus the next ``ahead`` shards, in order of first use (each admitted
+        only if it evicts nothing needed sooner). Eviction decisions use ``evict_position``
+        (default ``position``): set it lower when other readers of the node may lag behind."""
+        self._check_pid()
+        self._position = position if evict_position is None else evict_position
+        if ahead <= 0:
+            return
+        key = self.schedule_key(position) if self.schedule_key is not None else position
+        if key == self._last_key:  # same window as last time: the schedule is unchanged
+            return
+        self._last_key = key
+        nu = self.next_use(position)
+        order = np.argsort(nu, kind="stable")
+        now = int((nu <= position).sum())
+        for i in order[: now + ahead]:
+            i = int(i)
+            if i in self._present:
+                continue
+            if (self.dir / self.shards[i].local_name).exists():
+                self._present.add(i)
+                continue
+            with self._mutex:
+                if i in self._inflight:
+                    continue
+                if self._pool is None:
+                    self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="trainkit-prefetch")
+                fut = self._pool.submit(self._prefetch, i)
+                self._inflight[i] = fut
+            # outside the mutex: the callback runs at once (and takes it) if fut is done
+            fut.add_done_callback(lambda f, i=i: self._done(i, f))
+
+    def usage(self) -> int:
+        """Bytes in the directory: complete shards plus reservations of downloads in flight."""
+        return self._scan()[0]
+
+    # -- internals ---------------------------------------------------------------------
+    def _done(self, i: int, fut: Future) -> None:
+        with self._mutex:
+            if self._inflight.get(i) is fut:
+                del self._inflight[i]
+
+    def _prefetch(self, i: int) -> str | None:
+        try:
+            return self._fetch(i, demand=False)
+        except StorageError as exc:
+            # the demand fetch will raise it with the shard URL; here just note it
+            log.debug("prefetch of %s failed: %s", self.shards[i].url, exc)
+            return None
+
+    def _locked(self):
+        cache = self
+
+        class _L:
+            def __enter__(self):
+                cache._tlock.acquire()
+                fcntl.flock(cache._lockfile.fileno(), fcntl.LOCK_EX)
+
+            def __exit__(self, *exc):
+                fcntl.flock(cache._lockfile.fileno(), fcntl.LOCK_UN)
+                cache._tlock.release()
+
+        return _L()
+
+    def _scan(self) -> tuple[int, list[tuple[str, int, int | None]], set[str]]:
+        """(used bytes, complete files [(name, size, shard index or None)], names in flight)."""
+        used = 0
+        files: list[tuple[str, int, int | None]] = []
+        inflight: set[str] = set()
+        with os.scandir(self.dir) as it:
+            for e in it:
+                name = e.name
+                if name == ".lock":
+                    continue
+                if name.startswith(".tmp."):
+                    try:
+                        _, rest = name.split(".tmp.", 1)
+                        shard_name, size, pid, _rand = rest.rsplit(".", 3)
+                        size_i, pid_i = int(size), int(pid)
+                    except ValueError:
+                        size_i, pid_i, shard_name = 0, -1, ""
+                    if pid_i < 0 or not _pid_alive(pid_i):
+                        try:  # a crashed attempt's leftovers: never trusted, removed
+                            os.unlink(e.path)
+                            self.stats["stale_removed"] += 1
+                        except FileNotFoundError:
+                            pass
+                        continue
+                    try:
+                        size_i = max(size_i, e.stat().st_size)
+                    except FileNotFoundError:
+                        continue
+                    used += size_i
+                    inflight.add(shard_name)
+                    continue
+                try:
+                    size = e.stat().st_size
+                except FileNotFoundError:
+                    continue
+                used += size
+                files.append((name, size, self._by_local.get(name)))
+        return used, files, inflight
+
+    def _admit(self, i: int, demand: bool) -> str:
+        shard = self.shards[i]
+        final = self.dir / shard.local_name
+        with self._locked():
+            if final.exists():
+                return _PRESENT
+            used, files, inflight = self._scan()
+            if shard.name in inflight:
+                return _BUSY
+            need = shard.bytes
+            if used + need > self.cache_bytes:
+                nu = self.next_use(self._position).astype(np.float64)
+                never = float("inf")
+                limit = -1.0 if demand else float(nu[i])
+                victims = sorted(files, key=lambda f: never if f[2] is None else nu[f[2]], reverse=True)
+                for name, size, j in victims:
+                    if used + need <= self.cache_bytes:
+                        break
+                    v_next = never if j is None else nu[j]
+                    if not demand and v_next <= limit:
+                        break
+                    try:
+                        os.unlink(self.dir / name)
+                        self.stats["evictions"] += 1
+                        self.evicted.append(j)
+                        if j is not None:
+                            self._present.discard(j)
+                            if self.on_evict is not None:
+                                self.on_evict(j)
+                    except FileNotFoundError:
+                        pass
+                    used -= size
+                if used + need > self.cache_bytes:
+                    return _DEFERRED
+            tmp = self.dir / f".tmp.{shard.name}.{need}.{os.getpid()}.{secrets.token_hex(4)}"
+            tmp.touch()
+            return str(tmp)
+
+    def _fetch(self, i: int, demand: bool) -> str | None:
+        shard = self.shards[i]
+        final = self.dir / shard.local_name
+        delay = 0.005
+        while True:
+            r = self._admit(i, demand)
+            if r == _PRESENT:
+                self._present.add(i)
+                return str(final)
+            if r in (_BUSY, _DEFERRED):
+                if not demand:
+                    return None
+                time.sleep(delay)  # another process is fetching it, or freeing space
+                delay = min(delay * 2, 0.1)
+                continue
+            tmp = r
+            try:
+                download_verified(shard, tmp, lambda: self.fs_for(shard.url))
+                with self._locked():  # every change of the directory's listing is made under the lock
+                    os.replace(tmp, final)
+            except BaseException:
+                try:
+                    os.unlink(tmp)
+                except FileNotFoundError:
+                    pass
+                raise
+            self.stats["fetches"] += 1
+            self.stats["fetched_bytes"] += shard.bytes
+            self.fetched.append(i)
+            self._present.add(i)
+            return str(final)
+
+
+class LocalShards:
+    """file:// datasets are read in place (no copy); each shard's checksum is verified once
+    per process, on first use."""
+
+    def __init__(self, shards: Sequence[ShardInfo], verify: bool = True) -> None:
+        self.shards = list(shards)
+        self.verify = verify
+        self._ok: set[int] = set()
+        self._lock = threading.Lock()
+        self.stats: Counter[str] = Counter()
+
+    def __getstate__(self):
+        d = self.__dict__.copy()
+        d.pop("_lock")
+        return d
+
+    def __setstate__(self, d) -> None:
+        self.__dict__.update(d)
+        self._lock = threading.Lock()
+
+    def path(self, i: int) -> str:
+        shard = self.shards[i]
+        p = storage.local_path(shard.url)
+        if i in self._ok:
+            return p
+        with self._lock:
+            if i not in self._ok:
+                if not os.path.exists(p):
+                    raise StorageError(f"{shard.url}: shard missing")
+                size = os.path.getsize(p)
+                if size != shard.bytes:
+                    raise StorageError(f"{shard.url}: corrupt shard: size {size} bytes, index says {shard.bytes}")
+                if self.verify:
+                    digest = sha256_file(p)
+                    if digest != shard.sha256:
+                        raise StorageError(f"{shard.url}: corrupt shard: sha256 {digest}, index says {shard.sha256}")
+                self._ok.add(i)
+        return p
+
+    def advance(self, position: int, ahead: int, evict_position: int | None = None) -> None:
+        pass
+
+    def forget(self, i: int) -> None:
+        pass
+
+    def usage(self) -> int:
+        return 0
+
+    def close(self) -> None:
+        pass
+
+
+def warn_small_cache(cache_bytes: int, window_bytes: int) -> None:
+    if cache_bytes < window_bytes:
+        warnings.warn(
+            f"cache_bytes={cache_bytes} is smaller than one shuffle window of shards ({window_bytes} bytes): "
+            "shards will be fetched more than once per epoch; raise cache_bytes or lower shuffle_window",
+            stacklevel=3,
+        )

@@ -1,0 +1,199 @@
+"""``Loader``: this rank's micro-batches from a :class:`Stream`, exactly resumable.
+
+Positions are GLOBAL: ``p`` counts samples consumed by all ranks together since the start
+of training; sample at ``p`` is ``order(seed, p // N)[p % N]``. With
+``micro = batch_size // (world_size * grad_accum)``, this rank's ``k``-th micro-batch
+covers positions ``start + (k * world_size + rank) * micro + [0, micro)``; i.e. micro-step
+``m`` of an optimizer step beginning at ``P`` reads ``P + (m * world_size + rank) * micro``.
+
+With ``num_workers > 0``, DataLoader worker ``w`` produces micro-batches ``k`` with
+``k % num_workers == w``; the DataLoader's in-order round robin hands them back in ``k``
+order, and the main process counts what it yielded, so ``state_dict()`` is exact whatever
+the workers had prefetched. Resuming with other ``world_size`` / ``num_workers`` is exact
+as long as the state was taken at an optimizer-step boundary (all ranks then agree on it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from trainkit.data.stream import Stream
+from trainkit.errors import ConfigError
+
+STATE_VERSION = 1
+
+
+def default_collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stacks tensors (same shape required), turns ints/floats/bools into tensors, and keeps
+    bytes/str as lists."""
+    out: dict[str, Any] = {}
+    for key in samples[0]:
+        vals = [s[key] for s in samples]
+        v0 = vals[0]
+        if isinstance(v0, torch.Tensor):
+            try:
+                out[key] = torch.stack(vals)
+            except RuntimeError as exc:
+                raise ConfigError(
+                    f"field {key!r}: samples of different shapes cannot be stacked ({exc}); "
+                    "pass a transform that pads/crops, or a collate function"
+                ) from exc
+        elif isinstance(v0, np.ndarray):
+            out[key] = torch.from_numpy(np.stack(vals))
+        elif isinstance(v0, bool):
+            out[key] = torch.tensor(vals, dtype=torch.bool)
+        elif isinstance(v0, int):
+            out[key] = torch.tensor(vals, dtype=torch.int64)
+        elif isinstance(v0, float):
+            out[key] = torch.tensor(vals, dtype=torch.float64)
+        else:
+            out[key] = vals
+    return out
+
+
+def _identity(x):
+    return x
+
+
+class _MicroBatches(IterableDataset):
+    """Yields this rank's micro-batches k = first, first + step, ... (forever)."""
+
+    def __init__(self, stream: Stream, *, seed: int, start: int, rank: int, world_size: int, micro: int,
+                 num_workers: int, transform, collate) -> None:
+        super().__init__()
+        self.stream, self.seed, self.start = stream, seed, start
+        self.rank, self.world_size, self.micro = rank, world_size, micro
+        self.num_workers = max(1, num_workers)
+        self.transform, self.collate = transform, collate
+
+    def batch_positions(self, k: int) -> tuple[int, int]:
+        lo = self.start + (k * self.world_size + self.rank) * self.micro
+        return lo, lo + self.micro
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        w = info.id if info is not None else 0
+        stride = self.world_size * self.micro
+        # how far other readers of this node may be behind us: one round of micro-batches of
+        # every worker of every rank, twice for slack (used for eviction decisions only)
+        lag = 2 * self.num_workers * stride
+        k = w
+        while True:
+            lo, hi = self.batch_positions(k)
+            self.stream.advance(self.seed, lo, lag)
+            ids = self.stream.ids_at(self.seed, lo, hi)
+            samples = self.stream.get_many(ids)
+            if self.transform is not None:
+                samples = [self.transform(s) for s in samples]
+            yield self.collate(samples)
+            k += self.num_workers
+
+
+class Loader:
+    """This rank's infinite iterator of micro-batches over ``stream``; see the module doc.
+
+    ``batch_size`` is GLOBAL (samples per optimizer step, all ranks and micro-steps).
+    """
+
+    def __init__(
+        self,
+        stream: Stream,
+        *,
+        batch_size: int,
+        rank: int,
+        world_size: int,
+        grad_accum: int = 1,
+        seed: int = 0,
+        num_workers: int = 0,
+        transform: Callable[[dict], dict] | None = None,
+        collate: Callable[[list[dict]], Any] = default_collate,
+        prefetch_factor: int = 2,
+    ) -> None:
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ConfigError(f"rank {rank} is not in [0, world_size={world_size})")
+        if grad_accum < 1:
+            raise ConfigError(f"grad_accum must be >= 1, got {grad_accum}")
+        if batch_size < 1 or batch_size % (world_size * grad_accum):
+            raise ConfigError(
+                f"batch_size={batch_size} (global) must be a positive multiple of "
+                f"world_size*grad_accum={world_size * grad_accum}"
+            )
+        if num_workers < 0:
+            raise ConfigError(f"num_workers must be >= 0, got {num_workers}")
+        if len(stream) == 0:
+            raise ConfigError(f"{stream.url}: the dataset has no samples")
+        self.stream = stream
+        self.batch_size, self.rank, self.world_size, self.grad_accum = batch_size, rank, world_size, grad_accum
+        self.micro_batch_size = batch_size // (world_size * grad_accum)
+        self.seed = int(seed)
+        self.num_workers = num_workers
+        self.transform, self.collate = transform, collate
+        self.prefetch_factor = prefetch_factor
+        self._start = 0  # global position where the current iterator began
+        self._yielded = 0  # micro-batches the current iterator has handed out
+        self._generation = 0  # bumped by __iter__/load_state_dict: older iterators stop
+
+    # -- position ------------------------------------------------------------------------
+    @property
+    def position(self) -> int:
+        """Global samples consumed (all ranks) once every rank is where this one is."""
+        return self._start + self._yielded * self.world_size * self.micro_batch_size
+
+    @property
+    def epoch(self) -> int:
+        return self.position // len(self.stream)
+
+    @property
+    def steps_per_epoch(self) -> float:
+        return len(self.stream) / self.batch_size
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"version": STATE_VERSION, "position": int(self.position), "seed": self.seed,
+                "num_samples": len(self.stream)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        try:
+            position, seed = int(state["position"]), int(state["seed"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ConfigError(f"bad data loader state {state!r}: {exc}") from exc
+        n = state.get("num_samples")
+        if n is not None and int(n) != len(self.stream):
+            raise ConfigError(
+                f"the data loader state was saved for a dataset of {n} samples, but {self.stream.url} has "
+                f"{len(self.stream)}: resuming would not be exact"
+            )
+        if position < 0:
+            raise ConfigError(f"bad data loader position {position}")
+        self.seed = seed
+        self._start, self._yielded = position, 0
+        self._generation += 1
+
+    # -- iteration -----------------------------------------------------------------------
+    def _dataset(self, start: int) -> _MicroBatches:
+        return _MicroBatches(self.stream, seed=self.seed, start=start, rank=self.rank, world_size=self.world_size,
+                             micro=self.micro_batch_size, num_workers=self.num_workers, transform=self.transform,
+                             collate=self.collate)
+
+    def __iter__(self) -> Iterator[Any]:
+        start = self.position
+        self._start, self._yielded = start, 0
+        self._generation += 1
+        ds = self._dataset(start)
+        if self.num_workers == 0:
+            source: Any = iter(ds)
+        else:
+            source = iter(DataLoader(ds, batch_size=None, num_workers=self.num_workers, collate_fn=_identity,
+                                     prefetch_factor=self.prefetch_factor, persistent_workers=False))
+        return self._count(source, self._generation)
+
+    def _count(self, source, generation: int) -> Iterator[Any]:
+        for batch in source:
+            if self._generation != generation:  # load_state_dict or a newer iterator took over
+                return
+            self._yielded += 1
+            yield batch

@@ -1,0 +1,259 @@
+"""``Stream``: random access to the samples of a sharded dataset at any fsspec URL."""
+
+from __future__ import annotations
+
+import json
+import os
+import mmap
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from trainkit import storage
+from trainkit.data.cache import LocalShards, retry_io, ShardCache, ShardInfo, cache_dir_for, warn_small_cache
+from trainkit.data.format import FORMAT, INDEX_NAME, ShardHeader, decode_sample
+from trainkit.data.order import Order
+from trainkit.errors import ConfigError, StorageError
+
+
+def read_index(url: str) -> dict:
+    """The parsed index.json of the dataset at ``url`` (retried; a clear error if absent)."""
+    index_url = storage.join(url, INDEX_NAME)
+
+    def get() -> bytes:
+        fs, path = storage.filesystem(index_url)
+        return fs.cat_file(path)
+
+    try:
+        raw = retry_io(get, what=index_url)
+    except StorageError as exc:
+        raise StorageError(f"no trainkit dataset at {url} ({exc})") from exc
+    try:
+        index = json.loads(raw)
+    except ValueError as exc:
+        raise StorageError(f"{index_url}: not valid JSON: {exc}") from exc
+    if index.get("format") != FORMAT:
+        raise StorageError(f"{index_url}: not a trainkit shard index (format={index.get('format')!r})")
+    return index
+
+
+class Stream:
+    """A sharded dataset: ``len(stream)`` samples, ``stream[sample_id]`` decodes one sample.
+
+    ``cache_dir``/``cache_bytes``: the node-local shard cache (default
+    ``$TRAINKIT_CACHE_DIR`` or ``~/.cache/trainkit/data``, one subdirectory per URL).
+    ``shuffle``/``shuffle_window``: the epoch order (see :mod:`trainkit.data.order`).
+    ``prefetch``: concurrent shard downloads (threads per process); shards are fetched ahead
+    in order of first use, up to ``max(2 * prefetch, shuffle_window)`` beyond the current
+    window, each only if it evicts nothing needed sooner. ``prefetch=0``: on demand only.
+    file:// datasets are read in place, without the cache.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        cache_dir: str | None = None,
+        cache_bytes: int = 1 << 30,
+        shuffle: bool = True,
+        shuffle_window: int = 8,
+        prefetch: int = 4,
+        verify: bool = True,
+    ) -> None:
+        if shuffle_window < 1:
+            raise ConfigError(f"shuffle_window must be >= 1, got {shuffle_window}")
+        if prefetch < 0:
+            raise ConfigError(f"prefetch must be >= 0, got {prefetch}")
+        self.url = url.rstrip("/")
+        self.index = read_index(self.url)
+        self.schema: dict[str, dict[str, str]] = self.index["schema"]
+        self.shards: list[ShardInfo] = [
+            ShardInfo(s["name"], storage.join(self.url, s["name"]), int(s["samples"]), int(s["bytes"]), s["sha256"])
+            for s in self.index["shards"]
+        ]
+        self.shuffle, self.shuffle_window, self.prefetch = shuffle, shuffle_window, prefetch
+        counts = np.array([s.num_samples for s in self.shards], dtype=np.int64)
+        self._order = Order(counts, shuffle_window, shuffle)
+        self._starts = self._order.starts
+        if self._order.num_samples != int(self.index["num_samples"]):
+            raise StorageError(f"{self.url}/{INDEX_NAME}: shard sample counts do not add up to num_samples")
+        self._seed = 0  # the seed whose order drives prefetch/eviction (set by the Loader)
+        if storage.is_local(self.url):
+            self.cache: ShardCache | LocalShards = LocalShards(self.shards, verify=verify)
+            self.cache_dir = None
+        else:
+            self.cache_dir = cache_dir_for(self.url, cache_dir)
+            self.cache = ShardCache(self.cache_dir, self.shards, cache_bytes, self._next_use, storage.filesystem,
+                                    threads=max(1, prefetch), schedule_key=self._window_key)
+            if shuffle and self.shards:
+                sizes = sorted((s.bytes for s in self.shards), reverse=True)
+                warn_small_cache(cache_bytes, sum(sizes[:shuffle_window]))
+        self._headers: dict[int, ShardHeader] = {}
+        self._hlock = threading.Lock()
+        self._maps: OrderedDict[int, tuple] = OrderedDict()  # shard -> (mmap, header, path, inode)
+        self._maps_pid = os.getpid()
+        self._map_key: tuple | None = None
+        if isinstance(self.cache, ShardCache):
+            self.cache.on_evict = self._drop_map
+
+    # -- order -------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return self._order.num_samples
+
+    @property
+    def num_shards(self) -> int:
+        return len(self.shards)
+
+    def order(self, seed: int, epoch: int) -> np.ndarray:
+        """The sample ids of epoch ``epoch`` in order: a pure function of (seed, epoch)."""
+        return self._order.plan(seed, epoch).order()
+
+    def sample_id(self, seed: int, epoch: int, position: int) -> int:
+        """``order(seed, epoch)[position]`` without building the whole order."""
+        return int(self._order.plan(seed, epoch).ids(position, position + 1)[0])
+
+    def ids_at(self, seed: int, lo: int, hi: int) -> np.ndarray:
+        """Sample ids at GLOBAL positions [lo, hi): epoch ``p // len``, index ``p % len``."""
+        return self._order.positions(seed, lo, hi)
+
+    def _next_use(self, position: int) -> np.ndarray:
+        return self._order.next_use(self._seed, max(0, position))
+
+    def _window_key(self, position: int) -> tuple[int, int, int]:
+        epoch, idx = divmod(position, len(self))
+        return self._seed, epoch, self._order.plan(self._seed, epoch).window_of(idx)
+
+    @property
+    def lookahead(self) -> int:
+        """Shards beyond the current window that are fetched ahead."""
+        return max(2 * self.prefetch, self.shuffle_window) if self.prefetch else 0
+
+    def advance(self, seed: int, position: int, lag: int = 0) -> None:
+        """Reader hint: global ``position`` reached (``lag``: how far other readers on this node
+        may be behind, for eviction decisions); starts prefetching."""
+        self._seed = seed
+        self.cache.advance(position, self.lookahead, max(0, position - lag))
+        key = self._window_key(position)
+        if key != self._map_key:  # a new window: unmap shards of earlier ones
+            self._map_key = key
+            plan = self._order.plan(seed, key[1])
+            keep = {int(s) for s in plan.windows[key[2]]}
+            for i in [i for i in self._maps_for_pid() if i not in keep]:
+                self._drop_map(i)
+
+    # -- samples -----------------------------------------------------------------------
+    def shard_of(self, sample_id: int) -> tuple[int, int]:
+        if not 0 <= sample_id < len(self):
+            raise IndexError(f"sample id {sample_id} outside [0, {len(self)})")
+        i = int(np.searchsorted(self._starts, sample_id, side="right")) - 1
+        return i, int(sample_id - self._starts[i])
+
+    # Shards being read are memory-mapped (slicing needs no system call, which matters when
+    # download threads compete for the GIL). A process maps at most the shards of its current
+    # window plus a couple; a mapping is dropped when this process evicts the shard, when the
+    # window moves on, or when the file is found unlinked (evicted by another process), so an
+    # evicted shard's disk space is released promptly.
+    def _maps_for_pid(self) -> OrderedDict:
+        if self._maps_pid != os.getpid():  # after fork: the parent's mappings are not ours
+            self._maps, self._maps_pid = OrderedDict(), os.getpid()
+            self._hlock = threading.Lock()
+        return self._maps
+
+    def _drop_map(self, i: int) -> None:
+        with self._hlock:
+            m = self._maps_for_pid().pop(i, None)
+        if m is not None:
+            m[0].close()
+
+    def _open_map(self, i: int) -> tuple[mmap.mmap, ShardHeader, str, int]:
+        for attempt in range(5):
+            path = self.cache.path(i)
+            try:
+                with open(path, "rb") as f:
+                    mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+                    ino = os.fstat(f.fileno()).st_ino
+            except FileNotFoundError:
+                self.cache.forget(i)
+                continue  # evicted between the check and the open: fetch again
+            h = self._headers.get(i)
+            if h is None:
+                h = ShardHeader.read(lambda off, n: mm[off : off + n], self.shards[i].url)
+                if h.num_samples != self.shards[i].num_samples:
+                    raise StorageError(f"{self.shards[i].url}: {h.num_samples} samples, index says "
+                                       f"{self.shards[i].num_samples}")
+                self._headers[i] = h
+            return mm, h, path, ino
+        raise StorageError(f"{self.shards[i].url}: evicted from the cache faster than it can be read; "
+                           "raise cache_bytes")
+
+    def _read_raw(self, i: int, locals_: Sequence[int]) -> list[bytes]:
+        maps = self._maps_for_pid()
+        with self._hlock:
+            m = maps.get(i)
+            if m is not None:
+                maps.move_to_end(i)
+        if m is not None and not self._still_there(m):
+            self._drop_map(i)
+            self.cache.forget(i)
+            m = None
+        if m is None:
+            m = self._open_map(i)
+            with self._hlock:
+                old = maps.pop(i, None)
+                maps[i] = m
+                while len(maps) > self.shuffle_window + 2:
+                    _, (mm_old, *_rest) = maps.popitem(last=False)
+                    mm_old.close()
+            if old is not None:
+                old[0].close()
+        mm, h = m[0], m[1]
+        offs = h.offsets
+        with self._hlock:  # no close while slicing
+            return [mm[offs[j] : offs[j + 1]] for j in locals_]
+
+    def _still_there(self, m) -> bool:
+        if self.cache_dir is None:
+            return True  # file:// shards are read in place, never evicted
+        try:
+            return os.stat(m[2]).st_ino == m[3]
+        except FileNotFoundError:
+            return False
+
+    def __getitem__(self, sample_id: int) -> dict[str, Any]:
+        i, j = self.shard_of(int(sample_id))
+        return decode_sample(self._read_raw(i, [j])[0], self.schema)
+
+    def get_many(self, sample_ids: Sequence[int]) -> list[dict[str, Any]]:
+        """Samples for ``sample_ids`` (in that order), opening each shard once."""
+        ids = np.asarray(sample_ids, dtype=np.int64)
+        if len(ids) and (ids.min() < 0 or ids.max() >= len(self)):
+            raise IndexError(f"sample ids outside [0, {len(self)})")
+        shard = np.searchsorted(self._starts, ids, side="right") - 1
+        out: list[Any] = [None] * len(ids)
+        for i in np.unique(shard):
+            where = np.nonzero(shard == i)[0]
+            raws = self._read_raw(int(i), [int(ids[k] - self._starts[i]) for k in where])
+            for k, raw in zip(where, raws):
+                out[k] = decode_sample(raw, self.schema)
+        return out
+
+    def close(self) -> None:
+        self.cache.close()
+        for i in list(self._maps_for_pid()):
+            self._drop_map(i)
+
+    def __getstate__(self):
+        d = self.__dict__.copy()
+        d.pop("_hlock")
+        d["_maps"], d["_maps_pid"] = OrderedDict(), -1
+        return d
+
+    def __setstate__(self, d) -> None:
+        self.__dict__.update(d)
+        self._hlock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"Stream({self.url!r}, samples={len(self)}, shards={self.num_shards})"
