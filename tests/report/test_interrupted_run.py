@@ -1,0 +1,68 @@
+"""A real run, killed once and preempted once, then finished: the report's accounting of
+attempts, crashes, preemptions and recomputed steps matches the known interruption points."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from launching import RESNET_TINY, ROOT, metrics
+from trainkit.report.goodput import goodput
+
+ARGS = [*RESNET_TINY, "strategy=ddp", "launcher.workers=2", "trainer.max_steps=40", "checkpoint.every_steps=5",
+        "checkpoint.async_save=false"]
+
+
+def _start(run: Path) -> subprocess.Popen[str]:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TRAINKIT_STORE": str(ROOT / ".cache" / "test-store")}
+    return subprocess.Popen([sys.executable, "-m", "trainkit.launch", *ARGS, f"run_dir={run}"], env=env, cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+
+
+def _wait_for_step(run: Path, step: int, proc: subprocess.Popen[str]) -> int:
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if (run / "metrics.jsonl").exists() and metrics(run) and metrics(run)[-1]["step"] >= step:
+            return metrics(run)[-1]["step"]
+        time.sleep(0.01)
+    raise AssertionError(f"run never reached step {step}")
+
+
+def test_goodput_and_recomputed_steps_of_an_interrupted_run(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    proc = _start(run)
+    _wait_for_step(run, 12, proc)
+    os.killpg(proc.pid, signal.SIGKILL)  # a lost machine
+    proc.wait()
+    killed_at = metrics(run)[-1]["step"]
+    # synchronous saves every 5 steps: the newest committed checkpoint is the multiple of 5 below
+    restored_first = killed_at // 5 * 5
+
+    proc = _start(run)
+    _wait_for_step(run, killed_at + 6, proc)
+    proc.send_signal(signal.SIGTERM)  # a spot notice
+    assert proc.wait(timeout=120) == 75
+    assert _start(run).wait(timeout=180) == 0
+
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    events = [json.loads(x) for x in (run / "events.jsonl").read_text().splitlines()]
+    restores = [e for e in events if e["event"] == "restore"]
+    (preempted,) = [e["step"] for e in events if e["event"] == "preempted"]
+    assert [e["step"] for e in restores] == [restored_first, preempted]
+    result = goodput(rows, events)
+    assert result["attempts"] == 3
+    assert result["crashes"] == 1 and result["preemptions"] == 1
+    assert result["recomputed_steps"] == killed_at - restored_first
+    assert 0 < result["goodput"] < 1
+    assert [r["step"] for r in rows] == list(range(1, 41))
+
+    out = subprocess.run([sys.executable, "-m", "trainkit.report", str(run)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "goodput" in out.stdout
+    for name in ("loss.png", "throughput.png", "step_time.png", "timeline.png"):
+        assert (run / "report" / name).stat().st_size > 1000
