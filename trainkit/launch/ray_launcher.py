@@ -47,6 +47,8 @@ from trainkit.config import Config
 from trainkit.errors import EXIT_PREEMPTED, ConfigError, Preempted, TrainkitError
 
 EXIT_FAILED = 1
+# An identical Python error from the training code this many times in a row stops the job.
+CRASH_REPEATS = int(os.environ.get("TRAINKIT_RAY_CRASH_REPEATS", 3))
 # Environment the workers need to find the same stores as the driver (not credentials:
 # those come from the node's role / service account, see docs/clusters.md).
 PROPAGATE_PREFIXES = ("TRAINKIT_", "FSSPEC_", "GCSFS_", "STORAGE_EMULATOR_HOST", "AWS_ENDPOINT_URL")
@@ -83,7 +85,7 @@ def ray_worker_main(cfg_dict: Mapping[str, Any]) -> dict[str, Any] | None:
         # Ray worker learns of a drain from the GCS instead (DrainWatch below).
         cfg_dict["preemption"] = {**cfg_dict.get("preemption", {}), "signals": []}
     poll = float(cfg_dict.get("preemption", {}).get("poll_seconds", 5.0) or 5.0)
-    watch = DrainWatch(poll_seconds=min(poll, 2.0))
+    watch = DrainWatch(gcs_poll_seconds=poll)
     watch.start()
     try:
         summary = train(cfg_dict)
@@ -120,8 +122,10 @@ class DrainWatch:
     On a drain it asks trainkit's PreemptionWatcher to stop (:func:`request_stop`).
     """
 
-    def __init__(self, poll_seconds: float = 2.0) -> None:
+    def __init__(self, poll_seconds: float = 0.5, gcs_poll_seconds: float = 5.0) -> None:
+        # Reading the train context is an attribute lookup; the GCS is asked less often.
         self.poll_seconds = poll_seconds
+        self.gcs_poll_seconds = gcs_poll_seconds
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="trainkit-ray-drain", daemon=True)
         self.reason: str | None = None
@@ -133,6 +137,8 @@ class DrainWatch:
         try:
             import ray
 
+            if not ray.is_initialized():  # not in a Ray worker: nothing to watch (and no ray.init)
+                return
             self._node_id = ray.get_runtime_context().get_node_id()
         except Exception:  # noqa: BLE001 - not in a Ray worker: nothing to watch
             return
@@ -151,7 +157,7 @@ class DrainWatch:
         if info is not None:
             return _drain_reason(getattr(info, "preempted_node_ids", []), getattr(info, "deadline_ms", None))
         now = time.monotonic()
-        if self._node_id and now - self._last_gcs >= max(self.poll_seconds, 5.0):
+        if self._node_id and now - self._last_gcs >= self.gcs_poll_seconds:
             self._last_gcs = now
             try:
                 import ray._private.state
@@ -220,6 +226,26 @@ def _worker_exits(error: Any) -> dict[int, WorkerExit | None]:
     return out
 
 
+def _crash_signature(error: Any) -> tuple[str, ...] | None:
+    """What a deterministic crash looks like: the same Python error from the training code.
+
+    None when a worker or node died (a Ray error, not ours), the group was preempted, or
+    the ranks only lost their peers: those are what restarts are for.
+    """
+    failures = getattr(error, "worker_failures", None) or {}
+    sig = set()
+    for exc in failures.values():
+        base = getattr(exc, "_base_exc", None)
+        if base is None:
+            return None
+        if isinstance(base, WorkerExit) and base.exit_code == EXIT_PREEMPTED:
+            return None
+        text = str(base).strip().splitlines()[0] if str(base).strip() else ""
+        if "lost a peer" not in text:
+            sig.add(f"{type(base).__name__}: {text[:200]}")
+    return tuple(sorted(sig)) or None
+
+
 def _make_failure_policy(failure_config: Any) -> Any:
     from ray.train.v2._internal.execution.failure_handling.default import DefaultFailurePolicy
     from ray.train.v2._internal.execution.failure_handling.failure_policy import FailureDecision
@@ -227,9 +253,22 @@ def _make_failure_policy(failure_config: Any) -> Any:
     class TrainkitFailurePolicy(DefaultFailurePolicy):
         """Ray's default policy, except: exit 2 never retries; an all-75 group is a preemption."""
 
+        _last_crash: tuple[str, ...] | None = None
+        _repeats = 0
+
         def make_decision(self, training_failed_error: Any) -> Any:
             exits = _worker_exits(training_failed_error)
             if any(e is not None and e.exit_code == 2 for e in exits.values()):
+                return FailureDecision.RAISE
+            # The same Python error N times in a row is a bug, not bad luck: even with
+            # max_failures=-1 (spot) do not loop on it for ever.
+            crash = _crash_signature(training_failed_error)
+            self._repeats = self._repeats + 1 if crash is not None and crash == self._last_crash else 1
+            self._last_crash = crash
+            if crash is not None and self._repeats >= CRASH_REPEATS:
+                logging.getLogger(__name__).error(
+                    "trainkit: the same error %d times in a row, giving up: %s", self._repeats, "; ".join(crash)
+                )
                 return FailureDecision.RAISE
             if exits and all(e is not None and e.exit_code == EXIT_PREEMPTED for e in exits.values()):
                 self._preemption_failures += 1
@@ -339,6 +378,7 @@ def ray_session(address: str, *, cpus: float = 0.0) -> Iterator[bool]:
         # loopback only and lives as long as the command.
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         ray.init(
+            address="local",  # a new cluster, even when one from `ray start` runs here
             _node_ip_address="127.0.0.1",
             include_dashboard=False,
             num_cpus=max(int(-(-cpus // 1)), os.cpu_count() or 1),
@@ -434,6 +474,7 @@ def build_trainer(cfg: Config, *, name: str = "trainkit") -> Any:
     backend = cfg.strategy.backend
     if backend == "auto":
         backend = "nccl" if lc.gpus_per_worker else "gloo"
+    check_config(cfg)
     data = worker_cfg(cfg)
     return _trainer_class()(
         train_loop_per_worker=ray_worker_main,
@@ -499,10 +540,46 @@ def read_summary(run_dir: str) -> dict[str, Any] | None:
         return None
 
 
+PLACEMENT = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+
+
+def check_config(cfg: Config) -> None:
+    """The Ray-specific checks that need no cluster."""
+    lc = cfg.launcher
+    if lc.placement_strategy not in PLACEMENT:
+        raise ConfigError(f"launcher.placement_strategy={lc.placement_strategy!r} is not valid; "
+                          f"valid: {', '.join(PLACEMENT)}")
+    if cfg.strategy.backend == "nccl" and not lc.gpus_per_worker:
+        raise ConfigError("strategy.backend=nccl needs GPU workers: set launcher.gpus_per_worker=1 (or backend gloo)")
+
+
+def check_resources(cfg: Config, *, own_cluster: bool) -> None:
+    """Fails fast on what Ray would otherwise wait for for ever.
+
+    A cluster we started cannot grow; one we joined may (autoscaler), so there a shortfall
+    is only reported.
+    """
+    import ray
+
+    lc = cfg.launcher
+    workers = lc.workers * lc.nodes
+    need = {"CPU": workers * lc.cpus_per_worker, "GPU": workers * lc.gpus_per_worker}
+    have = ray.cluster_resources()
+    short = [f"{k} {v:g} (cluster has {have.get(k, 0):g})" for k, v in need.items() if v > have.get(k, 0)]
+    if not short:
+        return
+    text = f"launcher.workers={workers} needs " + ", ".join(short)
+    if own_cluster:
+        raise ConfigError(text)
+    print(f"ray: {text}; waiting for the autoscaler to add nodes", flush=True)
+
+
 def launch(cfg: Config) -> int:
     """``launcher=ray`` entry: 0 done, 1 failed, 2 config/store error, 75 out of retries while preempted."""
     lc = cfg.launcher
-    with ray_session(lc.address, cpus=lc.workers * lc.nodes * lc.cpus_per_worker):
+    check_config(cfg)
+    with ray_session(lc.address, cpus=lc.workers * lc.nodes * lc.cpus_per_worker) as own:
+        check_resources(cfg, own_cluster=own and not lc.address)
         print(f"ray: {lc.workers * lc.nodes} workers, run_dir {worker_cfg(cfg)['run_dir']}, "
               f"max_failures {lc.max_failures}", flush=True)
         result = fit(cfg)

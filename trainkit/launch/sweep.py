@@ -82,6 +82,14 @@ def plan(overrides: list[str], config_dirs: list[str] = ()) -> list[tuple[list[s
     names = {c.launcher.name for _, c in planned}
     if len(names) > 1:
         raise ConfigError(f"sweep: all trials must use one launcher, got {', '.join(sorted(names))}")
+    if names == {"ray"}:
+        from trainkit.launch.ray_launcher import check_config
+
+        for i, (params, cfg) in enumerate(planned):
+            try:
+                check_config(cfg)
+            except ConfigError as exc:
+                raise ConfigError(f"sweep trial {i} ({' '.join(params)}): {exc}") from exc
     return planned
 
 
@@ -140,12 +148,14 @@ def _concurrency(planned: list[tuple[list[str], Config]]) -> int:
 
 
 def _run_ray(planned: list[tuple[list[str], Config]]) -> list[dict[str, Any]]:
-    from trainkit.launch.ray_launcher import fit, ray_session
+    from trainkit.launch.ray_launcher import check_resources, fit, ray_session
 
     lc = planned[0][1].launcher
     per_trial = lc.workers * lc.nodes * lc.cpus_per_worker
     # A private Ray gets room for every trial at once (logical CPUs; they share the cores).
-    with ray_session(lc.address, cpus=per_trial * len(planned)):
+    with ray_session(lc.address, cpus=per_trial * len(planned)) as own:
+        for _, cfg in planned:
+            check_resources(cfg, own_cluster=own and not lc.address)
         parallel = _concurrency(planned)
         print(f"sweep: running {parallel} trial(s) at a time on Ray", flush=True)
         results: list[dict[str, Any] | None] = [None] * len(planned)

@@ -1,0 +1,113 @@
+"""Time from a lost Ray node to the first resumed training step (``launcher=ray``).
+
+    python tests/ray/bench_node_loss.py [key=value ...]      # prints seconds, JSON last
+
+Self-contained (meant to move under ``python -m trainkit.bench``): starts a loopback Ray
+cluster (a 0-CPU head + one 1-CPU node per worker), launches the recipe with
+``launcher=ray`` in a subprocess, removes a node hosting a worker right after the first
+committed checkpoint, adds a replacement, and reads the run's own records:
+
+* ``detect_s``   node removed -> the restarted attempt's ``start`` event (Ray noticed the
+  loss, tore the group down, placed and started a new one, restored the checkpoint);
+* ``resume_s``   node removed -> the first metrics record of the new attempt (first
+  resumed optimizer step logged), the headline figure;
+* ``lost_steps`` steps recomputed (the restore event's ``recomputed_steps``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+DEFAULT = [
+    "recipe=resnet", "model.width=4", "model.blocks=[1,1]", "model.image_size=8", "data.batch_size=32",
+    "strategy=ddp", "launcher.workers=2", "trainer.threads=1", "trainer.log_every=1",
+    "trainer.progress=plain", "checkpoint.every_steps=10", "trainer.max_steps=200",
+]
+
+
+def _records(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _worker_node(cluster: Any) -> Any:
+    import psutil
+
+    for node in list(cluster.worker_nodes):
+        for info in node.all_processes.get("raylet", []):
+            try:
+                kids = psutil.Process(info.process.pid).children(recursive=True)
+            except psutil.Error:
+                continue
+            if any("RayTrainWorker" in " ".join(k.cmdline()) for k in kids):
+                return node
+    return None
+
+
+def node_loss_recovery(overrides: list[str] = (), workers: int = 2, timeout: float = 600) -> dict[str, Any]:
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # keep Ray on 127.0.0.1
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    from ray.cluster_utils import Cluster
+
+    node_args = {"num_cpus": 1, "node_ip_address": "127.0.0.1", "object_store_memory": 80 * 1024 * 1024}
+    cluster = Cluster(initialize_head=True, head_node_args={**node_args, "num_cpus": 0, "include_dashboard": False})
+    run_dir = Path(tempfile.mkdtemp(prefix="trainkit-bench-nodeloss-")) / "run"
+    try:
+        for _ in range(workers):
+            cluster.add_node(**node_args)
+        cluster.wait_for_nodes()
+        cmd = [sys.executable, "-m", "trainkit.launch", *DEFAULT, f"launcher.workers={workers}", *overrides,
+               "launcher=ray", f"launcher.address={cluster.address}", f"run_dir={run_dir}"]
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + timeout
+        while not (run_dir / "checkpoints" / "latest").exists():
+            if proc.poll() is not None or time.time() > deadline:
+                raise RuntimeError(f"no checkpoint before the launcher ended ({proc.poll()})")
+            time.sleep(0.05)
+        node = None
+        while node is None and time.time() < deadline:
+            node = _worker_node(cluster)
+        t_lost = time.time()
+        cluster.remove_node(node, allow_graceful=False)
+        cluster.add_node(**node_args)
+        rc = proc.wait(timeout=max(1.0, deadline - time.time()))
+        events = _records(run_dir / "events.jsonl")
+        metrics = _records(run_dir / "metrics.jsonl")
+        starts = [e for e in events if e["event"] == "start" and e["time"] > t_lost]
+        restores = [e for e in events if e["event"] == "restore" and e["time"] > t_lost]
+        attempt = starts[0]["attempt"] if starts else None
+        resumed = [m for m in metrics if m.get("attempt") == attempt and m["time"] > t_lost]
+        return {
+            "exit_code": rc,
+            "detect_s": starts[0]["time"] - t_lost if starts else None,
+            "resume_s": min(m["time"] for m in resumed) - t_lost if resumed else None,
+            "lost_steps": restores[0]["recomputed_steps"] if restores else None,
+            "restored_step": restores[0]["step"] if restores else None,
+            "workers": workers,
+            "run_dir": str(run_dir),
+        }
+    finally:
+        cluster.shutdown()
+
+
+def main() -> None:
+    result = node_loss_recovery(sys.argv[1:])
+    print(f"node loss -> group restarted: {result['detect_s']:.1f} s" if result["detect_s"] is not None else
+          "node loss -> group restarted: n/a")
+    print(f"node loss -> first resumed step: {result['resume_s']:.1f} s" if result["resume_s"] is not None else
+          "node loss -> first resumed step: n/a")
+    print(f"steps recomputed: {result['lost_steps']}")
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

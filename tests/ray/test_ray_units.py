@@ -1,0 +1,219 @@
+"""Ray launcher and sweep pieces that need no cluster: fast."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from launching import RESNET_TINY, launch
+from trainkit.errors import ConfigError
+from trainkit.launch import LAUNCHERS
+from trainkit.launch import ray_launcher as rl
+from trainkit.launch.compose import compose_config
+from trainkit.launch.sweep import expand, plan, trial_name
+
+
+def test_ray_is_a_registered_launcher():
+    assert "ray" in LAUNCHERS.names() and "local" in LAUNCHERS.names()
+
+
+def test_launcher_ray_recipe_defaults():
+    cfg = compose_config(["recipe=resnet", "launcher=ray"])
+    lc = cfg.launcher
+    assert (lc.name, lc.workers, lc.address, lc.max_failures) == ("ray", 2, "", -1)
+    assert cfg.strategy.name == "ddp"  # several workers need a data-parallel strategy
+    assert compose_config(["recipe=resnet", "launcher=ray", "strategy=fsdp"]).strategy.name == "fsdp"
+    cfg = compose_config(["recipe=resnet", "launcher=ray", "launcher.address=ray://head:10001",
+                          "launcher.gpus_per_worker=1", "launcher.max_failures=3"])
+    assert cfg.launcher.address == "ray://head:10001" and cfg.launcher.gpus_per_worker == 1.0
+
+
+def test_worker_cfg_makes_local_paths_absolute(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = compose_config(["recipe=resnet", "launcher=ray", "run_dir=runs/r1", "data.cache_dir=cache"])
+    data = rl.worker_cfg(cfg)
+    assert data["run_dir"] == str(tmp_path / "runs" / "r1")
+    assert data["data"]["cache_dir"] == str(tmp_path / "cache")
+    assert rl.ray_storage(data["run_dir"]) == str(tmp_path / "runs" / "r1" / "ray")
+    assert rl.ray_storage("s3://bucket/runs/r1").startswith("/")  # Ray's own state stays local
+
+
+def test_sweep_expansion_uses_hydra_grammar():
+    trials = expand(["recipe=resnet", "optim.lr=1e-3,3e-3", "trainer.max_steps=range(1,3)"])
+    assert len(trials) == 4
+    assert trials[0] == ["recipe=resnet", "optim.lr=0.001", "trainer.max_steps=1"]
+    assert expand(["model.blocks=[1,1]", "optim.lr=choice(0.1,0.2)"])[1] == ["model.blocks=[1,1]", "optim.lr=0.2"]
+    with pytest.raises(ConfigError, match="INTERVAL"):
+        expand(["optim.lr=interval(0,1)"])
+
+
+def test_sweep_plan_gives_each_trial_a_run_dir(tmp_path):
+    planned = plan(["recipe=resnet", "optim.lr=0.1,0.2", "strategy=ddp,fsdp", "launcher=ray",
+                    f"run_dir={tmp_path}"])
+    dirs = [cfg.run_dir for _, cfg in planned]
+    assert dirs == [f"{tmp_path}/trial-0-lr=0.1_strategy=ddp", f"{tmp_path}/trial-1-lr=0.1_strategy=fsdp",
+                    f"{tmp_path}/trial-2-lr=0.2_strategy=ddp", f"{tmp_path}/trial-3-lr=0.2_strategy=fsdp"]
+    assert [p for p, _ in planned][3] == ["optim.lr=0.2", "strategy=fsdp"]
+    assert trial_name(7, ["data.url=s3://b/x y"], ["data.url"]) == "trial-7-url=s3_b_x_y"
+    default = plan(["recipe=resnet", "optim.lr=0.1,0.2"])
+    assert default[0][1].run_dir.endswith("runs/resnet-sweep/trial-0-lr=0.1")
+
+
+def test_sweep_rejects_a_bad_trial_before_starting_any(tmp_path):
+    with pytest.raises(ConfigError, match=r"trial 1 \(optim.lr=-1\)"):
+        plan(["recipe=resnet", "optim.lr=0.1,-1"])
+    with pytest.raises(ConfigError, match=r"trial 1 .*placement_strategy='FOO' is not valid"):
+        plan(["recipe=resnet", "launcher=ray", "launcher.placement_strategy=PACK,FOO"])
+    with pytest.raises(ConfigError, match="nccl needs GPU workers"):
+        rl.check_config(compose_config(["recipe=resnet", "launcher=ray", "strategy.backend=nccl"]))
+    with pytest.raises(ConfigError, match="run_dir cannot be swept"):
+        plan(["recipe=resnet", f"run_dir={tmp_path}/a,{tmp_path}/b"])
+    # Through the CLI: exit 2, one line, no run directory created.
+    proc = launch("-m", *RESNET_TINY, "optim.lr=0.1,-1", "launcher=ray", f"run_dir={tmp_path}/s", timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "trial 1" in proc.stderr and "must be > 0" in proc.stderr
+    assert not (tmp_path / "s").exists()
+
+
+def test_local_sweep_runs_trials_in_turn(tmp_path):
+    proc = launch("-m", *RESNET_TINY, "trainer.max_steps=2", "optim.lr=0.01,0.02", f"run_dir={tmp_path}",
+                  timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["trial-0-lr=0.01", "trial-1-lr=0.02"]
+    assert "sweep results:" in proc.stdout and proc.stdout.count(" done ") + proc.stdout.count(" done\n") >= 2
+
+
+# -- Ray's failure policy with trainkit's exit codes --------------------------------------------
+
+
+def _group_error(*exits):
+    from ray.train.v2._internal.exceptions import UserExceptionWithTraceback
+    from ray.train.v2.api.exceptions import WorkerGroupError
+
+    failures = {rank: UserExceptionWithTraceback(e, "tb") for rank, e in enumerate(exits)}
+    return WorkerGroupError("boom", failures)
+
+
+def _policy(max_failures=-1):
+    from ray.train import FailureConfig
+
+    return rl._make_failure_policy(FailureConfig(max_failures=max_failures))
+
+
+def test_failure_policy_config_errors_never_retry():
+    from ray.train.v2._internal.execution.failure_handling.failure_policy import FailureDecision
+
+    err = _group_error(rl.WorkerExit(2, "trainkit: bad"), rl.WorkerExit(1, "lost a peer"))
+    assert _policy().make_decision(err) == FailureDecision.RAISE
+    assert rl._explain(err) == (2, "worker rank 0: trainkit: bad")
+
+
+def test_failure_policy_preempted_group_restarts_outside_max_failures():
+    from ray.train.v2._internal.execution.failure_handling.failure_policy import FailureDecision
+
+    policy = _policy(max_failures=0)
+    err = _group_error(rl.WorkerExit(75, "preempted at step 4"), rl.WorkerExit(75, "preempted at step 4"))
+    for _ in range(3):
+        assert policy.make_decision(err) == FailureDecision.RETRY
+    crash = _group_error(RuntimeError("bug"), rl.WorkerExit(1, "lost a peer"))
+    assert policy.make_decision(crash) == FailureDecision.RAISE  # max_failures=0 still holds
+    assert _policy(max_failures=-1).make_decision(crash) == FailureDecision.RETRY
+    assert rl._explain(crash)[0] == 1
+
+
+def test_failure_policy_gives_up_on_a_repeating_bug_but_not_on_lost_nodes():
+    from ray.exceptions import ActorDiedError
+    from ray.train.v2._internal.execution.failure_handling.failure_policy import FailureDecision
+
+    policy = _policy(max_failures=-1)
+    lost = _group_error(rl.WorkerExit(1, "lost a peer worker (x)"), rl.WorkerExit(1, "lost a peer worker (x)"))
+    lost.worker_failures[1] = ActorDiedError()  # the node went away
+    for _ in range(rl.CRASH_REPEATS + 2):
+        assert policy.make_decision(lost) == FailureDecision.RETRY
+    bug = _group_error(ValueError("shapes do not match"), ValueError("shapes do not match"))
+    decisions = [policy.make_decision(bug) for _ in range(rl.CRASH_REPEATS)]
+    assert decisions[:-1] == [FailureDecision.RETRY] * (rl.CRASH_REPEATS - 1)
+    assert decisions[-1] == FailureDecision.RAISE
+
+
+# -- drain notices --------------------------------------------------------------------------
+
+
+class _FakeWatcher:
+    def __init__(self):
+        self.reasons = []
+
+    def request(self, reason):
+        self.reasons.append(reason)
+
+
+def test_drain_watch_reads_ray_trains_preemption_info(monkeypatch):
+    from ray.train.v2.api.preemption import PreemptionInfo
+
+    class Ctx:
+        class preemption_context:  # noqa: N801 - mirrors Ray's attribute
+            preemption_info = None
+
+    watch = rl.DrainWatch(poll_seconds=0.01)
+    watch._context = Ctx
+    assert watch.check() is None
+    Ctx.preemption_context.preemption_info = PreemptionInfo(
+        deadline_ms=None, preempted_node_to_ranks={"abcdef0123": [1]})
+    assert watch.check() == "ray node drain (abcdef01)"
+
+
+def test_drain_watch_falls_back_to_the_gcs_drain_table(monkeypatch):
+    import ray._private.state
+
+    watch = rl.DrainWatch(poll_seconds=0.01)
+    watch._node_id = "node-a"
+    monkeypatch.setattr(ray._private.state.state, "get_draining_nodes", lambda: {"node-b": 0})
+    assert watch.check() is None
+    watch._last_gcs = 0.0
+    monkeypatch.setattr(ray._private.state.state, "get_draining_nodes", lambda: {"node-a": 0})
+    assert watch.check() == "ray node drain (node-a)"
+
+
+def test_request_stop_reaches_live_watchers(monkeypatch):
+    import sys
+    import types
+
+    fake = types.ModuleType("trainkit.preemption")
+    fake.PreemptionWatcher = _FakeWatcher
+    monkeypatch.setitem(sys.modules, "trainkit.preemption", fake)
+    a, b = _FakeWatcher(), _FakeWatcher()
+    assert rl.request_stop("ray node drain (x)") == 2
+    assert a.reasons == b.reasons == ["ray node drain (x)"]
+    calls = []
+    fake.request = calls.append  # a module-level hook wins
+    assert rl.request_stop("r") == 1 and calls == ["r"]
+
+
+def test_worker_main_translates_outcomes(monkeypatch):
+    import trainkit.train
+    from trainkit.errors import Preempted, StorageError
+
+    seen = {}
+
+    def fake_train(cfg):
+        seen["signals"] = cfg["preemption"]["signals"]
+        raise seen.pop("raise")
+
+    monkeypatch.setattr(trainkit.train, "train", fake_train)
+    for exc, code in ((Preempted("preempted at step 3"), 75), (StorageError("no bucket"), 2),
+                      (ConfigError("bad"), 2), (RuntimeError("Connection closed by peer"), 1)):
+        seen["raise"] = exc
+        box = {}
+
+        def run():
+            try:
+                rl.ray_worker_main({"preemption": {"signals": ["SIGTERM"], "poll_seconds": 5}})
+            except rl.WorkerExit as e:
+                box["exit"] = e
+
+        t = threading.Thread(target=run)  # Ray Train runs the function in a thread, too
+        t.start()
+        t.join()
+        assert box["exit"].exit_code == code, exc
+        assert seen["signals"] == []  # no signal handlers outside the main thread
