@@ -19,7 +19,7 @@ import uuid
 from typing import Any
 
 from trainkit.config import Config
-from trainkit.errors import EXIT_PREEMPTED
+from trainkit.errors import EXIT_PREEMPTED, ConfigError
 
 
 def free_port() -> int:
@@ -38,20 +38,36 @@ def launch(cfg: Config) -> int:
     # The agent logs each worker's traceback and every teardown step; we report once instead.
     for name in ("torch.distributed.elastic", "torch.multiprocessing"):
         logging.getLogger(name).setLevel(logging.CRITICAL)
-    port = cfg.launcher.master_port or free_port()
+    nodes = cfg.launcher.nodes
+    if nodes > 1:
+        # One launcher per node (e.g. one Slurm task each) meeting at a shared endpoint.
+        endpoint = os.environ.get("TRAINKIT_RDZV_ENDPOINT") or (
+            f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}" if "MASTER_ADDR" in os.environ else ""
+        )
+        run_id = os.environ.get("TRAINKIT_RDZV_ID", "")
+        if not endpoint or not run_id:
+            raise ConfigError(
+                f"launcher.nodes={nodes} needs TRAINKIT_RDZV_ENDPOINT (host:port on the first node) and "
+                "TRAINKIT_RDZV_ID (the same on every node); launchers/slurm.sbatch sets both"
+            )
+        # This node's address as its peers reach it; default: what the agent resolves.
+        local_addr = os.environ.get("TRAINKIT_LOCAL_ADDR") or None
+    else:
+        endpoint = f"127.0.0.1:{cfg.launcher.master_port or free_port()}"
+        run_id, local_addr = f"trainkit-{uuid.uuid4().hex[:8]}", "127.0.0.1"
     log_dir = tempfile.mkdtemp(prefix="trainkit-launch-")
     config = LaunchConfig(
-        min_nodes=1,
-        max_nodes=1,
+        min_nodes=nodes,
+        max_nodes=nodes,
         nproc_per_node=cfg.launcher.workers,
-        run_id=f"trainkit-{uuid.uuid4().hex[:8]}",
+        run_id=run_id,
         rdzv_backend="c10d",
-        rdzv_endpoint=f"127.0.0.1:{port}",
+        rdzv_endpoint=endpoint,
         rdzv_configs={"timeout": 120},
         max_restarts=0,
         monitor_interval=0.2,
         start_method="spawn",
-        local_addr="127.0.0.1",
+        local_addr=local_addr,
         logs_specs=DefaultLogsSpecs(log_dir=log_dir),
         # Our handlers forward stop signals to the workers (see forward_signals); the agent's
         # own would kill them before they can agree on a step and save.

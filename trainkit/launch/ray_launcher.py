@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import gc
 import hashlib
 import json
 import logging
@@ -38,7 +37,6 @@ import os
 import sys
 import threading
 import time
-import warnings
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -185,32 +183,10 @@ def _drain_reason(nodes: list[str], deadline_ms: int | None) -> str:
 
 
 def request_stop(reason: str) -> int:
-    """Hands a stop request to every live trainkit PreemptionWatcher in this process.
+    """Hands a stop request to every running PreemptionWatcher in this worker process."""
+    from trainkit.preemption import request
 
-    Prefers a module-level ``trainkit.preemption.request(reason)`` if the module offers
-    one; otherwise finds the watcher objects (one per Run) and calls ``.request(reason)``.
-    Returns how many watchers were told.
-    """
-    try:
-        import trainkit.preemption as preemption
-    except ImportError:
-        return 0
-    hook = getattr(preemption, "request", None)
-    if callable(hook):
-        hook(reason)
-        return 1
-    cls = getattr(preemption, "PreemptionWatcher", None)
-    if cls is None:
-        return 0
-    told = 0
-    with warnings.catch_warnings():  # isinstance() on deprecated proxies warns
-        warnings.simplefilter("ignore")
-        watchers = [obj for obj in gc.get_objects() if isinstance(obj, cls)]
-    for obj in watchers:
-        if callable(getattr(obj, "request", None)):
-            obj.request(reason)
-            told += 1
-    return told
+    return request(reason)
 
 
 # -- Ray's failure policy with trainkit's exit codes ------------------------------------------

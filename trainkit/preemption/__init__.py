@@ -11,6 +11,7 @@ See docs/preemption.md.
 """
 
 from trainkit.errors import EXIT_PREEMPTED, Preempted
-from trainkit.preemption.watcher import (AWSSpotPoller, GCPPreemptionPoller, PreemptionWatcher, agree_stop)
+from trainkit.preemption.watcher import (AWSSpotPoller, GCPPreemptionPoller, PreemptionWatcher, agree_stop,
+                                         request)
 
-__all__ = ["AWSSpotPoller", "EXIT_PREEMPTED", "GCPPreemptionPoller", "Preempted", "PreemptionWatcher", "agree_stop"]
+__all__ = ["AWSSpotPoller", "EXIT_PREEMPTED", "GCPPreemptionPoller", "Preempted", "PreemptionWatcher", "agree_stop", "request"]

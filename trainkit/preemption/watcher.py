@@ -13,6 +13,7 @@ import logging
 import os
 import signal as _signal
 import threading
+import weakref
 import time
 import urllib.error
 import urllib.request
@@ -243,10 +244,12 @@ class PreemptionWatcher:
                                                     self.http_timeout, wait_for_change=self.gcp_wait_for_change))
         for p in self.pollers:
             p.start()
+        _RUNNING.add(self)
         return self
 
     def stop(self) -> None:
         """Stops pollers and restores the previous signal handlers (main thread)."""
+        _RUNNING.discard(self)
         for p in self.pollers:
             p.stop()
         for p in self.pollers:
@@ -262,6 +265,18 @@ class PreemptionWatcher:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+_RUNNING: "weakref.WeakSet[PreemptionWatcher]" = weakref.WeakSet()
+
+
+def request(reason: str) -> int:
+    """Raises the flag of every started watcher in this process (a Ray drain hook, a custom
+    notice source); returns how many were told."""
+    watchers = list(_RUNNING)
+    for watcher in watchers:
+        watcher.request(reason)
+    return len(watchers)
 
 
 def agree_stop(watcher: PreemptionWatcher | None, group=None) -> bool:
