@@ -6,6 +6,7 @@ disks; each caller wraps its requests in :func:`retry` so a blip costs a pause, 
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 import time
@@ -60,11 +61,24 @@ def local_path(url: str) -> str:
     return url.split("://", 1)[1] if "://" in url else url
 
 
+_TRANSIENT_ERRNOS = {errno.EBUSY, errno.EAGAIN, errno.ETIMEDOUT, errno.ECONNRESET, errno.ECONNABORTED,
+                     errno.ECONNREFUSED, errno.EPIPE}
+_TRANSIENT_HTTP = {408, 429, 500, 502, 503, 504}
+
+
 def is_transient(exc: BaseException) -> bool:
-    """Whether a failed store request is worth repeating."""
+    """Whether a failed store request is worth repeating.
+
+    s3fs turns 503 SlowDown into ``OSError(EBUSY, ...)`` and gcsfs keeps the HTTP status in
+    ``.code``, so the errno and the status are checked before the message.
+    """
     if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
         return False
     if isinstance(exc, (ConnectionError, TimeoutError)):
+        return True
+    if isinstance(exc, OSError) and exc.errno in _TRANSIENT_ERRNOS:
+        return True
+    if getattr(exc, "code", None) in _TRANSIENT_HTTP or getattr(exc, "status", None) in _TRANSIENT_HTTP:
         return True
     text = f"{type(exc).__name__} {exc}".lower()
     markers = ("503", "500", "502", "504", "429", "slowdown", "slow down", "throttl", "reset",

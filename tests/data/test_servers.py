@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import fsspec
-import pytest
 
 from trainkit.testing import fail_first
 

@@ -6,7 +6,6 @@ import json
 import subprocess
 import sys
 
-import fsspec
 import numpy as np
 import pytest
 import torch

@@ -16,7 +16,8 @@ def main() -> None:
     if len(sys.argv) < 2 or sys.argv[1] not in BENCHES:
         print(f"usage: python -m trainkit.bench {{{'|'.join(BENCHES)}}} [options]", file=sys.stderr)
         sys.exit(2)
-    importlib.import_module(BENCHES[sys.argv[1]]).main(sys.argv[2:])
+    module = importlib.import_module(BENCHES[sys.argv[1]])
+    (getattr(module, "main", None) or module.run)(sys.argv[2:])
 
 
 if __name__ == "__main__":

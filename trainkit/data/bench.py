@@ -41,7 +41,7 @@ import numpy as np
 
 def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--url", default=None, help="existing bucket prefix to use instead of a local moto server")
-    p.add_argument("--samples", type=int, default=2048)
+    p.add_argument("--samples", type=int, default=4096)
     p.add_argument("--sample-bytes", type=int, default=32 << 10)
     p.add_argument("--shard-bytes", type=int, default=2 << 20)
     p.add_argument("--latency", type=float, default=0.02, help="seconds added per request by the proxy")

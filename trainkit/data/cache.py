@@ -398,7 +398,7 @@ class ShardCache:
                 if not demand:
                     return None
                 time.sleep(delay)  # another process is fetching it, or freeing space
-                delay = min(delay * 2, 0.1)
+                delay = min(delay * 2, 0.02)
                 continue
             tmp = r
             try:

@@ -104,6 +104,16 @@ class Order:
         self._plans: OrderedDict[tuple[int, int], EpochPlan] = OrderedDict()
         self._lock = Lock()
 
+    def __getstate__(self):  # picklable (spawned workers): plans are rebuilt on demand
+        d = self.__dict__.copy()
+        d["_plans"] = OrderedDict()
+        d.pop("_lock")
+        return d
+
+    def __setstate__(self, d) -> None:
+        self.__dict__.update(d)
+        self._lock = Lock()
+
     def plan(self, seed: int, epoch: int) -> EpochPlan:
         key = (int(seed), int(epoch))
         with self._lock:

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
 import mmap
+import os
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from trainkit import storage
-from trainkit.data.cache import LocalShards, retry_io, ShardCache, ShardInfo, cache_dir_for, warn_small_cache
+from trainkit.data.cache import LocalShards, ShardCache, ShardInfo, cache_dir_for, retry_io, warn_small_cache
 from trainkit.data.format import FORMAT, INDEX_NAME, ShardHeader, decode_sample
 from trainkit.data.order import Order
 from trainkit.errors import ConfigError, StorageError
