@@ -335,8 +335,8 @@ class Run:
             self.checkpointer.wait()
             if self.checkpointer.latest_step() != self.step:
                 self.save(blocking=True)
-            if self.cfg.checkpoint.export_safetensors and self.model is not None:
-                self.strategy.export(self.model, storage.join(self.run_dir, "model.safetensors"))
+        if self.cfg.checkpoint.export_safetensors and self.model is not None:
+            self.strategy.export(self.model, storage.join(self.run_dir, "model.safetensors"))
         wall = time.time() - self._start
         summary: dict[str, Any] = {
             "run_dir": self.run_dir,

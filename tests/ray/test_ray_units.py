@@ -140,14 +140,6 @@ def test_failure_policy_gives_up_on_a_repeating_bug_but_not_on_lost_nodes():
 # -- drain notices --------------------------------------------------------------------------
 
 
-class _FakeWatcher:
-    def __init__(self):
-        self.reasons = []
-
-    def request(self, reason):
-        self.reasons.append(reason)
-
-
 def test_drain_watch_reads_ray_trains_preemption_info(monkeypatch):
     from ray.train.v2.api.preemption import PreemptionInfo
 
@@ -175,19 +167,20 @@ def test_drain_watch_falls_back_to_the_gcs_drain_table(monkeypatch):
     assert watch.check() == "ray node drain (node-a)"
 
 
-def test_request_stop_reaches_live_watchers(monkeypatch):
-    import sys
-    import types
+def test_request_stop_reaches_running_watchers():
+    from trainkit.preemption import PreemptionWatcher
 
-    fake = types.ModuleType("trainkit.preemption")
-    fake.PreemptionWatcher = _FakeWatcher
-    monkeypatch.setitem(sys.modules, "trainkit.preemption", fake)
-    a, b = _FakeWatcher(), _FakeWatcher()
-    assert rl.request_stop("ray node drain (x)") == 2
-    assert a.reasons == b.reasons == ["ray node drain (x)"]
-    calls = []
-    fake.request = calls.append  # a module-level hook wins
-    assert rl.request_stop("r") == 1 and calls == ["r"]
+    a, b, idle = (PreemptionWatcher(signals=[]) for _ in range(3))
+    a.start()
+    b.start()
+    try:
+        assert rl.request_stop("ray node drain (x)") == 2
+        assert a.requested and b.requested and a.reason == b.reason == "ray node drain (x)"
+        assert not idle.requested  # never started: not listening
+    finally:
+        a.stop()
+        b.stop()
+    assert rl.request_stop("later") == 0
 
 
 def test_worker_main_translates_outcomes(monkeypatch):

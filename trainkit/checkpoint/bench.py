@@ -1,0 +1,639 @@
+"""``python -m trainkit.bench checkpoint [options]``: what checkpoints cost.
+
+Two measurements:
+
+* **save/load** (default): a stack of ``Linear`` layers + AdamW (one step taken, so both
+  moments exist) whose full state is at least ``--state-gb`` GB (1 GB = 1e9 bytes), saved
+  ``--repeats`` times through :class:`~trainkit.checkpoint.Checkpointer` in one process
+  (no process group: the checkpointer degrades to single-process DCP). Reported:
+
+  - async save: what ``save()`` blocks the caller (``last_blocking_s``) vs start of
+    ``save()`` until ``wait()`` returns (committed: data, rank file, manifest, retention);
+  - sync save (``async_save=False``): the whole save blocks;
+  - save MB/s vs a raw fsspec write of the same tensor bytes to the same store, in as many
+    files/threads as DCP wrote data files (DCP writes one ``.distcp`` file per rank with the
+    checkpointer's ``thread_count=1``), plus a 4-thread raw write as a parallel ceiling;
+    on ``file://`` the raw write is also timed with an ``fsync`` per file, because the
+    checkpointer fsyncs local files;
+  - load MB/s (``Checkpointer.load`` into the same state; ``verify="checksum"``, the
+    default, re-reads and hashes every file first; ``verify="size"`` does not) vs raw
+    fsspec ``cat_file`` of the raw files with the same concurrency.
+
+  ``--store s3`` starts moto (:class:`~trainkit.testing.servers.S3Server`) on 127.0.0.1 and
+  creates a bucket; ``--store file`` (default) uses a temporary directory; ``--url`` points
+  at an existing root instead (a fresh sub-directory is used and removed afterwards).
+
+* **kill/resume** (``--kill-resume``): seconds from a SIGKILL of the whole launch (process
+  group) to the first step the relaunched run logs past the checkpoint it restored, and the
+  steps lost; the same for a SIGTERM (graceful: exit code 75, no step lost).
+
+A table goes to stdout, then one JSON line (``{"bench": "checkpoint", ...}``); ``--out
+FILE.md`` appends a markdown section with the machine, the command and the raw figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import math
+import os
+import platform
+import shlex
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from trainkit import storage
+
+MB = 1e6
+GB = 1e9
+RAW_PARALLEL_THREADS = 4
+
+
+# -- the state -------------------------------------------------------------------------------
+
+def build_state(state_gb: float, seed: int = 0) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """A stack of square Linear layers + AdamW after one step: params + 2 moments >= state_gb GB."""
+    target = state_gb * GB
+    width = 4096 if target >= 256 * MB else 1024
+    per_layer = 3 * 4 * (width * width + width)  # fp32 param + exp_avg + exp_avg_sq
+    layers = max(1, math.ceil(target / per_layer))
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(*[torch.nn.Linear(width, width) for _ in range(layers)])
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    model(torch.randn(2, width)).pow(2).mean().backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return model, opt
+
+
+def state_tensors(model: torch.nn.Module, opt: torch.optim.Optimizer) -> list[torch.Tensor]:
+    """Every tensor of the model + optimizer state (what the checkpoint holds)."""
+    out = [t.detach() for t in model.state_dict().values()]
+    for st in opt.state_dict()["state"].values():
+        out += [v.detach() for v in st.values() if torch.is_tensor(v)]
+    return out
+
+
+def _nbytes(ts: list[torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in ts)
+
+
+def _split(ts: list[torch.Tensor], n: int) -> list[list[torch.Tensor]]:
+    """``n`` groups of about equal bytes (largest first into the lightest group)."""
+    groups: list[list[torch.Tensor]] = [[] for _ in range(max(1, n))]
+    sizes = [0] * len(groups)
+    for t in sorted(ts, key=lambda t: -t.numel() * t.element_size()):
+        i = sizes.index(min(sizes))
+        groups[i].append(t)
+        sizes[i] += t.numel() * t.element_size()
+    return [g for g in groups if g]
+
+
+def _view(t: torch.Tensor) -> memoryview:
+    return memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy())
+
+
+# -- raw fsspec baselines ----------------------------------------------------------------------
+
+def raw_put(url: str, ts: list[torch.Tensor], files: int, *, fsync: bool = False) -> tuple[float, list[str]]:
+    """Writes the bytes of ``ts`` as ``files`` objects under ``url``, one thread each.
+    Returns (seconds, paths)."""
+    fs, root = storage.filesystem(url)
+    fs.makedirs(root, exist_ok=True)
+    groups = _split(ts, files)
+    paths = [f"{root.rstrip('/')}/raw_{i:03d}.bin" for i in range(len(groups))]
+
+    def put(i: int) -> None:
+        with fs.open(paths[i], "wb") as f:
+            for t in groups[i]:
+                f.write(_view(t))
+            if fsync:
+                f.flush()
+                os.fsync(f.fileno())
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(len(groups)) as ex:
+        list(ex.map(put, range(len(groups))))
+    return time.perf_counter() - t0, paths
+
+
+def raw_get(url: str, paths: list[str]) -> tuple[float, int]:
+    """Reads ``paths`` whole (``cat_file``), one thread each. Returns (seconds, bytes)."""
+    fs, _ = storage.filesystem(url)
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(len(paths)) as ex:
+        n = sum(len(b) for b in ex.map(fs.cat_file, paths))
+    return time.perf_counter() - t0, n
+
+
+def _rm(url: str) -> None:
+    fs, path = storage.filesystem(url)
+    try:
+        fs.rm(path, recursive=True)
+    except FileNotFoundError:
+        pass
+    try:
+        fs.invalidate_cache()
+    except Exception:  # noqa: BLE001
+        pass
+
+
+def _plain_dcp(url: str, state: dict[str, Any], local: bool, *, load: bool) -> float:
+    """Seconds for torch's own ``dcp.save`` / ``dcp.load`` (FsspecWriter/Reader, one thread)."""
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter
+
+    opts = storage.storage_options(url)
+    sd = {k: v.state_dict() for k, v in state.items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        t0 = time.perf_counter()
+        if load:
+            dcp.load(sd, storage_reader=FsspecReader(url, **opts), no_dist=True)
+        else:
+            dcp.save(sd, storage_writer=FsspecWriter(url, sync_files=local, thread_count=1, overwrite=True, **opts),
+                     no_dist=True)
+        return time.perf_counter() - t0
+
+
+def _sha256_s(ts: list[torch.Tensor]) -> float:
+    import hashlib
+
+    h = hashlib.sha256()
+    t0 = time.perf_counter()
+    for t in ts:
+        h.update(_view(t))
+    return time.perf_counter() - t0
+
+
+# -- save / load -------------------------------------------------------------------------------
+
+def _med(xs: list[float]) -> float:
+    return float(statistics.median(xs)) if xs else float("nan")
+
+
+def bench_save_load(root: str, state_gb: float = 1.0, repeats: int = 3, *, log=print) -> dict[str, Any]:
+    """Save/load figures for a ``state_gb`` GB model+AdamW state under ``root`` (a URL)."""
+    from trainkit.checkpoint import Checkpointer, ModelOptimState
+
+    root = root.rstrip("/")
+    model, opt = build_state(state_gb)
+    ts = state_tensors(model, opt)
+    nbytes = _nbytes(ts)
+    state = {"model": ModelOptimState(model, opt)}
+    log(f"state: {len(list(model.children()))} x Linear({model[0].in_features}) + AdamW, "
+        f"{nbytes / GB:.3f} GB in {len(ts)} tensors; store {root}")
+    res: dict[str, Any] = {"store": storage.protocol(root), "root": root, "state_bytes": nbytes,
+                           "tensors": len(ts), "repeats": repeats, "runs": {}}
+    runs = res["runs"]
+
+    def add(name: str, value: float) -> None:
+        runs.setdefault(name, []).append(value)
+
+    local = storage.is_local(root)
+    async_root, sync_root, raw_root = f"{root}/async", f"{root}/sync", f"{root}/raw"
+    ck = Checkpointer(async_root)
+    ck_sync = Checkpointer(sync_root, async_save=False)
+    data_files = 1
+    try:
+        for i in range(repeats):
+            step = i + 1
+            t0 = time.perf_counter()
+            ck.save(step, state)
+            blocking = ck.last_blocking_s
+            ck.wait()
+            total = time.perf_counter() - t0
+            add("async_blocking_s", blocking)
+            add("async_total_s", total)
+            fs, p = storage.filesystem(ck.store.step_url(step))
+            data_files = max(1, sum(1 for f in fs.ls(p, detail=False) if f.endswith(".distcp")))
+
+            ck_sync.save(step, state)
+            add("sync_save_s", ck_sync.last_blocking_s)
+
+            _rm(raw_root)
+            secs, paths = raw_put(raw_root, ts, data_files)
+            add("raw_put_s", secs)
+            if local:
+                _rm(raw_root)
+                secs, paths = raw_put(raw_root, ts, data_files, fsync=True)
+                add("raw_put_fsync_s", secs)
+            _rm(raw_root + "_par")
+            secs, par_paths = raw_put(raw_root + "_par", ts, RAW_PARALLEL_THREADS, fsync=local)
+            add("raw_put_par_s", secs)
+
+            t0 = time.perf_counter()
+            got = ck.load(state)
+            add("load_s", time.perf_counter() - t0)
+            assert got == step, (got, step)
+            ck_size = Checkpointer(async_root, verify="size")
+            t0 = time.perf_counter()
+            ck_size.load(state)
+            add("load_size_verify_s", time.perf_counter() - t0)
+            ck_size.close()
+
+            # Diagnostics: plain DCP on the same store (no checksums, manifest, rank files,
+            # retention) and SHA-256 over the same bytes, to see where the time goes.
+            plain = f"{root}/dcp_plain/{step}"
+            secs = _plain_dcp(plain, state, local, load=False)
+            add("dcp_plain_save_s", secs)
+            add("dcp_plain_load_s", _plain_dcp(plain, state, local, load=True))
+            _rm(f"{root}/dcp_plain")
+            add("sha256_s", _sha256_s(ts))
+
+            secs, n = raw_get(raw_root, paths)
+            assert n == nbytes, (n, nbytes)
+            add("raw_get_s", secs)
+            secs, _ = raw_get(raw_root + "_par", par_paths)
+            add("raw_get_par_s", secs)
+            log(f"  repeat {i + 1}/{repeats}: async blocking {blocking:.3f}s total {total:.2f}s, "
+                f"sync {runs['sync_save_s'][-1]:.2f}s, raw put {runs['raw_put_s'][-1]:.2f}s, "
+                f"load {runs['load_s'][-1]:.2f}s, raw get {runs['raw_get_s'][-1]:.2f}s")
+    finally:
+        ck.close()
+        ck_sync.close()
+    res["dcp_data_files"] = data_files
+    res["raw_parallel_threads"] = RAW_PARALLEL_THREADS
+    m = {k: _med(v) for k, v in runs.items()}
+    res["median"] = m
+
+    def mbps(s: float) -> float:
+        return nbytes / MB / s if s > 0 else float("nan")
+
+    save_raw_key = "raw_put_fsync_s" if local else "raw_put_s"
+    res["summary"] = {
+        "async_blocking_s": m["async_blocking_s"],
+        "async_total_s": m["async_total_s"],
+        "blocking_ratio": m["async_blocking_s"] / m["async_total_s"],
+        "sync_save_s": m["sync_save_s"],
+        "save_mb_s": mbps(m["async_total_s"]),
+        "sync_save_mb_s": mbps(m["sync_save_s"]),
+        "raw_put_mb_s": mbps(m["raw_put_s"]),
+        **({"raw_put_fsync_mb_s": mbps(m["raw_put_fsync_s"])} if local else {}),
+        "raw_put_par_mb_s": mbps(m["raw_put_par_s"]),
+        "save_vs_raw": mbps(m["async_total_s"]) / mbps(m[save_raw_key]),
+        "save_vs_raw_baseline": save_raw_key.removesuffix("_s"),
+        "load_mb_s": mbps(m["load_s"]),
+        "load_size_verify_mb_s": mbps(m["load_size_verify_s"]),
+        "raw_get_mb_s": mbps(m["raw_get_s"]),
+        "raw_get_par_mb_s": mbps(m["raw_get_par_s"]),
+        "load_vs_raw": mbps(m["load_s"]) / mbps(m["raw_get_s"]),
+        "dcp_plain_save_mb_s": mbps(m["dcp_plain_save_s"]),
+        "dcp_plain_load_mb_s": mbps(m["dcp_plain_load_s"]),
+        "sha256_mb_s": mbps(m["sha256_s"]),
+        "load_size_verify_vs_raw": mbps(m["load_size_verify_s"]) / mbps(m["raw_get_s"]),
+    }
+    return res
+
+
+def save_load_table(res: dict[str, Any]) -> str:
+    s, m = res["summary"], res["median"]
+    n = res["state_bytes"]
+    par = res["raw_parallel_threads"]
+    files = res["dcp_data_files"]
+    local = res["store"] in ("file", "local")
+
+    def row(name: str, secs: float | None, mbs: float | None = None, note: str = "") -> str:
+        a = f"{secs:10.3f}" if secs is not None else " " * 10
+        b = f"{mbs:10.1f}" if mbs is not None else " " * 10
+        return f"| {name:<46s} | {a} | {b} | {note} |"
+
+    lines = [
+        f"checkpoint save/load, store={res['store']}, state={n / GB:.3f} GB ({res['tensors']} tensors), "
+        f"repeats={res['repeats']} (medians)",
+        f"| {'what':<46s} | {'seconds':>10s} | {'MB/s':>10s} | note |",
+        f"|{'-' * 48}|{'-' * 12}|{'-' * 12}|------|",
+        row("async save: blocking (save() returns)", m["async_blocking_s"], None,
+            f"{100 * s['blocking_ratio']:.1f}% of total (goal <= 2%)"),
+        row("async save: total (until wait() returns)", m["async_total_s"], s["save_mb_s"],
+            f"{s['save_vs_raw']:.2f}x {s['save_vs_raw_baseline']} (goal >= 0.8x)"),
+        row("sync save (async_save=False)", m["sync_save_s"], s["sync_save_mb_s"]),
+        row(f"raw fsspec write, {files} file(s)/thread(s)", m["raw_put_s"], s["raw_put_mb_s"],
+            "no fsync" if local else ""),
+    ]
+    if local:
+        lines.append(row(f"raw fsspec write + fsync, {files} file(s)", m["raw_put_fsync_s"],
+                         s["raw_put_fsync_mb_s"], "baseline for save"))
+    lines += [
+        row(f"raw fsspec write, {par} files/threads" + (" + fsync" if local else ""), m["raw_put_par_s"],
+            s["raw_put_par_mb_s"], "parallel ceiling"),
+        row("load (verify=checksum, default)", m["load_s"], s["load_mb_s"],
+            f"{s['load_vs_raw']:.2f}x raw get (goal >= 0.8x)"),
+        row("load (verify=size)", m["load_size_verify_s"], s["load_size_verify_mb_s"],
+            f"{s['load_size_verify_vs_raw']:.2f}x raw get"),
+        row(f"raw fsspec cat_file, {files} file(s)/thread(s)", m["raw_get_s"], s["raw_get_mb_s"]),
+        row(f"raw fsspec cat_file, {par} files/threads", m["raw_get_par_s"], s["raw_get_par_mb_s"],
+            "parallel ceiling"),
+        row("diag: plain dcp.save (FsspecWriter, 1 thread)", m["dcp_plain_save_s"], s["dcp_plain_save_mb_s"],
+            "no checksums/manifest"),
+        row("diag: plain dcp.load (FsspecReader)", m["dcp_plain_load_s"], s["dcp_plain_load_mb_s"]),
+        row("diag: hashlib.sha256 over the same bytes", m["sha256_s"], s["sha256_mb_s"], "in memory"),
+    ]
+    return "\n".join(lines)
+
+
+# -- kill / resume ------------------------------------------------------------------------------
+
+LAUNCH = ["recipe=resnet", "strategy=ddp", "launcher.workers=2", "trainer.log_every=1",
+          "trainer.progress=plain", "checkpoint.every_steps=5"]
+
+
+def _jsonl(path: Path) -> list[dict[str, Any]]:
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return []
+    rows = []
+    for line in text.splitlines():
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            pass  # a line being written
+    return rows
+
+
+def _last_step(run_dir: Path) -> int:
+    return max((r.get("step", 0) for r in _jsonl(run_dir / "metrics.jsonl")), default=0)
+
+
+def _restores(run_dir: Path) -> list[dict[str, Any]]:
+    return [e for e in _jsonl(run_dir / "events.jsonl") if e.get("event") == "restore"]
+
+
+def bench_kill_resume(repeats: int = 3, *, workdir: str | None = None, kill_after: int = 12,
+                      max_steps: int = 200, overrides: list[str] | None = None, timeout: float = 180.0,
+                      log=print) -> dict[str, Any]:
+    """Kill -> first resumed step, for SIGKILL (whole process group) and SIGTERM (launcher).
+
+    One run, relaunched after each fault: ``repeats`` SIGKILLs, then ``repeats`` SIGTERMs,
+    each ``kill_after`` steps after the previous restore (the first at step ``kill_after``).
+    """
+    tmp = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="trainkit-killbench-"))
+    tmp.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TRAINKIT_STORE": str(tmp / "store")}
+    base = [sys.executable, "-m", "trainkit.launch", *LAUNCH, *(overrides or [])]
+    launch_log = tmp / "launch.log"
+    run_dir = tmp / "run"
+    cmd = [*base, f"trainer.max_steps={max_steps}", f"run_dir={run_dir}"]
+    res: dict[str, Any] = {"command": shlex.join(cmd[1:]), "kill_after": kill_after, "workdir": str(tmp),
+                           "events": []}
+
+    def start(c: list[str]) -> subprocess.Popen[bytes]:
+        with open(launch_log, "ab") as f:
+            return subprocess.Popen(c, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+
+    # Warm-up: prepares the data set in the store (and warms imports / page cache).
+    t0 = time.perf_counter()
+    warm = start([*base, "trainer.max_steps=1", f"run_dir={tmp / 'warmup'}"])
+    if warm.wait(timeout) != 0:
+        raise RuntimeError(f"warm-up launch failed ({warm.returncode}); see {launch_log}")
+    res["warmup_s"] = time.perf_counter() - t0
+    log(f"warm-up launch (data preparation): {res['warmup_s']:.1f}s")
+
+    proc = start(cmd)
+    t_launch = time.perf_counter()
+    restored = 0
+    try:
+        for i, kind in enumerate(["SIGKILL"] * repeats + ["SIGTERM"] * repeats):
+            target = restored + kill_after
+            deadline = time.monotonic() + timeout
+            while _last_step(run_dir) < target:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"launch exited ({proc.returncode}) before step {target}; see {launch_log}")
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"step {target} not reached in {timeout}s; see {launch_log}")
+                time.sleep(0.01)
+            if i == 0:
+                res["fresh_start_to_step_s"] = time.perf_counter() - t_launch
+            seen = _last_step(run_dir)
+            n_restores = len(_restores(run_dir))
+            t_kill = time.perf_counter()
+            wall_kill = time.time()
+            if kind == "SIGKILL":
+                os.killpg(proc.pid, signal.SIGKILL)
+            else:
+                proc.send_signal(signal.SIGTERM)
+            rc = proc.wait(timeout)
+            t_exit = time.perf_counter()
+            if kind == "SIGKILL":
+                try:  # nothing of the old group may outlive it
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            last_logged = _last_step(run_dir)
+            proc = start(cmd)
+            t_relaunch = time.perf_counter()
+            deadline = time.monotonic() + timeout
+            rest: dict[str, Any] | None = None
+            while True:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"relaunch exited ({proc.returncode}); see {launch_log}")
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"no resumed step in {timeout}s; see {launch_log}")
+                if rest is None:
+                    rs = _restores(run_dir)
+                    if len(rs) > n_restores:
+                        rest = rs[-1]
+                # the restore truncates metrics.jsonl to <= restored step before the event
+                if rest is not None and _last_step(run_dir) > int(rest["step"]):
+                    break
+                time.sleep(0.01)
+            t_first = time.perf_counter()
+            restored = int(rest["step"])
+            ev = {
+                "signal": kind, "step_seen": seen, "last_logged_step": last_logged, "exit_code": rc,
+                "restored_step": restored, "steps_lost": last_logged - restored,
+                "kill_to_first_step_s": t_first - t_kill,
+                "kill_to_exit_s": t_exit - t_kill,
+                "relaunch_to_restore_s": float(rest["time"]) - wall_kill - (t_relaunch - t_kill),
+                "relaunch_to_first_step_s": t_first - t_relaunch,
+            }
+            res["events"].append(ev)
+            log(f"  {kind}: at step {last_logged} (exit {rc}, {ev['kill_to_exit_s']:.2f}s), restored {restored} "
+                f"(lost {ev['steps_lost']}), first resumed step {ev['kill_to_first_step_s']:.2f}s after the signal")
+    finally:
+        if proc.poll() is None:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait(30)
+    for kind in ("SIGKILL", "SIGTERM"):
+        evs = [e for e in res["events"] if e["signal"] == kind]
+        res[kind] = {
+            "n": len(evs),
+            "median_kill_to_first_step_s": _med([e["kill_to_first_step_s"] for e in evs]),
+            "median_steps_lost": _med([e["steps_lost"] for e in evs]),
+            "max_steps_lost": max((e["steps_lost"] for e in evs), default=None),
+            "median_kill_to_exit_s": _med([e["kill_to_exit_s"] for e in evs]),
+            "median_relaunch_to_restore_s": _med([e["relaunch_to_restore_s"] for e in evs]),
+            "exit_codes": sorted({e["exit_code"] for e in evs}),
+        }
+    if not workdir:
+        shutil.rmtree(tmp, ignore_errors=True)
+        res["workdir"] = None
+    return res
+
+
+def kill_resume_table(res: dict[str, Any]) -> str:
+    lines = [
+        f"kill -> first resumed step (medians over {res['SIGKILL']['n']} SIGKILL + {res['SIGTERM']['n']} SIGTERM)",
+        "| signal  | kill->first resumed step s | kill->exit s | relaunch->restore s | steps lost (median/max) "
+        "| exit codes |",
+        "|---------|---------------------------:|-------------:|--------------------:|------------------------:"
+        "|------------|",
+    ]
+    for kind in ("SIGKILL", "SIGTERM"):
+        r = res[kind]
+        lines.append(f"| {kind} | {r['median_kill_to_first_step_s']:26.2f} | {r['median_kill_to_exit_s']:12.2f} | "
+                     f"{r['median_relaunch_to_restore_s']:19.2f} | "
+                     f"{r['median_steps_lost']:>13g} / {r['max_steps_lost']:<8} | {r['exit_codes']} |")
+    lines.append("")
+    lines.append("| # | signal | step when signalled | last logged | exit | restored | lost | kill->first step s |")
+    lines.append("|---|--------|--------------------:|------------:|-----:|---------:|-----:|-------------------:|")
+    for i, e in enumerate(res["events"], 1):
+        lines.append(f"| {i} | {e['signal']} | {e['step_seen']} | {e['last_logged_step']} | {e['exit_code']} | "
+                     f"{e['restored_step']} | {e['steps_lost']} | {e['kill_to_first_step_s']:.2f} |")
+    return "\n".join(lines)
+
+
+# -- machine / report --------------------------------------------------------------------------
+
+def machine() -> dict[str, Any]:
+    info: dict[str, Any] = {"platform": platform.platform(), "python": platform.python_version(),
+                            "cpu_count": os.cpu_count(), "torch": torch.__version__}
+    try:
+        import psutil
+
+        info["ram_gib"] = round(psutil.virtual_memory().total / 2**30, 1)
+    except ImportError:  # pragma: no cover
+        info["ram_gib"] = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
+    try:
+        info["load_avg"] = [round(x, 2) for x in os.getloadavg()]
+    except OSError:  # pragma: no cover
+        pass
+    try:
+        root = Path(__file__).resolve().parents[2]
+        info["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
+                                            text=True, timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        info["git_commit"] = None
+    return info
+
+
+def _markdown(result: dict[str, Any], tables: list[str]) -> str:
+    m = result["machine"]
+    out = [
+        f"## `{result['command']}`",
+        "",
+        f"- date: {result['date']}",
+        f"- machine: {m['platform']}, {m['cpu_count']} CPUs, {m['ram_gib']} GiB RAM, Python {m['python']}, "
+        f"torch {m['torch']}",
+        f"- git commit: `{m['git_commit']}`",
+        f"- load average at start (1/5/15 min): {m.get('load_avg')}; at end: {result.get('load_avg_end')}",
+        f"- wall time: {result['wall_s']:.1f}s",
+        "",
+    ]
+    for t in tables:
+        out += [t, ""]
+    out += ["<details><summary>raw figures (JSON)</summary>", "", "```json",
+            json.dumps(result, indent=1, default=str), "```", "", "</details>", ""]
+    return "\n".join(out)
+
+
+def _tables_md(tables: list[str]) -> list[str]:
+    """Each table: its first line as a bold caption, the rest as markdown."""
+    out = []
+    for t in tables:
+        caption, _, body = t.partition("\n")
+        out.append(f"**{caption}**\n\n{body}")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    p = argparse.ArgumentParser(prog="python -m trainkit.bench checkpoint", description=__doc__.split("\n\n")[0])
+    p.add_argument("--store", choices=["file", "s3"], default="file")
+    p.add_argument("--url", help="an existing root URL to write under (default: a temp dir, or moto for s3)")
+    p.add_argument("--state-gb", type=float, default=1.0)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--kill-resume", action="store_true", help="measure kill -> resume instead of save/load")
+    p.add_argument("--kill-after", type=int, default=12, help="steps after the last restore to signal at")
+    p.add_argument("--workdir", help="kill-resume: keep the runs here (default: a temp dir, removed)")
+    p.add_argument("--out", help="append a markdown section with the results to this file")
+    args = p.parse_args(argv)
+
+    started = time.perf_counter()
+    result: dict[str, Any] = {
+        "bench": "checkpoint",
+        "mode": "kill-resume" if args.kill_resume else "save-load",
+        "command": shlex.join(["python", "-m", "trainkit.bench", "checkpoint", *argv]),
+        "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "machine": machine(),
+    }
+    tables: list[str] = []
+    if args.kill_resume:
+        r = bench_kill_resume(args.repeats, workdir=args.workdir, kill_after=args.kill_after)
+        result["kill_resume"] = r
+        tables.append(kill_resume_table(r))
+    else:
+        server = None
+        tmpdir = None
+        try:
+            if args.url:
+                root = storage.join(args.url, f"trainkit-ckpt-bench-{uuid.uuid4().hex[:8]}")
+            elif args.store == "s3":
+                from trainkit.testing.servers import S3Server
+
+                server = S3Server().start()
+                storage.configure({"s3": server.storage_options})
+                root = f"{server.bucket('trainkit-bench')}/ckpt"
+            else:
+                tmpdir = tempfile.mkdtemp(prefix="trainkit-ckpt-bench-")
+                root = f"file://{tmpdir}"
+            try:
+                r = bench_save_load(root, args.state_gb, args.repeats)
+            finally:
+                if args.url:
+                    _rm(root)
+            result["save_load"] = r
+            tables.append(save_load_table(r))
+        finally:
+            if server is not None:
+                server.stop()
+            if tmpdir is not None:
+                shutil.rmtree(tmpdir, ignore_errors=True)
+    result["wall_s"] = time.perf_counter() - started
+    result["load_avg_end"] = [round(x, 2) for x in os.getloadavg()]
+    print()
+    for t in tables:
+        print(t)
+        print()
+    print(json.dumps(result, default=str))
+    if args.out:
+        path = Path(args.out)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        new = not path.exists()
+        with open(path, "a") as f:
+            if new:
+                f.write("# Checkpoint benchmarks\n\n")
+            f.write(_markdown(result, _tables_md(tables)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
