@@ -1,4 +1,4 @@
-"""``python -m trainkit.bench step|data|checkpoint [options]``."""
+"""``python -m trainkit.bench step|data|checkpoint|node-loss [options]``."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ BENCHES = {
     "step": "trainkit.bench.step",
     "data": "trainkit.data.bench",
     "checkpoint": "trainkit.checkpoint.bench",
+    "node-loss": "trainkit.bench.node_loss",
 }
 
 

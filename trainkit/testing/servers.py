@@ -163,7 +163,11 @@ class S3Server(_Server):
             # fsspec reads FSSPEC_* variables once, at import: set its live config too.
             import fsspec.config
 
-            fsspec.config.conf.setdefault("s3", {})["endpoint_url"] = self.endpoint
+            s3conf = fsspec.config.conf.setdefault("s3", {})
+            # Restored on stop: a server started while another one is in use (a benchmark
+            # inside a test session) must hand the endpoint back, not erase it.
+            self._previous_endpoint = s3conf.get("endpoint_url")
+            s3conf["endpoint_url"] = self.endpoint
         return self
 
     def stop(self) -> None:
@@ -172,7 +176,11 @@ class S3Server(_Server):
 
             s3conf = fsspec.config.conf.get("s3", {})
             if s3conf.get("endpoint_url") == self.endpoint:
-                s3conf.pop("endpoint_url")
+                previous = getattr(self, "_previous_endpoint", None)
+                if previous:
+                    s3conf["endpoint_url"] = previous
+                else:
+                    s3conf.pop("endpoint_url")
         except ImportError:
             pass
         super().stop()

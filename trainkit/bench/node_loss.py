@@ -1,8 +1,8 @@
 """Time from a lost Ray node to the first resumed training step (``launcher=ray``).
 
-    python tests/ray/bench_node_loss.py [key=value ...]      # prints seconds, JSON last
+    python -m trainkit.bench node-loss [key=value ...]      # prints seconds, JSON last
 
-Self-contained (meant to move under ``python -m trainkit.bench``): starts a loopback Ray
+Starts a loopback Ray
 cluster (a 0-CPU head + one 1-CPU node per worker), launches the recipe with
 ``launcher=ray`` in a subprocess, removes a node hosting a worker right after the first
 committed checkpoint, adds a replacement, and reads the run's own records:
@@ -99,8 +99,8 @@ def node_loss_recovery(overrides: list[str] = (), workers: int = 2, timeout: flo
         cluster.shutdown()
 
 
-def main() -> None:
-    result = node_loss_recovery(sys.argv[1:])
+def main(argv: list[str] | None = None) -> None:
+    result = node_loss_recovery(sys.argv[1:] if argv is None else argv)
     print(f"node loss -> group restarted: {result['detect_s']:.1f} s" if result["detect_s"] is not None else
           "node loss -> group restarted: n/a")
     print(f"node loss -> first resumed step: {result['resume_s']:.1f} s" if result["resume_s"] is not None else

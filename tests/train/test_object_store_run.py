@@ -1,0 +1,40 @@
+"""A recipe end to end on object storage: data from the bucket, run_dir in the bucket, resume."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import fsspec
+
+from launching import RESNET_TINY, ROOT, launch
+
+
+def test_recipe_on_s3_data_and_run_dir_resumes(s3_server, s3_url) -> None:
+    store = [f"storage.s3.endpoint_url={s3_server.endpoint}"]
+    model = ["model.width=8", "model.blocks=[1,1]", "model.image_size=8"]
+    wrote = subprocess.run([sys.executable, "-m", "trainkit.tasks", "write", "resnet", f"{s3_url}/digits", *model,
+                            *store], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert wrote.returncode == 0, wrote.stderr
+    run_dir = f"{s3_url}/runs/r1"
+    common = [*RESNET_TINY, "strategy=ddp", "launcher.workers=2", f"data.url={s3_url}/digits/train",
+              f"run_dir={run_dir}", "checkpoint.every_steps=3", *store]
+    first = launch(*common, "trainer.max_steps=4")
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = launch(*common, "trainer.max_steps=8")
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "resumed from checkpoint at step 4" in second.stdout
+    fs = fsspec.filesystem("s3", endpoint_url=s3_server.endpoint)
+    root = run_dir.removeprefix("s3://")
+    rows = [json.loads(x) for x in fs.cat_file(f"{root}/metrics.jsonl").decode().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 9))
+    assert fs.exists(f"{root}/model.safetensors") and fs.exists(f"{root}/tensorboard")
+    assert json.loads(fs.cat_file(f"{root}/summary.json"))["resumed_from"] == 4
+
+
+def test_missing_bucket_fails_before_any_worker(s3_server) -> None:
+    result = launch(*RESNET_TINY, "run_dir=s3://no-such-bucket/runs/x", f"storage.s3.endpoint_url={s3_server.endpoint}",
+                    timeout=120)
+    assert result.returncode == 2
+    assert "run_dir=s3://no-such-bucket/runs/x: bucket 'no-such-bucket' does not exist" in result.stderr
