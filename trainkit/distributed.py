@@ -80,6 +80,8 @@ def shutdown() -> None:
     """Leaves the group if we made it; a group Ray (or the user) made is theirs to end."""
     global _OWNED
     if _OWNED and dist.is_initialized():
+        # No rank tears down its connections while a peer still talks to it.
+        dist.barrier()
         dist.destroy_process_group()
     _OWNED = False
 

@@ -75,7 +75,9 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path: Path) -> None:
         pytest.param([*GPT_TINY, "strategy=deepspeed", "launcher.workers=2", "trainer.precision=bf16",
                       "trainer.grad_accum=2"], id="zero2-bf16-accum"),
         pytest.param([*RESNET_TINY, "strategy=single", "trainer.precision=fp16"], id="single-fp16-scaler"),
-        pytest.param([*GPT_TINY, "strategy=single", "trainer.compile=true", "model.n_layer=1"], id="single-compile"),
+        # torch.compile builds C++ kernels on CPU: ~40 s, so only with --runslow.
+        pytest.param([*GPT_TINY, "strategy=single", "trainer.compile=true", "model.n_layer=1"], id="single-compile",
+                     marks=pytest.mark.slow),
     ],
 )
 def test_feature_trains(tmp_path: Path, overrides: list[str]) -> None:

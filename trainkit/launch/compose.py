@@ -84,6 +84,8 @@ def _explain(exc: Exception, overrides: list[str]) -> ConfigError:
 def compose_config(overrides: list[str], config_dirs: list[str] = ()) -> Config:
     """The validated Config for these overrides; raises ConfigError with one readable line."""
     _register_base()
+    # storage.<protocol>.<option> keys are free-form fsspec options: add them if new.
+    overrides = [f"++{o}" if o.startswith("storage.") else o for o in overrides]
     extra = [f"file://{os.path.abspath(d)}" for d in config_dirs]
     if extra:
         overrides = [f"hydra.searchpath=[{','.join(extra)}]", *overrides]
