@@ -11,7 +11,6 @@ lose no step. Exit code 0 when they agree.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import signal
@@ -19,13 +18,11 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
 
 import psutil
 
 from trainkit import storage
-from trainkit.errors import EXIT_PREEMPTED
+from trainkit.metrics import read_jsonl
 
 
 @dataclass
@@ -56,23 +53,8 @@ class Report:
         return self.identical_losses and self.identical_weights and not any(self.steps_lost_on_sigterm)
 
 
-def _read_jsonl(url: str) -> list[dict[str, Any]]:
-    fs, path = storage.filesystem(url)
-    try:
-        text = fs.cat_file(path).decode()
-    except FileNotFoundError:
-        return []
-    rows = []
-    for line in text.splitlines():
-        try:
-            rows.append(json.loads(line))
-        except ValueError:
-            pass  # a line being written right now
-    return rows
-
-
 def last_step(run_dir: str) -> int:
-    rows = _read_jsonl(storage.join(run_dir, "metrics.jsonl"))
+    rows = read_jsonl(storage.join(run_dir, "metrics.jsonl"))
     return max((r["step"] for r in rows), default=0)
 
 
@@ -177,8 +159,8 @@ def compare(reference: str, chaos: str, attempts: list[Attempt]) -> Report:
     from safetensors.torch import load_file
 
     report = Report(attempts=attempts)
-    ref = {r["step"]: r["loss"] for r in _read_jsonl(storage.join(reference, "metrics.jsonl"))}
-    got = {r["step"]: r["loss"] for r in _read_jsonl(storage.join(chaos, "metrics.jsonl"))}
+    ref = {r["step"]: r["loss"] for r in read_jsonl(storage.join(reference, "metrics.jsonl"))}
+    got = {r["step"]: r["loss"] for r in read_jsonl(storage.join(chaos, "metrics.jsonl"))}
     report.identical_losses = ref == got
     if not report.identical_losses:
         diff = [s for s in sorted(set(ref) | set(got)) if ref.get(s) != got.get(s)]
@@ -189,7 +171,7 @@ def compare(reference: str, chaos: str, attempts: list[Attempt]) -> Report:
     if not report.identical_weights:
         report.mismatches.append("exported weights differ")
     stop = None
-    for event in _read_jsonl(storage.join(chaos, "events.jsonl")):
+    for event in read_jsonl(storage.join(chaos, "events.jsonl")):
         if event.get("event") == "preempted":
             stop = event["step"]
         elif event.get("event") == "restore" and stop is not None:

@@ -55,6 +55,7 @@ from typing import Any
 import torch
 
 from trainkit import storage
+from trainkit.metrics import read_jsonl
 
 MB = 1e6
 GB = 1e9
@@ -353,17 +354,7 @@ LAUNCH = ["recipe=resnet", "strategy=ddp", "launcher.workers=2", "trainer.log_ev
 
 
 def _jsonl(path: Path) -> list[dict[str, Any]]:
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        return []
-    rows = []
-    for line in text.splitlines():
-        try:
-            rows.append(json.loads(line))
-        except ValueError:
-            pass  # a line being written
-    return rows
+    return read_jsonl(str(path))
 
 
 def _last_step(run_dir: Path) -> int:

@@ -72,3 +72,19 @@ class JsonlLog:
         if not self._file.closed:
             self.flush(force=True)
             self._file.close()
+
+
+def read_jsonl(url: str) -> list[dict[str, Any]]:
+    """The records of a JSON-lines file at ``url`` ([] if absent), skipping a line being written."""
+    fs, path = storage.filesystem(url)
+    try:
+        text = fs.cat_file(path).decode()
+    except FileNotFoundError:
+        return []
+    rows = []
+    for line in text.splitlines():
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            pass
+    return rows
