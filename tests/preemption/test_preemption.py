@@ -147,7 +147,7 @@ def test_no_endpoint_no_poller_and_errors_are_survived():
     assert not w.requested and all(p.errors > 0 and p.is_alive() for p in w.pollers)
     w.stop()
     with pytest.raises(ValueError):
-        PreemptionWatcher(aws_endpoint="169.254.169.254")  # a URL is required, never guessed
+        PreemptionWatcher(aws_endpoint="127.0.0.1:9")  # a URL with its scheme is required, never guessed
 
 
 def test_request_first_reason_wins_and_agree_without_dist():
