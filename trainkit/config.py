@@ -106,6 +106,11 @@ class CheckpointConfig:
     # Also keep every K-th step forever (0: none).
     keep_every: int = 0
     async_save: bool = True
+    # Copy tensors to host memory during the next forward/backward instead of inside save();
+    # the optimizer step waits for the copy. Off: save() blocks for the copy.
+    overlap_staging: bool = True
+    # Files each rank writes and reads in parallel per checkpoint.
+    io_threads: int = 2
     export_safetensors: bool = True
 
 
@@ -184,6 +189,7 @@ def validate(cfg: Config) -> Config:
     _positive("checkpoint.every_steps", cfg.checkpoint.every_steps, allow_zero=True)
     _positive("checkpoint.every_seconds", cfg.checkpoint.every_seconds, allow_zero=True)
     _positive("checkpoint.keep_last", cfg.checkpoint.keep_last)
+    _positive("checkpoint.io_threads", cfg.checkpoint.io_threads)
     if cfg.strategy.name == "single" and cfg.launcher.workers * cfg.launcher.nodes > 1:
         raise ConfigError(
             f"strategy=single runs one process but launcher.workers={cfg.launcher.workers}; "

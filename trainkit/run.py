@@ -171,8 +171,12 @@ class Run:
         c = self.cfg.checkpoint
         self.checkpointer = self.strategy.checkpointer(
             storage.join(self.run_dir, "checkpoints"), keep_last=c.keep_last, keep_every=c.keep_every,
-            async_save=c.async_save,
+            async_save=c.async_save, overlap_staging=c.overlap_staging, io_threads=c.io_threads,
         )
+        # With overlap_staging the host copy of a save runs during the next forward/backward;
+        # parameters and optimizer state change only in the optimizer step, which waits for it.
+        if isinstance(optimizer, torch.optim.Optimizer):
+            optimizer.register_step_pre_hook(self._wait_staged)
         self.save_policy = SavePolicy(c.every_steps, c.every_seconds)
         step = self.checkpointer.load(state)
         if step is None:
@@ -187,6 +191,10 @@ class Run:
             self._event("restore", step=step, recomputed_steps=max(0, reached - step))
             self._print(f"resumed from checkpoint at step {step}")
         return step
+
+    def _wait_staged(self, *_: Any) -> None:
+        if self.checkpointer is not None:
+            self._timers["checkpoint_block_s"] += self.checkpointer.staged()
 
     def state_dict(self) -> dict[str, Any]:
         return {"step": self.step, "micro": self.micro}

@@ -6,6 +6,7 @@ import json
 import os
 import pickle
 import random
+import shutil
 
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ import torch
 from trainkit.checkpoint import (Checkpointer, CheckpointMismatch, ModelOptimState, RNGState, SavePolicy,
                                  export_safetensors, load_for_export, rng_state, set_rng_state)
 from trainkit.checkpoint._dcp_io import safe_load_metadata
+from trainkit.checkpoint._store import record_of
 from trainkit.errors import StorageError
 
 
@@ -179,9 +181,7 @@ def test_malicious_metadata_is_never_unpickled(tmp_path):
     evil = pickle.dumps(Evil())
     (d2 / ".metadata").write_bytes(evil)
     man = json.loads((d2 / "manifest.json").read_text())
-    import hashlib
-
-    man["files"][".metadata"].update(size=len(evil), sha256=hashlib.sha256(evil).hexdigest())
+    man["files"][".metadata"].update(record_of(evil))
     (d2 / "manifest.json").write_text(json.dumps(man))
     model, opt = make()
     with pytest.warns(UserWarning, match="refusing to unpickle"):
@@ -284,3 +284,44 @@ def test_save_policy_steps_and_seconds():
     assert p.due(12) and not p.due(13)
     assert p.agreed(15)  # not distributed: the local answer
     assert not SavePolicy().due(100)
+
+
+def test_a_failed_file_in_any_writer_thread_fails_the_save(tmp_path):
+    """torch's extra writer threads drop exceptions: the save must fail, not commit a
+    checkpoint with items missing, whichever of the two threads meets the bad file."""
+    root = tmp_path / "ck"
+    model, opt = make()
+    for blocked in ("__0_0.distcp", "__0_1.distcp"):
+        step_dir = root / "step_000000001"
+        shutil.rmtree(step_dir, ignore_errors=True)
+        (step_dir / blocked).mkdir(parents=True)  # a directory where the data file must go
+        with Checkpointer(str(root), io_threads=2, save_attempts=1) as ck:
+            with pytest.raises(StorageError, match="DCP save failed"):
+                ck.save(1, state_of(model, opt, {"step": 1}), blocking=True)
+            assert ck.steps() == []
+
+
+def test_overlapped_staging_holds_the_state_of_the_save_step(tmp_path):
+    """With overlap_staging the host copy runs during the next forward/backward; BatchNorm
+    statistics change in that forward and parameters in the step after ``staged()``."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.BatchNorm1d(256), torch.nn.Linear(256, 64))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+
+    def train_step(ck=None):
+        model(torch.randn(32, 64)).pow(2).mean().backward()
+        if ck is not None:
+            ck.staged()
+        opt.step()
+        opt.zero_grad()
+
+    train_step()
+    with Checkpointer(str(tmp_path / "ck"), overlap_staging=True) as ck:
+        ck.save(1, {"app": ModelOptimState(model, opt)})
+        at_save = snapshot(model, opt)
+        train_step(ck)
+        train_step(ck)
+        assert not same(at_save, snapshot(model, opt))
+    ck2 = Checkpointer(str(tmp_path / "ck"))
+    assert ck2.load({"app": ModelOptimState(model, opt)}) == 1
+    assert same(at_save, snapshot(model, opt))

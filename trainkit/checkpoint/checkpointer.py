@@ -8,25 +8,27 @@ import time
 import warnings
 from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as futures_wait
 from datetime import timedelta
 from typing import Any
 
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.staging import BlockingAsyncStager
+from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from torch.distributed.checkpoint.state_dict_saver import AsyncSaveResponse
 from torch.distributed.checkpoint.stateful import Stateful
 
 from trainkit import storage
 from trainkit.checkpoint import _codec, _dist
 from trainkit.checkpoint._dcp_io import METADATA_FILE, SafeFsspecReader, TrackedFsspecWriter, safe_load_metadata
-from trainkit.checkpoint._store import MANIFEST, CheckpointStore, sha256_bytes, step_name
+from trainkit.checkpoint._protocol import (RANK_FILE_FORMAT, agree, commit_collectively, load_newest,
+                                           rank_json_name, rank_tensors_name)
+from trainkit.checkpoint._store import MANIFEST, CheckpointStore, check_record, record_of, step_name
 from trainkit.checkpoint.state import RankLocal
 from trainkit.errors import StorageError
 
 log = logging.getLogger("trainkit.checkpoint")
-
 
 
 def _quiet_dcp() -> None:
@@ -35,17 +37,6 @@ def _quiet_dcp() -> None:
     warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized",
                             category=UserWarning)
     warnings.filterwarnings("ignore", message="Detected an existing checkpoint in", category=UserWarning)
-
-RANK_FILE_FORMAT = "trainkit-rank-state/1"
-
-
-def rank_json_name(rank: int) -> str:
-    return f"rank_{rank:05d}.json"
-
-
-def rank_tensors_name(rank: int) -> str:
-    return f"rank_{rank:05d}.safetensors"
-
 
 def _is_transient(exc: BaseException) -> bool:
     if isinstance(exc, CheckpointException):
@@ -63,48 +54,22 @@ def _short(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-def commit_collectively(store: CheckpointStore, group, step: int, records: dict[str, dict[str, Any]],
-                        err: str | None, *, keep_last: int, keep_every: int, extra: dict[str, Any]) -> None:
-    """Every rank, after writing its files: gather (files, error) to all, rank 0 writes the
-    manifest and moves ``latest`` only when no rank failed, then applies retention; the
-    outcome is broadcast so every rank raises the same error or none."""
-    gathered = _dist.all_gather_object((records, err), group)
-    world = len(gathered)
-    outcome: str | None = None
-    if _dist.rank(group) == 0:
-        errors = [e for _, e in gathered if e]
-        if errors:
-            outcome = "; ".join(errors)
-        else:
-            files: dict[str, dict[str, Any]] = {}
-            for r, (recs, _) in enumerate(gathered):
-                for name, rec in recs.items():
-                    files[name] = {**rec, "rank": r}
-            try:
-                store.commit(step, files, world_size=world,
-                             extra={**extra, "rank_files": [rank_json_name(r) for r in range(world)]})
-            except Exception as exc:  # noqa: BLE001
-                outcome = f"commit: {exc}"
-            else:
-                try:
-                    store.apply_retention(keep_last, keep_every)
-                except Exception as exc:  # noqa: BLE001 - the checkpoint is committed anyway
-                    log.warning("retention after step %d failed: %s", step, exc)
-    outcome = _dist.broadcast_object(outcome, group)
-    if outcome:
-        raise StorageError(f"checkpoint step {step} under {store.root} was not committed: {outcome}")
+class _KeepStager(DefaultStager):
+    """DCP's stager (staging buffers allocated once and reused by every save) that keeps
+    what it staged, so a failed upload can be retried from the same copy."""
 
+    def __init__(self, overlap: bool) -> None:
+        cuda = torch.cuda.is_available()
+        super().__init__(StagingOptions(use_pinned_memory=cuda, use_shared_memory=False,
+                                        use_async_staging=overlap, use_non_blocking_copy=cuda and overlap))
+        self.staged: Any = None
 
-class _KeepStager(BlockingAsyncStager):
-    """DCP's blocking CPU stager that keeps the staged copy, so a failed upload can be retried."""
-
-    def __init__(self) -> None:
-        super().__init__(cache_staged_state_dict=False, type_check=False)
-        self.staged: dict[str, Any] | None = None
-
-    def stage(self, state_dict):
-        self.staged = super().stage(state_dict)
+    def stage(self, state_dict, **kwargs):
+        self.staged = super().stage(state_dict, **kwargs)
         return self.staged
+
+    def result(self) -> Any:
+        return self.staged.result() if isinstance(self.staged, Future) else self.staged
 
 
 class CheckpointMismatch(StorageError):
@@ -116,19 +81,31 @@ class Checkpointer:
 
     Every rank constructs it (in the same order relative to other ``new_group`` calls) and
     calls :meth:`save` / :meth:`load` with the same steps. See docs/checkpoints.md.
+
+    ``overlap_staging``: :meth:`save` returns before the tensors are even copied to host
+    memory; the copy runs while the caller computes the next forward and backward, and the
+    caller must call :meth:`staged` before it changes any saved tensor (``trainkit.Run``
+    does so from an optimizer step pre-hook; :class:`ModelOptimState` snapshots module
+    buffers, which change during forward). Off by default for direct use.
+    ``io_threads``: files each rank writes (and reads) in parallel.
     """
 
     def __init__(self, root: str, *, keep_last: int = 2, keep_every: int = 0, async_save: bool = True,
                  process_group=None, verify: str = "checksum", save_attempts: int = 5,
-                 collective_timeout: timedelta | None = None) -> None:
+                 collective_timeout: timedelta | None = None, overlap_staging: bool = False,
+                 io_threads: int = 2) -> None:
         if keep_last < 1:
             raise ValueError("keep_last must be >= 1 (the newest committed checkpoint is never deleted)")
         if verify not in ("checksum", "size"):
             raise ValueError("verify must be 'checksum' or 'size'")
+        if io_threads < 1:
+            raise ValueError("io_threads must be >= 1")
         self.store = CheckpointStore(root)
         self.root = self.store.root
         self.keep_last, self.keep_every = keep_last, keep_every
         self.async_save = async_save
+        self.overlap_staging = overlap_staging and async_save
+        self.io_threads = io_threads
         self.verify = verify
         self.save_attempts = max(1, save_attempts)
         # One gloo group for everything the checkpointer does across ranks: DCP's own
@@ -136,8 +113,12 @@ class Checkpointer:
         # commit/load agreement. Created collectively, here, on every rank.
         self._group = _dist.new_gloo_group(process_group, collective_timeout)
         self._executor: ThreadPoolExecutor | None = None
+        self._stager: _KeepStager | None = None
         self._pending: Future | None = None
-        self._pending_step: int | None = None
+        self._staging: Future | None = None
+        # Newest step known to be committed under root (None: not looked yet). A save past
+        # it cannot collide with a committed step, so the hot path skips the store lookup.
+        self._newest_committed: int | None = None
         self.last_blocking_s: float = 0.0  # how long the last save() blocked the caller
         self.last_save_s: float = 0.0      # start of save() to commit, for the last committed save
         self.last_loaded_step: int | None = None
@@ -154,11 +135,12 @@ class Checkpointer:
 
     def _writer(self, step: int) -> TrackedFsspecWriter:
         url = self.store.step_url(step)
-        return TrackedFsspecWriter(url, storage.storage_options(url), sync_files=self.store.local)
+        return TrackedFsspecWriter(url, storage.storage_options(url), sync_files=self.store.local,
+                                   thread_count=self.io_threads)
 
-    def _reader(self, step: int) -> SafeFsspecReader:
+    def _reader(self, step: int, expected: dict[str, dict[str, Any]] | None) -> SafeFsspecReader:
         url = self.store.step_url(step)
-        return SafeFsspecReader(url, storage.storage_options(url))
+        return SafeFsspecReader(url, storage.storage_options(url), expected=expected, threads=self.io_threads)
 
     @staticmethod
     def _split_state(state: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -171,13 +153,25 @@ class Checkpointer:
             (local if isinstance(v, RankLocal) else shared)[k] = sd
         return shared, local
 
+    def _already_committed(self, step: int) -> bool:
+        """Whether ``step`` is committed; asks the store only when it could be."""
+        if self._newest_committed is None:
+            steps = self.store.committed_steps() if self.rank == 0 else None
+            steps = _dist.broadcast_object(steps, self._group)
+            self._newest_committed = steps[-1] if steps else -1
+        if step > self._newest_committed:
+            return False
+        exists = self.store.is_committed(step) if self.rank == 0 else None
+        return bool(_dist.broadcast_object(exists, self._group))
+
     # -- save ----------------------------------------------------------------------------
     def save(self, step: int, state: Mapping[str, Any], *, blocking: bool = False) -> None:
         """Checkpoints ``state`` as step ``step``. All ranks call it.
 
-        Async by default: returns once the tensors are copied to host memory; the upload and
-        the commit continue in the background (:meth:`wait` to block). A previous save still
-        in flight is waited for first. A step that is already committed is not rewritten.
+        Async by default: returns once the tensors are copied to host memory (or, with
+        ``overlap_staging``, once that copy is started); the upload and the commit continue
+        in the background (:meth:`wait` to block). A previous save still in flight is waited
+        for first. A step that is already committed is not rewritten.
         """
         if self._closed:
             raise RuntimeError("Checkpointer is closed")
@@ -185,8 +179,7 @@ class Checkpointer:
         _quiet_dcp()
         self.wait()
         step = int(step)
-        exists = self.store.is_committed(step) if self.rank == 0 else None
-        if _dist.broadcast_object(exists, self._group):
+        if self._already_committed(step):
             log.info("checkpoint step %d already committed under %s; not saving it again", step, self.root)
             self.last_blocking_s = time.perf_counter() - t0
             return
@@ -205,23 +198,36 @@ class Checkpointer:
 
         writer = self._writer(step)
         if self.async_save:
-            stager = _KeepStager()
-            resp = dcp.async_save(tensors, storage_writer=writer, process_group=self._group, async_stager=stager,
-                                  no_dist=not _dist.initialized())
-            upload = resp.upload_completion if isinstance(resp, AsyncSaveResponse) else resp
+            if self._stager is None:
+                self._stager = _KeepStager(self.overlap_staging)
+            resp = dcp.async_save(tensors, storage_writer=writer, process_group=self._group,
+                                  async_stager=self._stager, no_dist=not _dist.initialized())
+            if isinstance(resp, AsyncSaveResponse):
+                upload, self._staging = resp.upload_completion, resp.staging_completion
+            else:
+                upload, self._staging = resp, None
             if self._executor is None:
                 self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="trainkit-ckpt")
-            self._pending = self._executor.submit(self._finish, step, t0, writer, upload, stager, rank_blob, local_st)
-            self._pending_step = step
+            self._pending = self._executor.submit(self._finish, step, t0, writer, upload, rank_blob, local_st)
             self.last_blocking_s = time.perf_counter() - t0
             if blocking:
                 self.wait()
         else:
-            self._finish(step, t0, writer, None, tensors, rank_blob, local_st)
+            self._finish(step, t0, writer, None, rank_blob, local_st, tensors)
             self.last_blocking_s = time.perf_counter() - t0
 
-    def _finish(self, step, t0, writer, upload: Future | None, staged, rank_blob: bytes,
-                local_st: bytes | None) -> None:
+    def staged(self) -> float:
+        """Blocks until the in-flight save has copied the tensors (with ``overlap_staging``;
+        otherwise they already are); returns the seconds waited. Errors surface in :meth:`wait`."""
+        fut = self._staging
+        if fut is None or fut.done():
+            return 0.0
+        t0 = time.perf_counter()
+        futures_wait([fut])
+        return time.perf_counter() - t0
+
+    def _finish(self, step, t0, writer, upload: Future | None, rank_blob: bytes, local_st: bytes | None,
+                tensors: dict[str, Any] | None = None) -> None:
         """Runs on every rank (background thread when async): finish the DCP write with
         retries, write the rank files, then agree and commit on rank 0."""
         err: str | None = None
@@ -233,7 +239,7 @@ class Checkpointer:
                     if upload is not None and attempt == 0:
                         upload.result()
                     else:
-                        sd = staged.staged if isinstance(staged, _KeepStager) else staged
+                        sd = self._stager.result() if upload is not None else tensors
                         dcp.save(sd, storage_writer=writer, process_group=self._group, no_dist=not _dist.initialized())
                     break
                 except (Exception, CheckpointException) as exc:  # noqa: BLE001
@@ -249,22 +255,23 @@ class Checkpointer:
             r = self.rank
             name = rank_json_name(r)
             self.store.put_bytes(self.store.file_path(step, name), rank_blob)
-            records[name] = {"size": len(rank_blob), "sha256": sha256_bytes(rank_blob)}
+            records[name] = record_of(rank_blob)
             if local_st is not None:
                 name = rank_tensors_name(r)
                 self.store.put_bytes(self.store.file_path(step, name), local_st)
-                records[name] = {"size": len(local_st), "sha256": sha256_bytes(local_st)}
+                records[name] = record_of(local_st)
         except Exception as exc:  # noqa: BLE001 - reported collectively below
             err = f"rank {self.rank}: {exc}" if isinstance(exc, StorageError) else f"rank {self.rank}: {_short(exc)}"
         commit_collectively(self.store, self._group, step, records, err, keep_last=self.keep_last,
                             keep_every=self.keep_every, extra={"kind": "dcp"})
+        self._newest_committed = max(step, self._newest_committed if self._newest_committed is not None else -1)
         self.last_save_s = time.perf_counter() - t0
         log.info("checkpoint step %d committed under %s (%.2fs)", step, self.root, self.last_save_s)
 
     def wait(self) -> None:
         """Blocks until the in-flight save is committed; raises its error if it failed."""
         fut, self._pending = self._pending, None
-        self._pending_step = None
+        self._staging = None
         if fut is not None:
             fut.result()
 
@@ -292,42 +299,22 @@ class Checkpointer:
         """
         _quiet_dcp()
         self.wait()
-        g = self._group
-        if self.rank == 0:
-            cands = [int(step)] if step is not None else list(reversed(self.store.committed_steps()))
-            newest = cands[0] if cands else -1
-            torn = sorted(s for s in self.store.step_dirs() if s > newest and s not in cands)
-            if torn and step is None:
-                msg = (f"ignoring uncommitted checkpoint dir(s) {[step_name(s) for s in torn]} under {self.root} "
-                       "(no manifest: an interrupted save)")
-                warnings.warn(msg, stacklevel=2)
-                log.warning(msg)
-        else:
-            cands = None
-        cands = _dist.broadcast_object(cands, g)
-        for s in cands:
-            problem = self._try_load(s, state)
-            if problem is None:
-                self.last_loaded_step = s
-                log.info("loaded checkpoint step %d from %s", s, self.root)
-                return s
-            msg = f"checkpoint {self.store.step_url(s)} skipped: {problem}"
-            if step is not None:
-                raise StorageError(msg)
-            warnings.warn(msg, stacklevel=2)
-            log.warning(msg)
-            if self.rank == 0:
-                self.store.quarantine(s)
-            _dist.barrier(g)
-        return None
+        loaded, committed = load_newest(self.store, self._group, step, lambda s: self._try_load(s, state))
+        self._newest_committed = committed[-1] if committed else -1
+        if loaded is not None:
+            self.last_loaded_step = loaded
+        return loaded
 
-    def _agree(self, problem: str | None) -> str | None:
-        """Every rank's problem (or None) → the same joined message on all ranks."""
-        probs = [p for p in _dist.all_gather_object(problem, self._group) if p]
-        return "; ".join(dict.fromkeys(probs)) if probs else None
+    def _cat_checked(self, step: int, name: str, man: dict[str, Any]) -> bytes:
+        """One whole small file of the step, checked against its manifest record."""
+        path = self.store.file_path(step, name)
+        data = self.store._retry(lambda: self.store.fs.cat_file(path), path)
+        if self.verify == "checksum":
+            check_record(name, data, man["files"][name])
+        return data
 
     def _try_load(self, step: int, state: dict[str, Any]) -> str | None:
-        g, r, w = self._group, self.rank, self.world_size
+        g, r = self._group, self.rank
         # 1. the manifest (rank 0) and a listing check
         man, problem = None, None
         if r == 0:
@@ -343,20 +330,11 @@ class Checkpointer:
         man, problem = _dist.broadcast_object((man, problem), g)
         if problem:
             return problem
-        # 2. checksums, split over ranks
-        if self.verify == "checksum":
-            names = sorted(man["files"])[r::w]
-            bad = self.store.verify_checksums(step, man, names)
-            problem = self._agree("; ".join(bad) if bad else None)
-            if problem:
-                return problem
-        # 3. DCP metadata (safe unpickling) and the structure of the state
+        # 2. DCP metadata (checked, safely unpickled) and the structure of the state
         md_info, problem = None, None
         if r == 0:
             try:
-                path = self.store.file_path(step, METADATA_FILE)
-                raw = self.store._retry(lambda: self.store.fs.cat_file(path), path)
-                md = safe_load_metadata(raw)
+                md = safe_load_metadata(self._cat_checked(step, METADATA_FILE, man))
                 md_info = {k: tuple(v.size) for k, v in md.state_dict_metadata.items() if hasattr(v, "size")}
             except Exception as exc:  # noqa: BLE001
                 problem = f"DCP metadata unreadable: {_short(exc)}"
@@ -372,32 +350,33 @@ class Checkpointer:
             mismatch = (f"checkpoint {self.store.step_url(step)} does not fit the state: "
                         f"missing {missing[:5]}{'...' if len(missing) > 5 else ''} "
                         f"shape mismatch {wrong[:5]}{'...' if len(wrong) > 5 else ''}")
-        mismatch = self._agree(mismatch)
+        mismatch = agree(mismatch, g)
         if mismatch:
             raise CheckpointMismatch(mismatch)
-        # 4. this rank's JSON (rank r % old world size after a resize)
+        # 3. this rank's JSON (rank r % old world size after a resize)
         rank_doc, local_t, problem = None, {}, None
         src = r % int(man.get("world_size") or 1)
         try:
-            p = self.store.file_path(step, rank_json_name(src))
-            rank_doc = _codec.loads(self.store._retry(lambda: self.store.fs.cat_file(p), p))
+            rank_doc = _codec.loads(self._cat_checked(step, rank_json_name(src), man))
             if rank_doc.get("format") != RANK_FILE_FORMAT:
                 raise ValueError(f"{rank_json_name(src)}: unknown format")
             if rank_tensors_name(src) in man["files"]:
                 from safetensors.torch import load as st_load
 
-                p2 = self.store.file_path(step, rank_tensors_name(src))
-                local_t = st_load(self.store._retry(lambda: self.store.fs.cat_file(p2), p2))
+                local_t = st_load(self._cat_checked(step, rank_tensors_name(src), man))
         except Exception as exc:  # noqa: BLE001
             problem = f"rank state {rank_json_name(src)}: {_short(exc)}"
-        problem = self._agree(problem)
+        problem = agree(problem, g)
         if problem:
             return problem
-        # 5. the tensors, in place, resharded by DCP to the current layout
+        # 4. the tensors, in place, resharded by DCP to the current layout; every data file
+        #    read is checked against the manifest in the same pass
+        expected = man["files"] if self.verify == "checksum" else None
         attempt = 0
         while True:
             try:
-                dcp.load(tensors, storage_reader=self._reader(step), process_group=g, no_dist=not _dist.initialized())
+                dcp.load(tensors, storage_reader=self._reader(step, expected), process_group=g,
+                         no_dist=not _dist.initialized())
                 break
             except (Exception, CheckpointException) as exc:  # noqa: BLE001
                 attempt += 1
@@ -407,10 +386,10 @@ class Checkpointer:
                 # CheckpointException is the same on every rank; anything else: agree
                 problem = f"DCP load failed: {_short(exc)[:2000]}"
                 break
-        problem = self._agree(problem)
+        problem = agree(problem, g)
         if problem:
             return problem
-        # 6. put the JSON values back around the loaded tensors and hand them over
+        # 5. put the JSON values back around the loaded tensors and hand them over
         def tensor_of(key: str) -> torch.Tensor:
             if key not in tensors:
                 raise CheckpointMismatch(f"checkpoint step {step} has tensor {key!r} that the state lacks")
@@ -435,7 +414,8 @@ class Checkpointer:
 
     # -- lifecycle -----------------------------------------------------------------------
     def close(self) -> None:
-        """Waits for the in-flight save (raising its error), then releases the thread."""
+        """Waits for the in-flight save (raising its error), then releases the thread and
+        the staging buffers."""
         if self._closed:
             return
         try:
@@ -445,6 +425,9 @@ class Checkpointer:
             if self._executor is not None:
                 self._executor.shutdown(wait=True)
                 self._executor = None
+            if self._stager is not None:
+                self._stager.close()
+                self._stager = None
 
     def __enter__(self) -> "Checkpointer":
         return self
@@ -456,4 +439,4 @@ class Checkpointer:
         return f"Checkpointer({self.root!r}, keep_last={self.keep_last}, keep_every={self.keep_every})"
 
 
-__all__ = ["Checkpointer", "CheckpointMismatch", "step_name"]
+__all__ = ["Checkpointer", "CheckpointMismatch", "rank_json_name", "rank_tensors_name", "step_name"]

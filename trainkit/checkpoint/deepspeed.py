@@ -9,7 +9,7 @@ DeepSpeed's ``save_checkpoint`` / ``load_checkpoint`` only take local paths, so:
   :class:`~trainkit.checkpoint.Checkpointer`). The upload runs in a background thread
   (``async_upload``): training blocks only for DeepSpeed's local write.
 * load: every rank downloads the step's DeepSpeed files to a local temp dir, checks each
-  against the manifest's size and SHA-256, then calls ``engine.load_checkpoint``. A torn or
+  against the manifest's size and CRC-32, then calls ``engine.load_checkpoint``. A torn or
   corrupt step is skipped (and de-committed) like with ``Checkpointer``.
 
 Non-tensor training state (RNG, data position, counters) goes to trainkit's per-rank JSON,
@@ -21,13 +21,11 @@ checkpoints from a bucket you trust.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import shutil
 import tempfile
 import time
-import warnings
 from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
@@ -35,22 +33,21 @@ from typing import Any
 from torch.distributed.checkpoint.stateful import Stateful
 
 from trainkit.checkpoint import _codec, _dist
-from trainkit.checkpoint._store import MANIFEST, CheckpointStore, sha256_bytes, step_name
-from trainkit.checkpoint.checkpointer import (RANK_FILE_FORMAT, commit_collectively, rank_json_name,
-                                              rank_tensors_name)
+from trainkit.checkpoint._protocol import (RANK_FILE_FORMAT, agree, commit_collectively, load_newest,
+                                           rank_json_name, rank_tensors_name)
+from trainkit.checkpoint._store import MANIFEST, CheckpointStore, Crc32, record_of, step_name
 from trainkit.errors import StorageError
 
 log = logging.getLogger("trainkit.checkpoint")
 _CHUNK = 8 << 20
 
 
-def _sha256_file(path: str) -> tuple[int, str]:
-    h, n = hashlib.sha256(), 0
+def _file_record(path: str) -> dict[str, Any]:
+    crc = Crc32()
     with open(path, "rb") as f:
         while chunk := f.read(_CHUNK):
-            h.update(chunk)
-            n += len(chunk)
-    return n, h.hexdigest()
+            crc.update(chunk)
+    return crc.record()
 
 
 class DeepSpeedCheckpointer:
@@ -127,7 +124,7 @@ class DeepSpeedCheckpointer:
                 local = os.path.join(src, name)
                 if os.path.isdir(local):
                     raise StorageError(f"{local}: DeepSpeed wrote a sub-directory; not supported")
-                size, sha = _sha256_file(local)
+                rec = _file_record(local)
                 dst = self.store.file_path(step, name)
 
                 def put(local: str = local, dst: str = dst) -> None:
@@ -135,14 +132,14 @@ class DeepSpeedCheckpointer:
                     self.store.fs.put_file(local, dst)
 
                 self.store._retry(put, dst)
-                records[name] = {"size": size, "sha256": sha}
+                records[name] = rec
             name = rank_json_name(self.rank)
             self.store.put_bytes(self.store.file_path(step, name), blob)
-            records[name] = {"size": len(blob), "sha256": sha256_bytes(blob)}
+            records[name] = record_of(blob)
             if st is not None:
                 name = rank_tensors_name(self.rank)
                 self.store.put_bytes(self.store.file_path(step, name), st)
-                records[name] = {"size": len(st), "sha256": sha256_bytes(st)}
+                records[name] = record_of(st)
         except Exception as exc:  # noqa: BLE001
             err = f"rank {self.rank}: {type(exc).__name__}: {exc}"
         finally:
@@ -168,26 +165,8 @@ class DeepSpeedCheckpointer:
         """Loads the newest committed step that verifies (or ``step``) into ``engine`` (and
         ``state``); returns the step or None. ``load_kwargs`` go to ``engine.load_checkpoint``."""
         self.wait()
-        g = self._group
-        cands = None
-        if self.rank == 0:
-            cands = [int(step)] if step is not None else list(reversed(self.store.committed_steps()))
-        for s in _dist.broadcast_object(cands, g):
-            problem = self._try_load(s, engine, state, load_kwargs)
-            if problem is None:
-                return s
-            msg = f"checkpoint {self.store.step_url(s)} skipped: {problem}"
-            if step is not None:
-                raise StorageError(msg)
-            warnings.warn(msg, stacklevel=2)
-            if self.rank == 0:
-                self.store.quarantine(s)
-            _dist.barrier(g)
-        return None
-
-    def _agree(self, problem: str | None) -> str | None:
-        probs = [p for p in _dist.all_gather_object(problem, self._group) if p]
-        return "; ".join(dict.fromkeys(probs)) if probs else None
+        loaded, _ = load_newest(self.store, self._group, step, lambda s: self._try_load(s, engine, state, load_kwargs))
+        return loaded
 
     def _try_load(self, step: int, engine, state, load_kwargs) -> str | None:
         g, r = self._group, self.rank
@@ -221,7 +200,8 @@ class DeepSpeedCheckpointer:
                     local = os.path.join(dst_dir, name)
                     src = self.store.file_path(step, name)
                     self.store._retry(lambda src=src, local=local: self.store.fs.get_file(src, local), src)
-                    if _sha256_file(local) != (rec["size"], rec["sha256"]):
+                    got = _file_record(local)
+                    if (got["size"], got["crc32"]) != (rec["size"], rec["crc32"]):
                         raise StorageError(f"{name}: checksum mismatch")
                 with open(os.path.join(dst_dir, rank_json_name(src_rank)), "rb") as f:
                     rank_doc = _codec.loads(f.read())
@@ -232,7 +212,7 @@ class DeepSpeedCheckpointer:
                     local_t = load_file(st_path)
             except Exception as exc:  # noqa: BLE001
                 problem = f"{type(exc).__name__}: {exc}"
-            problem = self._agree(problem)
+            problem = agree(problem, g)
             if problem:
                 return problem
             try:
@@ -241,7 +221,7 @@ class DeepSpeedCheckpointer:
                     problem = "DeepSpeed could not load it"
             except Exception as exc:  # noqa: BLE001
                 problem = f"DeepSpeed load failed: {type(exc).__name__}: {exc}"
-            problem = self._agree(problem)
+            problem = agree(problem, g)
             if problem:
                 return problem
         finally:

@@ -42,7 +42,9 @@ class ModelOptimState(Stateful):
 
     Works for plain modules, DDP (keys without ``module.``) and FSDP2 (sharded DTensors); the
     optimizer state is keyed by parameter name, so it reshards with the model.
-    ``state_dict()`` is ``{"model": ..., "optim": ...}``.
+    ``state_dict()`` is ``{"model": ..., "optim": ...}``. Module buffers are returned as
+    copies: they change during the forward pass (BatchNorm statistics, DDP's buffer
+    broadcast), and a checkpoint whose host copy overlaps the next forward must not see that.
     """
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
@@ -55,9 +57,16 @@ class ModelOptimState(Stateful):
         from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
 
         if self.optimizer is None:
-            return {"model": get_model_state_dict(self.model, options=self.options)}
+            return {"model": self._snapshot_buffers(get_model_state_dict(self.model, options=self.options))}
         msd, osd = get_state_dict(self.model, self.optimizer, options=self.options)
-        return {"model": msd, "optim": osd}
+        return {"model": self._snapshot_buffers(msd), "optim": osd}
+
+    def _snapshot_buffers(self, msd: dict[str, Any]) -> dict[str, Any]:
+        buffers = {b.data_ptr() for b in self.model.buffers() if type(b) is torch.Tensor and b.numel()}
+        for k, v in msd.items():
+            if type(v) is torch.Tensor and v.numel() and v.data_ptr() in buffers:
+                msd[k] = v.clone()
+        return msd
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
         from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict

@@ -109,6 +109,8 @@ class DeepSpeedStrategy(Strategy):
         from trainkit.checkpoint import DeepSpeedCheckpointer
 
         async_save = options.pop("async_save", True)
+        options.pop("overlap_staging", None)  # DeepSpeed writes its files itself, synchronously
+        options.pop("io_threads", None)
         return EngineCheckpointer(DeepSpeedCheckpointer(root, async_upload=async_save, **options), self.model)
 
 
@@ -127,6 +129,10 @@ class EngineCheckpointer:
 
     def wait(self) -> None:
         self.inner.wait()
+
+    def staged(self) -> float:
+        """DeepSpeed's local write is done when ``save`` returns: nothing to wait for."""
+        return 0.0
 
     def latest_step(self) -> int | None:
         return self.inner.latest_step()

@@ -1,0 +1,106 @@
+"""The collective half of the commit protocol, shared by both checkpointers.
+
+Every rank writes its own files and reports them; rank 0 alone commits (manifest last,
+then ``latest``) and the outcome is broadcast, so all ranks raise the same error or none.
+On load, the ranks walk the committed steps newest first, agree on each step's verdict and
+de-commit (quarantine) the ones that fail, so a torn or corrupt checkpoint costs one
+warning and a fall back to the previous one.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+from trainkit.checkpoint import _dist
+from trainkit.checkpoint._store import CheckpointStore, step_name
+from trainkit.errors import StorageError
+
+log = logging.getLogger("trainkit.checkpoint")
+
+RANK_FILE_FORMAT = "trainkit-rank-state/1"
+
+
+def rank_json_name(rank: int) -> str:
+    return f"rank_{rank:05d}.json"
+
+
+def rank_tensors_name(rank: int) -> str:
+    return f"rank_{rank:05d}.safetensors"
+
+
+def agree(problem: str | None, group) -> str | None:
+    """Every rank's problem (or None) → the same joined message on all ranks."""
+    probs = [p for p in _dist.all_gather_object(problem, group) if p]
+    return "; ".join(dict.fromkeys(probs)) if probs else None
+
+
+def commit_collectively(store: CheckpointStore, group, step: int, records: dict[str, dict[str, Any]],
+                        err: str | None, *, keep_last: int, keep_every: int, extra: dict[str, Any]) -> None:
+    """Every rank, after writing its files: gather (files, error) to all, rank 0 writes the
+    manifest and moves ``latest`` only when no rank failed, then applies retention; the
+    outcome is broadcast so every rank raises the same error or none."""
+    gathered = _dist.all_gather_object((records, err), group)
+    world = len(gathered)
+    outcome: str | None = None
+    if _dist.rank(group) == 0:
+        errors = [e for _, e in gathered if e]
+        if errors:
+            outcome = "; ".join(errors)
+        else:
+            files: dict[str, dict[str, Any]] = {}
+            for r, (recs, _) in enumerate(gathered):
+                for name, rec in recs.items():
+                    files[name] = {**rec, "rank": r}
+            try:
+                store.commit(step, files, world_size=world,
+                             extra={**extra, "rank_files": [rank_json_name(r) for r in range(world)]})
+            except Exception as exc:  # noqa: BLE001
+                outcome = f"commit: {exc}"
+            else:
+                try:
+                    store.apply_retention(keep_last, keep_every)
+                except Exception as exc:  # noqa: BLE001 - the checkpoint is committed anyway
+                    log.warning("retention after step %d failed: %s", step, exc)
+    outcome = _dist.broadcast_object(outcome, group)
+    if outcome:
+        raise StorageError(f"checkpoint step {step} under {store.root} was not committed: {outcome}")
+
+
+def load_newest(store: CheckpointStore, group, step: int | None,
+                try_load: Callable[[int], str | None]) -> tuple[int | None, list[int]]:
+    """Tries ``step`` (or every committed step, newest first) with ``try_load``, which
+    returns None on success or the agreed problem. Returns (step loaded or None, the
+    committed steps seen). A named ``step`` that fails raises; otherwise a failing step is
+    warned about, de-committed, and the next older one tried."""
+    cands = None
+    if _dist.rank(group) == 0:
+        committed = store.committed_steps()
+        cands = [int(step)] if step is not None else list(reversed(committed))
+        newest = committed[-1] if committed else -1
+        torn = sorted(s for s in store.step_dirs() if s > newest)
+        if torn and step is None:
+            _warn(f"ignoring uncommitted checkpoint dir(s) {[step_name(s) for s in torn]} under {store.root} "
+                  "(no manifest: an interrupted save)")
+        cands = (cands, committed)
+    cands, committed = _dist.broadcast_object(cands, group)
+    for s in cands:
+        problem = try_load(s)
+        if problem is None:
+            log.info("loaded checkpoint step %d from %s", s, store.root)
+            return s, committed
+        msg = f"checkpoint {store.step_url(s)} skipped: {problem}"
+        if step is not None:
+            raise StorageError(msg)
+        _warn(msg)
+        if _dist.rank(group) == 0:
+            store.quarantine(s)
+        _dist.barrier(group)
+    return None, committed
+
+
+def _warn(msg: str) -> None:
+    warnings.warn(msg, stacklevel=3)
+    log.warning(msg)
