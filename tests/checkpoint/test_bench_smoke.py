@@ -23,16 +23,17 @@ def test_save_load_bench_reports_sane_figures(tmp_path, capsys):
     assert r["state_bytes"] >= 0.02e9
     assert r["dcp_data_files"] >= 1
     for name, runs in r["runs"].items():
-        assert len(runs) == 1 and runs[0] > 0, name
+        assert len(runs) == 1 and (runs[0] > 0 or name == "train_staged_wait_s"), name
     s = r["summary"]
-    assert 0 < s["async_blocking_s"] <= s["async_total_s"]
+    assert 0 < s["blocking_s"] <= s["blocking_total_s"]
     assert 0 < s["blocking_ratio"] <= 1
+    assert r["median"]["train_steps_during_save"] >= 1 and r["first_save"]["total_s"] > 0
     for k, v in s.items():
         if k.endswith("_mb_s"):
             assert math.isfinite(v) and v > 0, k
     assert s["save_vs_raw"] > 0 and s["load_vs_raw"] > 0
     text = out.read_text()
-    assert "async save: blocking" in text and "git commit" in text and "--state-gb 0.02" in text
+    assert "in training: loop blocked" in text and "git commit" in text and "--state-gb 0.02" in text
 
 
 def test_kill_resume_table_formats():

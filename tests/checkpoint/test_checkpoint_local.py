@@ -156,14 +156,16 @@ def test_explicit_corrupt_step_raises(tmp_path):
         Checkpointer(str(root)).load(state_of(model, opt, {"step": 0}), step=2)
 
 
-def test_size_only_verification_still_catches_dcp_errors(tmp_path):
+def test_same_size_garbage_is_caught_by_checksums_not_by_sizes(tmp_path):
     root = tmp_path / "ck"
     snaps = _two_checkpoints(str(root))
     shard = root / "step_000000002" / "__0_0.distcp"
     shard.write_bytes(b"\x00" * shard.stat().st_size)  # same size, garbage content
     model, opt = make(seed=3)
-    with pytest.warns(UserWarning, match="DCP load failed"):
-        assert Checkpointer(str(root), verify="size").load(state_of(model, opt, {"step": 0})) == 1
+    assert Checkpointer(str(root), verify="size").load(state_of(model, opt, {"step": 0}), step=2) == 2
+    assert not same(snaps[2], snapshot(model, opt))  # sizes say nothing about content
+    with pytest.warns(UserWarning, match="checksum mismatch"):
+        assert Checkpointer(str(root)).load(state_of(model, opt, {"step": 0})) == 1
     assert same(snaps[1], snapshot(model, opt))
 
 

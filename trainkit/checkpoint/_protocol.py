@@ -38,10 +38,12 @@ def agree(problem: str | None, group) -> str | None:
 
 
 def commit_collectively(store: CheckpointStore, group, step: int, records: dict[str, dict[str, Any]],
-                        err: str | None, *, keep_last: int, keep_every: int, extra: dict[str, Any]) -> None:
+                        err: str | None, *, keep_last: int, keep_every: int, extra: dict[str, Any],
+                        on_commit: Callable[[], None] | None = None) -> None:
     """Every rank, after writing its files: gather (files, error) to all, rank 0 writes the
-    manifest and moves ``latest`` only when no rank failed, then applies retention; the
-    outcome is broadcast so every rank raises the same error or none."""
+    manifest and moves ``latest`` only when no rank failed; the outcome is broadcast so every
+    rank raises the same error or none. Then rank 0 applies retention (the checkpoint is
+    committed already; a failed deletion is only logged)."""
     gathered = _dist.all_gather_object((records, err), group)
     world = len(gathered)
     outcome: str | None = None
@@ -59,14 +61,16 @@ def commit_collectively(store: CheckpointStore, group, step: int, records: dict[
                              extra={**extra, "rank_files": [rank_json_name(r) for r in range(world)]})
             except Exception as exc:  # noqa: BLE001
                 outcome = f"commit: {exc}"
-            else:
-                try:
-                    store.apply_retention(keep_last, keep_every)
-                except Exception as exc:  # noqa: BLE001 - the checkpoint is committed anyway
-                    log.warning("retention after step %d failed: %s", step, exc)
     outcome = _dist.broadcast_object(outcome, group)
     if outcome:
         raise StorageError(f"checkpoint step {step} under {store.root} was not committed: {outcome}")
+    if on_commit is not None:
+        on_commit()
+    if _dist.rank(group) == 0:
+        try:
+            store.apply_retention(keep_last, keep_every)
+        except Exception as exc:  # noqa: BLE001 - the checkpoint is committed anyway
+            log.warning("retention after step %d failed: %s", step, exc)
 
 
 def load_newest(store: CheckpointStore, group, step: int | None,

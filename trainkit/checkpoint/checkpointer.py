@@ -120,7 +120,7 @@ class Checkpointer:
         # it cannot collide with a committed step, so the hot path skips the store lookup.
         self._newest_committed: int | None = None
         self.last_blocking_s: float = 0.0  # how long the last save() blocked the caller
-        self.last_save_s: float = 0.0      # start of save() to commit, for the last committed save
+        self.last_save_s: float = 0.0      # start of save() to commit (before retention), last save
         self.last_loaded_step: int | None = None
         self._closed = False
 
@@ -262,11 +262,13 @@ class Checkpointer:
                 records[name] = record_of(local_st)
         except Exception as exc:  # noqa: BLE001 - reported collectively below
             err = f"rank {self.rank}: {exc}" if isinstance(exc, StorageError) else f"rank {self.rank}: {_short(exc)}"
+        def committed() -> None:
+            self.last_save_s = time.perf_counter() - t0
+            self._newest_committed = max(step, -1 if self._newest_committed is None else self._newest_committed)
+            log.info("checkpoint step %d committed under %s (%.2fs)", step, self.root, self.last_save_s)
+
         commit_collectively(self.store, self._group, step, records, err, keep_last=self.keep_last,
-                            keep_every=self.keep_every, extra={"kind": "dcp"})
-        self._newest_committed = max(step, self._newest_committed if self._newest_committed is not None else -1)
-        self.last_save_s = time.perf_counter() - t0
-        log.info("checkpoint step %d committed under %s (%.2fs)", step, self.root, self.last_save_s)
+                            keep_every=self.keep_every, extra={"kind": "dcp"}, on_commit=committed)
 
     def wait(self) -> None:
         """Blocks until the in-flight save is committed; raises its error if it failed."""
