@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 from trainkit.checkpoint import _dist
-from trainkit.checkpoint._store import CheckpointStore, step_name
+from trainkit.checkpoint._store import MANIFEST, CheckpointStore, step_name
 from trainkit.errors import StorageError
 
 log = logging.getLogger("trainkit.checkpoint")
@@ -71,6 +71,26 @@ def commit_collectively(store: CheckpointStore, group, step: int, records: dict[
             store.apply_retention(keep_last, keep_every)
         except Exception as exc:  # noqa: BLE001 - the checkpoint is committed anyway
             log.warning("retention after step %d failed: %s", step, exc)
+
+
+def manifest_agreed(store: CheckpointStore, group, step: int, kind: str
+                    ) -> tuple[dict[str, Any] | None, str | None]:
+    """Rank 0 reads the step's manifest and compares it with a listing (missing or
+    wrong-size files); every rank gets (manifest, None) or (None, the problem)."""
+    man, problem = None, None
+    if _dist.rank(group) == 0:
+        try:
+            man = store.read_manifest(step)
+            if man.get("kind", kind) != kind:
+                problem = f"not a {kind} checkpoint (kind={man.get('kind')!r})"
+            else:
+                problem = "; ".join(store.verify_sizes(step, man)) or None
+        except FileNotFoundError:
+            problem = f"no {MANIFEST}"
+        except (ValueError, StorageError) as exc:
+            problem = str(exc)
+    man, problem = _dist.broadcast_object((man, problem), group)
+    return (None, problem) if problem else (man, None)
 
 
 def load_newest(store: CheckpointStore, group, step: int | None,

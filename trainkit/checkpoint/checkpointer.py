@@ -23,8 +23,8 @@ from trainkit import storage
 from trainkit.checkpoint import _codec, _dist
 from trainkit.checkpoint._dcp_io import METADATA_FILE, SafeFsspecReader, TrackedFsspecWriter, safe_load_metadata
 from trainkit.checkpoint._protocol import (RANK_FILE_FORMAT, agree, commit_collectively, load_newest,
-                                           rank_json_name, rank_tensors_name)
-from trainkit.checkpoint._store import MANIFEST, CheckpointStore, check_record, record_of, step_name
+                                           manifest_agreed, rank_json_name, rank_tensors_name)
+from trainkit.checkpoint._store import CheckpointStore, check_record, record_of, step_name
 from trainkit.checkpoint.state import RankLocal
 from trainkit.errors import StorageError
 
@@ -318,18 +318,7 @@ class Checkpointer:
     def _try_load(self, step: int, state: dict[str, Any]) -> str | None:
         g, r = self._group, self.rank
         # 1. the manifest (rank 0) and a listing check
-        man, problem = None, None
-        if r == 0:
-            try:
-                man = self.store.read_manifest(step)
-                bad = self.store.verify_sizes(step, man)
-                if bad:
-                    problem = "; ".join(bad)
-            except FileNotFoundError:
-                problem = f"no {MANIFEST}"
-            except (ValueError, StorageError) as exc:
-                problem = str(exc)
-        man, problem = _dist.broadcast_object((man, problem), g)
+        man, problem = manifest_agreed(self.store, g, step, "dcp")
         if problem:
             return problem
         # 2. DCP metadata (checked, safely unpickled) and the structure of the state

@@ -34,8 +34,8 @@ from torch.distributed.checkpoint.stateful import Stateful
 
 from trainkit.checkpoint import _codec, _dist
 from trainkit.checkpoint._protocol import (RANK_FILE_FORMAT, agree, commit_collectively, load_newest,
-                                           rank_json_name, rank_tensors_name)
-from trainkit.checkpoint._store import MANIFEST, CheckpointStore, Crc32, record_of, step_name
+                                           manifest_agreed, rank_json_name, rank_tensors_name)
+from trainkit.checkpoint._store import CheckpointStore, Crc32, record_of, step_name
 from trainkit.errors import StorageError
 
 log = logging.getLogger("trainkit.checkpoint")
@@ -170,20 +170,7 @@ class DeepSpeedCheckpointer:
 
     def _try_load(self, step: int, engine, state, load_kwargs) -> str | None:
         g, r = self._group, self.rank
-        man, problem = None, None
-        if r == 0:
-            try:
-                man = self.store.read_manifest(step)
-                if man.get("kind") != "deepspeed":
-                    problem = f"not a DeepSpeed checkpoint (kind={man.get('kind')!r})"
-                else:
-                    bad = self.store.verify_sizes(step, man)
-                    problem = "; ".join(bad) or None
-            except FileNotFoundError:
-                problem = f"no {MANIFEST}"
-            except (ValueError, StorageError) as exc:
-                problem = str(exc)
-        man, problem = _dist.broadcast_object((man, problem), g)
+        man, problem = manifest_agreed(self.store, g, step, "deepspeed")
         if problem:
             return problem
         tag = man.get("tag") or step_name(step)
