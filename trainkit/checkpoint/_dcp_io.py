@@ -178,8 +178,9 @@ class TrackedFsspecWriter(FsspecWriter):
                 t = t.to("cpu").contiguous()
                 offset = stream.tell()
                 n = t.numel() * t.element_size()
-                if n:
-                    stream.write(_bytes_of(t))
+                view = _bytes_of(t) if n else memoryview(b"")
+                while view:
+                    view = view[stream.write(view):]
                 results.append(WriteResult(index=item.index, size_in_bytes=n,
                                            storage_data=_StorageInfo(name, offset, n, transform_descriptors=[RAW])))
             stream.flush()
