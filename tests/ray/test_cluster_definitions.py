@@ -65,6 +65,16 @@ def test_ray_cluster_yaml_passes_rays_schema_and_preparation(name):
     assert workers and all(t["max_workers"] >= 1 for t in workers)
 
 
+@pytest.mark.parametrize("name", ["aws-spot.yaml", "gcp-spot.yaml"])
+def test_ray_cluster_yaml_head_uses_the_spot_health_checks(name):
+    """The head's GCS declares a vanished node dead as fast as the spot bench measured it."""
+    from trainkit.launch.ray_launcher import SPOT_SYSTEM_CONFIG
+
+    start = next(c for c in _ray_config(name)["head_start_ray_commands"] if c.startswith("ray start"))
+    flags = [w for w in shlex.split(start) if w.startswith("--system-config=")]
+    assert flags and json.loads(flags[0].split("=", 1)[1]) == SPOT_SYSTEM_CONFIG
+
+
 def test_aws_workers_are_spot_gpus_and_node_configs_fit_run_instances():
     import botocore.session
     from botocore.validate import ParamValidator

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import time
 from pathlib import Path
 
 import pytest
@@ -126,22 +125,13 @@ def test_sweep_two_trials_on_ray(ray_cluster, tmp_path):
 
 @pytest.mark.slow
 def test_ray_node_drain_reaches_preemption_path(ray_cluster, tmp_path):
-    import ray._private.state  # noqa: F401
-    from ray._raylet import GcsClient
-    from ray.core.generated import autoscaler_pb2
-
     ray_cluster.ensure(2)
     drained = {}
 
     def drain_a_node() -> None:
         pids = wait_for(ray_cluster.worker_pids, 30, "train workers")
         node = ray_cluster.node_of(pids[0])
-        client = GcsClient(address=ray_cluster.address)
-        ok, why = client.drain_node(
-            node.node_id, autoscaler_pb2.DrainNodeReason.Value("DRAIN_NODE_REASON_PREEMPTION"),
-            "spot reclaim (test)", int(time.time() * 1000) + 60_000,
-        )
-        assert ok, why
+        ray_cluster.drain(node, 60, "spot reclaim (test)")
         drained["node"] = node
         ray_cluster.add()  # replacement capacity; the draining node takes no new work
 

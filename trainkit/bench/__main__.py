@@ -1,4 +1,4 @@
-"""``python -m trainkit.bench step|data|checkpoint|node-loss [options]``."""
+"""``python -m trainkit.bench step|data|checkpoint|node-loss|spot [options]``."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ BENCHES = {
     "data": "trainkit.data.bench",
     "checkpoint": "trainkit.checkpoint.bench",
     "node-loss": "trainkit.bench.node_loss",
+    "spot": "trainkit.bench.spot",
 }
 
 

@@ -17,13 +17,14 @@ committed checkpoint, adds a replacement, and reads the run's own records:
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from trainkit.bench.loopback import LoopbackCluster, read_records
 
 DEFAULT = [
     "recipe=resnet", "model.width=4", "model.blocks=[1,1]", "model.image_size=8", "data.batch_size=32",
@@ -32,39 +33,10 @@ DEFAULT = [
 ]
 
 
-def _records(path: Path) -> list[dict[str, Any]]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def _worker_node(cluster: Any) -> Any:
-    import psutil
-
-    for node in list(cluster.worker_nodes):
-        for info in node.all_processes.get("raylet", []):
-            try:
-                kids = psutil.Process(info.process.pid).children(recursive=True)
-            except psutil.Error:
-                continue
-            if any("RayTrainWorker" in " ".join(k.cmdline()) for k in kids):
-                return node
-    return None
-
-
 def node_loss_recovery(overrides: list[str] = (), workers: int = 2, timeout: float = 600) -> dict[str, Any]:
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # keep Ray on 127.0.0.1
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    from ray.cluster_utils import Cluster
-
-    node_args = {"num_cpus": 1, "node_ip_address": "127.0.0.1", "object_store_memory": 80 * 1024 * 1024}
-    cluster = Cluster(initialize_head=True, head_node_args={**node_args, "num_cpus": 0, "include_dashboard": False})
+    cluster = LoopbackCluster(workers)
     run_dir = Path(tempfile.mkdtemp(prefix="trainkit-bench-nodeloss-")) / "run"
     try:
-        for _ in range(workers):
-            cluster.add_node(**node_args)
-        cluster.wait_for_nodes()
         cmd = [sys.executable, "-m", "trainkit.launch", *DEFAULT, f"launcher.workers={workers}", *overrides,
                "launcher=ray", f"launcher.address={cluster.address}", f"run_dir={run_dir}"]
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -73,15 +45,15 @@ def node_loss_recovery(overrides: list[str] = (), workers: int = 2, timeout: flo
             if proc.poll() is not None or time.time() > deadline:
                 raise RuntimeError(f"no checkpoint before the launcher ended ({proc.poll()})")
             time.sleep(0.05)
-        node = None
-        while node is None and time.time() < deadline:
-            node = _worker_node(cluster)
+        nodes: list[Any] = []
+        while not nodes and time.time() < deadline:
+            nodes = cluster.train_nodes()
         t_lost = time.time()
-        cluster.remove_node(node, allow_graceful=False)
-        cluster.add_node(**node_args)
+        cluster.remove(nodes[0], graceful=False)
+        cluster.add()
         rc = proc.wait(timeout=max(1.0, deadline - time.time()))
-        events = _records(run_dir / "events.jsonl")
-        metrics = _records(run_dir / "metrics.jsonl")
+        events = read_records(run_dir / "events.jsonl")
+        metrics = read_records(run_dir / "metrics.jsonl")
         starts = [e for e in events if e["event"] == "start" and e["time"] > t_lost]
         restores = [e for e in events if e["event"] == "restore" and e["time"] > t_lost]
         attempt = starts[0]["attempt"] if starts else None

@@ -1,0 +1,106 @@
+"""The spot bench's accounting and schedule on hand-made records whose answer is known."""
+
+from __future__ import annotations
+
+import pytest
+
+from trainkit.bench.spot_account import account, history_problems
+from trainkit.bench.spot_schedule import SpotEvent, format_schedule, make_schedule, parse_schedule
+
+T0 = 1000.0
+
+
+def _rec(step: int, t: float, attempt: int, block: float = 0.0) -> dict:
+    return {"step": step, "time": T0 + t, "attempt": attempt, "step_time_s": 1.0, "checkpoint_block_s": block}
+
+
+def _ev(kind: str, t: float, **fields) -> dict:
+    return {"event": kind, "time": T0 + t, **fields}
+
+
+@pytest.fixture
+def scenario():
+    """Start-up 10 s; 1 s steps. Attempt 0 checkpoints step 8, runs to step 10 and its node is
+    killed at 20.5 s; attempt 1 restores step 8 at 30 s, is drained at 36.2 s and stops at
+    step 14 (save done at 36.5 s); attempt 2 restores step 14 at 45 s and finishes step 20;
+    the launcher exits at 53 s."""
+    a0 = [_rec(s, 10 + s, 0, block=0.2 if s == 5 else 0.0) for s in range(1, 11)]
+    a1 = [_rec(s, 22 + s, 1) for s in range(9, 15)]
+    a2 = [_rec(s, 31 + s, 2) for s in range(15, 21)]
+    final = a0[:8] + a1 + a2
+    seen = a0 + a1 + a2
+    events = [
+        _ev("start", 10, attempt=0, step=0), _ev("checkpoint", 18, step=8),
+        _ev("restore", 30, step=8, recomputed_steps=2), _ev("start", 30, attempt=1, step=8),
+        _ev("checkpoint", 36.5, step=14, blocking=True), _ev("preempted", 36.5, step=14, reason="drain"),
+        _ev("restore", 45, step=14, recomputed_steps=0), _ev("start", 45, attempt=2, step=14),
+        _ev("finish", 51.5, step=20),
+    ]
+    fired = [{"kind": "kill", "planned_s": 20, "fired_at": T0 + 20.5},
+             {"kind": "drain", "planned_s": 36, "fired_at": T0 + 36.2}]
+    return final, seen, events, fired
+
+
+def test_goodput_and_split_add_up_to_the_wall_time(scenario):
+    final, seen, events, fired = scenario
+    r = account(final, seen, events, fired, T0, T0 + 53)
+    assert r["wall_s"] == 53 and r["steps"] == 20 and r["attempts"] == 3
+    assert r["useful_s"] == pytest.approx(19.8)  # 20 kept steps less 0.2 s blocked on a save
+    assert r["goodput"] == pytest.approx(19.8 / 53)
+    assert r["steady_goodput"] == pytest.approx(20 / 53)
+    assert r["split"] == pytest.approx({
+        "startup_s": 10, "checkpoint_blocking_s": 0.2, "recompute_s": 2.5, "emergency_save_s": 0.5,
+        "restart_s": 9.5 + 8.5, "finish_s": 2, "unattributed_s": 0,
+    })
+    assert r["unscheduled_restarts"] == 0 and r["fired"] == 2
+
+
+def test_one_row_per_event(scenario):
+    final, seen, events, fired = scenario
+    kill, drain = account(final, seen, events, fired, T0, T0 + 53)["events"]
+    assert kill["kind"] == "kill" and kill["attempt"] == 0
+    assert kill["fired_s"] == pytest.approx(20.5)
+    assert kill["notice_to_stop_s"] is None
+    assert kill["to_first_step_s"] == pytest.approx(31 - 20.5)
+    assert (kill["recomputed_steps"], kill["lost_records"], kill["restored_step"]) == (2, 2, 8)
+    assert kill["recompute_s"] == pytest.approx(2.5) and kill["restart_s"] == pytest.approx(9.5)
+    assert kill["cost_s"] == pytest.approx(12)
+    assert drain["kind"] == "drain" and drain["attempt"] == 1
+    assert drain["notice_to_stop_s"] == pytest.approx(0.3)
+    assert drain["to_first_step_s"] == pytest.approx(46 - 36.2)
+    assert (drain["recomputed_steps"], drain["lost_records"]) == (0, 0)
+    assert drain["emergency_save_s"] == pytest.approx(0.5) and drain["cost_s"] == pytest.approx(9)
+
+
+def test_a_restart_without_a_scheduled_event_is_reported(scenario):
+    final, seen, events, fired = scenario
+    r = account(final, seen, events, fired[1:], T0, T0 + 53)
+    assert r["unscheduled_restarts"] == 1 and [e["kind"] for e in r["events"]] == ["drain"]
+    # Without the kill time, the lost work ends at the last record the bench saw.
+    assert r["split"]["recompute_s"] == pytest.approx(2) and r["split"]["restart_s"] == pytest.approx(10 + 8.5)
+
+
+def test_history_problems():
+    assert history_problems([{"step": s} for s in range(1, 6)], 5) == []
+    problems = history_problems([{"step": s} for s in (1, 2, 2, 4)], 5)
+    assert problems == ["steps logged more than once: [2]", "2 steps missing, first [3, 5]"]
+
+
+def test_schedule_is_seeded_spaced_and_inside_the_run():
+    a = make_schedule(720, drain_every_s=180, kill_every_s=420, seed=3)
+    assert a == make_schedule(720, drain_every_s=180, kill_every_s=420, seed=3)
+    assert a != make_schedule(720, drain_every_s=180, kill_every_s=420, seed=4)
+    kinds = [e.kind for e in a]
+    assert kinds.count("drain") >= 2 and kinds.count("kill") == 1
+    times = [e.at_s for e in a]
+    assert times == sorted(times) and 60 <= times[0] and times[-1] <= 720 - 60
+    assert all(b - a >= 45 for a, b in zip(times, times[1:]))
+    assert all(e.victim in (0, 1) for e in a)
+    assert [e.kind for e in make_schedule(720, drain_every_s=0, kill_every_s=200)] == ["kill"] * 3
+
+
+def test_parse_schedule():
+    assert parse_schedule("kill@150:1, drain@60") == [SpotEvent("drain", 60), SpotEvent("kill", 150, 1)]
+    with pytest.raises(ValueError, match="bad schedule item 'nap@3'"):
+        parse_schedule("nap@3")
+    assert "60.0  drain" in format_schedule(parse_schedule("drain@60"))

@@ -1,0 +1,326 @@
+"""Goodput of a ``launcher=ray`` job under a simulated spot schedule.
+
+    python -m trainkit.bench spot [--minutes 12] [--drain-every 180] [--kill-every 420] \\
+        [--seed 0] [--markdown FILE] [key=value ...]
+
+A loopback Ray cluster runs the recipe with ``launcher=ray``, checkpointing every 10 s: a
+0-CPU head (GCS, driver, Ray Train's controller) with the GCS health checks of
+``SPOT_SYSTEM_CONFIG``, one 1-CPU node per worker and ``--spare`` idle nodes (a cluster
+kept one node above what the job needs, so a restart need not wait for a new instance).
+The bench carries out a seeded schedule:
+
+* ``drain``: a spot notice. The node of a training worker is drained with a deadline
+  (``--grace``), which trainkit turns into an agreed stop step, an emergency checkpoint and
+  exit 75; Ray restarts the group away from the draining node. The drained node is removed
+  without grace at its deadline (the instance is reclaimed).
+* ``kill``: a node hosting a worker is removed without notice (SIGKILL of its raylet and
+  workers); Ray's failure handling restarts the group and it resumes from the latest
+  committed checkpoint.
+
+Either way a replacement node joins ``--replace-after`` seconds after the event (the cloud's
+new instance). An event fires at its time once the job is training again after the
+previous one, so no restart is measured twice. Goodput is useful step time over the wall
+time from launching the job to its exit; :mod:`trainkit.bench.spot_account` says exactly
+what counts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from trainkit.bench.loopback import LoopbackCluster, read_records
+from trainkit.bench.spot_account import account, history_problems
+from trainkit.bench.spot_schedule import SpotEvent, format_schedule, make_schedule, parse_schedule
+from trainkit.launch.ray_launcher import SPOT_SYSTEM_CONFIG
+
+# The resnet recipe as it ships (~60 ms a step on 2 CPU workers), logging every step so
+# each step's time is on record, and a time-based checkpoint policy: a hard kill loses at
+# most 10 s of steps, 5 s on average.
+RECIPE = [
+    "recipe=resnet", "strategy=ddp", "trainer.threads=1", "trainer.log_every=1", "trainer.progress=off",
+    "trainer.loggers=[]", "checkpoint.every_steps=0", "checkpoint.every_seconds=10",
+]
+# The default recipe's optimizer steps per second on the project's 2-core machine, less the
+# expected restarts; sizes the job to --minutes. Elsewhere pass --steps.
+STEPS_PER_S = 15.0
+
+
+class MetricsTail(threading.Thread):
+    """Keeps every metrics record the job writes, also those a restore drops later."""
+
+    def __init__(self, path: Path, every_s: float = 0.2) -> None:
+        super().__init__(name="trainkit-spot-tail", daemon=True)
+        self.path = path
+        self.every_s = every_s
+        self.records: dict[tuple[Any, int], dict[str, Any]] = {}
+        self._done = threading.Event()
+
+    def run(self) -> None:
+        while not self._done.wait(self.every_s):
+            self.poll()
+
+    def poll(self) -> None:
+        for r in read_records(self.path):
+            if isinstance(r.get("step"), int):
+                self.records.setdefault((r.get("attempt"), r["step"]), r)
+
+    def latest_attempt(self) -> Any:
+        return max((a for a, _ in self.records if a is not None), default=None)
+
+    def stop(self) -> list[dict[str, Any]]:
+        self._done.set()
+        self.join()
+        self.poll()
+        return list(self.records.values())
+
+
+class SpotRunner:
+    """Starts the job, carries out the schedule against the cluster, collects the records."""
+
+    def __init__(self, cluster: LoopbackCluster, schedule: list[SpotEvent], *, grace_s: float,
+                 replace_after_s: float, log: Callable[[str], None] = print) -> None:
+        self.cluster = cluster
+        self.schedule = list(schedule)
+        self.grace_s = grace_s
+        self.replace_after_s = replace_after_s
+        self.log = log
+        self.fired: list[dict[str, Any]] = []
+        self._later: list[tuple[float, str, Callable[[], Any]]] = []
+
+    def run(self, cmd: list[str], run_dir: Path, out: Path, timeout_s: float) -> dict[str, Any]:
+        tail = MetricsTail(run_dir / "metrics.jsonl")
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        with open(out, "w") as stdout:
+            t_launch = time.time()
+            proc = subprocess.Popen(cmd, stdout=stdout, stderr=subprocess.STDOUT, env=env)
+            tail.start()
+            try:
+                pending = list(self.schedule)
+                hit_attempt: Any = None
+                while proc.poll() is None:
+                    if time.time() - t_launch > timeout_s:
+                        raise TimeoutError(f"the job ran past {timeout_s:.0f} s; its output: {out}")
+                    self._due()
+                    attempt = tail.latest_attempt()
+                    resumed = attempt is not None and (hit_attempt is None or attempt > hit_attempt)
+                    if pending and resumed and time.time() >= t_launch + pending[0].at_s:
+                        if self._fire(pending[0], t_launch):
+                            pending.pop(0)
+                            hit_attempt = attempt
+                    time.sleep(0.05)
+                t_end = time.time()
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+                seen = tail.stop()
+                self._due(everything=True)
+        return {
+            "exit_code": proc.returncode,
+            "t_launch": t_launch,
+            "t_end": t_end,
+            "seen": seen,
+            "final": read_records(run_dir / "metrics.jsonl"),
+            "events": read_records(run_dir / "events.jsonl"),
+            "not_fired": [str(e) for e in pending],
+        }
+
+    def _fire(self, event: SpotEvent, t_launch: float) -> bool:
+        workers = sorted(self.cluster.worker_pids())
+        node = self.cluster.node_of(workers[event.victim % len(workers)]) if workers else None
+        if node is None:
+            return False  # the group is between restarts: try again on the next tick
+        now = time.time()
+        record = {"kind": event.kind, "planned_s": event.at_s, "fired_at": now, "node": node.node_id[:8],
+                  "worker": event.victim % len(workers)}
+        if event.kind == "drain":
+            self.cluster.drain(node, self.grace_s)
+            self._at(now + self.grace_s, f"reclaim drained node {node.node_id[:8]}",
+                     lambda: self.cluster.remove(node, graceful=False))
+        else:
+            self.cluster.remove(node, graceful=False)
+        self._at(now + self.replace_after_s, "replacement node joins", self.cluster.add)
+        self.fired.append(record)
+        self.log(f"[spot] {now - t_launch:7.1f} s  {event.kind} node {record['node']} (worker #{record['worker']})")
+        return True
+
+    def _at(self, when: float, what: str, action: Callable[[], Any]) -> None:
+        self._later.append((when, what, action))
+        self._later.sort(key=lambda item: item[0])
+        self._due()
+
+    def _due(self, everything: bool = False) -> None:
+        while self._later and (everything or self._later[0][0] <= time.time()):
+            _, _, action = self._later.pop(0)
+            action()
+
+
+def run_bench(schedule: list[SpotEvent], *, steps: int, workers: int = 2, spare: int = 1, grace_s: float = 30.0,
+              replace_after_s: float = 30.0, overrides: list[str] = (), timeout_s: float = 3600.0,
+              system_config: dict[str, Any] | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Runs one job under ``schedule``; returns :func:`~trainkit.bench.spot_account.account`'s
+    figures plus the run's identity and the checks of its history."""
+    work = Path(tempfile.mkdtemp(prefix="trainkit-bench-spot-"))
+    run_dir, out = work / "run", work / "launch.log"
+    cluster = LoopbackCluster(workers + spare, system_config=SPOT_SYSTEM_CONFIG if system_config is None
+                              else system_config)
+    try:
+        cmd = [sys.executable, "-m", "trainkit.launch", *RECIPE, f"trainer.max_steps={steps}",
+               f"launcher.workers={workers}", *overrides, "launcher=ray",
+               f"launcher.address={cluster.address}", f"run_dir={run_dir}"]
+        runner = SpotRunner(cluster, schedule, grace_s=grace_s, replace_after_s=replace_after_s, log=log)
+        raw = runner.run(cmd, run_dir, out, timeout_s)
+    finally:
+        cluster.shutdown()
+    result = account(raw["final"], raw["seen"], raw["events"], runner.fired, raw["t_launch"], raw["t_end"])
+    result.update({
+        "exit_code": raw["exit_code"],
+        "history_problems": history_problems(raw["final"], steps),
+        "planned": [str(e) for e in schedule],
+        "not_fired": raw["not_fired"],
+        "fired_events": [{k: v for k, v in f.items() if k != "fired_at"} | {"fired_s": f["fired_at"] - raw["t_launch"]}
+                         for f in runner.fired],
+        "max_steps": steps,
+        "workers": workers,
+        "spare_nodes": spare,
+        "grace_s": grace_s,
+        "replace_after_s": replace_after_s,
+        "run_dir": str(run_dir),
+        "launch_log": str(out),
+    })
+    return result
+
+
+# -- reporting ---------------------------------------------------------------------------
+
+SPLIT_NAMES = {
+    "startup_s": "start-up (launch -> first step)",
+    "restart_s": "restarts (end of attempt -> next start)",
+    "recompute_s": "recomputed steps",
+    "emergency_save_s": "emergency saves (drains)",
+    "checkpoint_blocking_s": "checkpoint blocking in steps",
+    "finish_s": "finish (last step -> exit)",
+    "unattributed_s": "unattributed",
+}
+
+
+def _f(value: Any, fmt: str = ".1f") -> str:
+    return "-" if value is None else format(value, fmt)
+
+
+def summary_lines(result: dict[str, Any]) -> list[str]:
+    lines = [f"goodput {_f(result['goodput'], '.1%')}: useful step time {result['useful_s']:.1f} s of "
+             f"{result['wall_s']:.1f} s wall ({result['steps']} steps, {result['attempts']} attempts, "
+             f"exit {result['exit_code']})", "", "| where the wall time went | s | share |", "|---|---:|---:|",
+             f"| useful step time | {result['useful_s']:.1f} | {result['useful_s'] / result['wall_s']:.1%} |"]
+    for key, name in SPLIT_NAMES.items():
+        value = result["split"][key]
+        lines.append(f"| {name} | {value:.1f} | {value / result['wall_s']:.1%} |")
+    lines += ["", "| event | fired at s | notice -> stop s | -> first resumed step s | steps recomputed | "
+              "recompute s | emergency save s | restart s | cost s |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for e in result["events"]:
+        lines.append(f"| {e['kind']} (planned {_f(e['planned_s'], 'g')} s) | {e['fired_s']:.1f} | "
+                     f"{_f(e['notice_to_stop_s'])} | {_f(e['to_first_step_s'])} | {_f(e['recomputed_steps'], 'd')} | "
+                     f"{e['recompute_s']:.1f} | {e['emergency_save_s']:.1f} | {e['restart_s']:.1f} | {e['cost_s']:.1f} |")
+    if result["not_fired"]:
+        lines.append(f"\nnot fired (the job ended first): {', '.join(result['not_fired'])}")
+    if result["unscheduled_restarts"]:
+        lines.append(f"\nrestarts no scheduled event explains: {result['unscheduled_restarts']}")
+    if result["history_problems"]:
+        lines.append(f"\nhistory problems: {'; '.join(result['history_problems'])}")
+    return lines
+
+
+def _git_commit() -> str:
+    root = Path(__file__).resolve().parents[2]
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
+                                text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return f"{commit} (with uncommitted changes)" if commit and dirty else commit or "unknown"
+
+
+def _machine() -> str:
+    try:
+        kib = next(int(line.split()[1]) for line in open("/proc/meminfo") if line.startswith("MemTotal:"))
+        mem = f", {kib / 2**20:.0f} GiB"
+    except (OSError, StopIteration, ValueError):
+        mem = ""
+    import ray
+    import torch
+
+    return f"{os.cpu_count()} cores{mem}, {platform.system()} {platform.machine()}, ray {ray.__version__}, torch {torch.__version__}"
+
+
+def markdown(result: dict[str, Any], command: str, load: tuple[str, str]) -> str:
+    date = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
+    raw = {k: v for k, v in result.items() if k not in ("run_dir", "launch_log")}
+    return "\n".join([
+        f"## Run of {date}", "", f"    {command}", "",
+        f"Machine: {_machine()}. Commit {_git_commit()}.",
+        f"Load average (1/5/15 min) at start {load[0]}, at end {load[1]}.", "",
+        *summary_lines(result), "", "Raw figures:", "", "```json", json.dumps(raw, indent=1, default=str), "```", "",
+    ])
+
+
+def _load() -> str:
+    return "/".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m trainkit.bench spot", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--minutes", type=float, default=12.0, help="planned job length (default 12)")
+    parser.add_argument("--drain-every", type=float, default=180.0, help="seconds between drains, ~ (0: none)")
+    parser.add_argument("--kill-every", type=float, default=420.0, help="seconds between hard kills, ~ (0: none)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--schedule", default="", help='explicit events instead, e.g. "drain@60,kill@150"')
+    parser.add_argument("--grace", type=float, default=30.0, help="drain deadline, seconds after the notice")
+    parser.add_argument("--replace-after", type=float, default=30.0,
+                        help="seconds after an event until the lost node's replacement joins (default 30)")
+    parser.add_argument("--steps", type=int, default=0, help=f"trainer.max_steps (default: minutes x {STEPS_PER_S:g}/s)")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--spare", type=int, default=1,
+                        help="idle nodes beyond one per worker, warm capacity a restart can use at once (default 1)")
+    parser.add_argument("--markdown", type=Path, help="append a dated section with the figures to this file")
+    parser.add_argument("overrides", nargs="*", help="recipe overrides (key=value)")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    duration = args.minutes * 60
+    if args.schedule:
+        schedule = parse_schedule(args.schedule)
+    else:
+        schedule = make_schedule(duration, drain_every_s=args.drain_every, kill_every_s=args.kill_every,
+                                 seed=args.seed, workers=args.workers)
+    steps = args.steps or max(1, round(duration * STEPS_PER_S))
+    print(format_schedule(schedule), flush=True)
+    load_start = _load()
+    result = run_bench(schedule, steps=steps, workers=args.workers, spare=args.spare, grace_s=args.grace,
+                       replace_after_s=args.replace_after, overrides=args.overrides,
+                       timeout_s=duration * 4 + 600, log=lambda s: print(s, flush=True))
+    load_end = _load()
+    print("\n".join(summary_lines(result)))
+    print(json.dumps(result, default=str))
+    if args.markdown:
+        command = "python -m trainkit.bench spot " + " ".join(sys.argv[1:] if argv is None else argv)
+        with open(args.markdown, "a") as f:
+            f.write(markdown(result, command.strip(), (load_start, load_end)))
+    if result["exit_code"] != 0 or result["history_problems"]:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
