@@ -327,3 +327,18 @@ def test_overlapped_staging_holds_the_state_of_the_save_step(tmp_path):
     ck2 = Checkpointer(str(tmp_path / "ck"))
     assert ck2.load({"app": ModelOptimState(model, opt)}) == 1
     assert same(at_save, snapshot(model, opt))
+
+
+def test_torch_stock_reader_refuses_raw_shards_instead_of_misreading(tmp_path):
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    root = tmp_path / "ck"
+    _two_checkpoints(str(root))
+    model, opt = make(seed=5)
+    sd = {"app": {"model": model.state_dict()}}
+    with pytest.raises(CheckpointException) as info:
+        dcp.load(sd, storage_reader=FileSystemReader(str(root / "step_000000002")), no_dist=True)
+    (failure, _tb), = info.value.failures.values()
+    assert "Unknown extension" in str(failure) and "trainkit-raw" in str(failure)
