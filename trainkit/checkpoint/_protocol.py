@@ -99,17 +99,16 @@ def load_newest(store: CheckpointStore, group, step: int | None,
     returns None on success or the agreed problem. Returns (step loaded or None, the
     committed steps seen). A named ``step`` that fails raises; otherwise a failing step is
     warned about, de-committed, and the next older one tried."""
-    cands = None
+    found = None
     if _dist.rank(group) == 0:
         committed = store.committed_steps()
-        cands = [int(step)] if step is not None else list(reversed(committed))
         newest = committed[-1] if committed else -1
         torn = sorted(s for s in store.step_dirs() if s > newest)
         if torn and step is None:
             _warn(f"ignoring uncommitted checkpoint dir(s) {[step_name(s) for s in torn]} under {store.root} "
                   "(no manifest: an interrupted save)")
-        cands = (cands, committed)
-    cands, committed = _dist.broadcast_object(cands, group)
+        found = ([int(step)] if step is not None else list(reversed(committed)), committed)
+    cands, committed = _dist.broadcast_object(found, group)
     for s in cands:
         problem = try_load(s)
         if problem is None:
