@@ -104,3 +104,25 @@ def test_parse_schedule():
     with pytest.raises(ValueError, match="bad schedule item 'nap@3'"):
         parse_schedule("nap@3")
     assert "60.0  drain" in format_schedule(parse_schedule("drain@60"))
+
+
+def test_metrics_tail_keeps_records_a_restore_drops(tmp_path):
+    import json
+
+    from trainkit.bench.spot import MetricsTail
+
+    path = tmp_path / "metrics.jsonl"
+    tail = MetricsTail(path)
+    tail.poll()  # no file yet
+    lines = [json.dumps({"step": s, "attempt": 0, "time": s}) + "\n" for s in range(1, 11)]
+    path.write_text("".join(lines[:6]) + lines[6][:5])  # a line still being written
+    tail.poll()
+    assert sorted(k[1] for k in tail.records) == [1, 2, 3, 4, 5, 6] and tail.latest_attempt == 0
+    path.write_text("".join(lines))
+    tail.poll()
+    # The next attempt restores step 4: the file is rewritten shorter, then appended to.
+    resumed = [json.dumps({"step": s, "attempt": 1, "time": 20 + s}) + "\n" for s in range(5, 12)]
+    path.write_text("".join(lines[:4] + resumed))
+    tail.poll()
+    assert len(tail.records) == 10 + 7 and tail.latest_attempt == 1
+    assert len(tail.stop()) == 17

@@ -58,13 +58,20 @@ STEPS_PER_S = 15.0
 
 
 class MetricsTail(threading.Thread):
-    """Keeps every metrics record the job writes, also those a restore drops later."""
+    """Keeps every metrics record the job writes, also those a restore drops later.
 
-    def __init__(self, path: Path, every_s: float = 0.2) -> None:
+    Reads only what was appended since the last poll (the bench shares the CPUs with the
+    job); a restore rewrites the file, which is noticed and read again from the start.
+    """
+
+    def __init__(self, path: Path, every_s: float = 0.5) -> None:
         super().__init__(name="trainkit-spot-tail", daemon=True)
         self.path = path
         self.every_s = every_s
         self.records: dict[tuple[Any, int], dict[str, Any]] = {}
+        self.latest_attempt: int | None = None
+        self._offset = 0
+        self._last_line = b""
         self._done = threading.Event()
 
     def run(self) -> None:
@@ -72,16 +79,41 @@ class MetricsTail(threading.Thread):
             self.poll()
 
     def poll(self) -> None:
-        for r in read_records(self.path):
-            if isinstance(r.get("step"), int):
+        try:
+            with open(self.path, "rb") as f:
+                if self._offset and not self._unchanged(f):
+                    self._offset, self._last_line = 0, b""
+                f.seek(self._offset)
+                data = f.read()
+        except FileNotFoundError:
+            return
+        complete = data[: data.rfind(b"\n") + 1]
+        self._offset += len(complete)
+        lines = complete.splitlines()
+        if lines:
+            self._last_line = lines[-1] + b"\n"
+        for line in lines:
+            try:
+                r = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(r, dict) and isinstance(r.get("step"), int):
                 self.records.setdefault((r.get("attempt"), r["step"]), r)
+                if isinstance(r.get("attempt"), int):
+                    self.latest_attempt = max(r["attempt"], self.latest_attempt or 0)
 
-    def latest_attempt(self) -> Any:
-        return max((a for a, _ in self.records if a is not None), default=None)
+    def _unchanged(self, f: Any) -> bool:
+        """Whether the file still holds, just before our offset, the last line we read."""
+        start = self._offset - len(self._last_line)
+        if start < 0:
+            return False
+        f.seek(start)
+        return f.read(len(self._last_line)) == self._last_line
 
     def stop(self) -> list[dict[str, Any]]:
         self._done.set()
-        self.join()
+        if self.ident is not None:
+            self.join()
         self.poll()
         return list(self.records.values())
 
@@ -113,13 +145,13 @@ class SpotRunner:
                     if time.time() - t_launch > timeout_s:
                         raise TimeoutError(f"the job ran past {timeout_s:.0f} s; its output: {out}")
                     self._due()
-                    attempt = tail.latest_attempt()
+                    attempt = tail.latest_attempt
                     resumed = attempt is not None and (hit_attempt is None or attempt > hit_attempt)
                     if pending and resumed and time.time() >= t_launch + pending[0].at_s:
                         if self._fire(pending[0], t_launch):
                             pending.pop(0)
                             hit_attempt = attempt
-                    time.sleep(0.05)
+                    time.sleep(0.1)
                 t_end = time.time()
             finally:
                 if proc.poll() is None:
