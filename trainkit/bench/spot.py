@@ -255,7 +255,11 @@ def _f(value: Any, fmt: str = ".1f") -> str:
 def summary_lines(result: dict[str, Any]) -> list[str]:
     lines = [f"goodput {_f(result['goodput'], '.1%')}: useful step time {result['useful_s']:.1f} s of "
              f"{result['wall_s']:.1f} s wall ({result['steps']} steps, {result['attempts']} attempts, "
-             f"exit {result['exit_code']})", "", "| where the wall time went | s | share |", "|---|---:|---:|",
+             f"exit {result['exit_code']})",
+             f"steady-state goodput {_f(result['steady_goodput'], '.1%')}: the same steps at the median step time "
+             f"({result['median_step_s'] * 1000:.1f} ms) over the wall time; below goodput when steps ran slower "
+             "than usual (a save in the background, a node booting, other load)",
+             "", "| where the wall time went | s | share |", "|---|---:|---:|",
              f"| useful step time | {result['useful_s']:.1f} | {result['useful_s'] / result['wall_s']:.1%} |"]
     for key, name in SPLIT_NAMES.items():
         value = result["split"][key]
