@@ -95,6 +95,9 @@ class LauncherConfig:
     placement_strategy: str = "PACK"
     # -1 retries forever (spot); 0 fails on the first lost worker.
     max_failures: int = -1
+    # Idle pre-imported worker processes kept per worker slot on each node, so a restarted
+    # group starts in seconds (trainkit.launch.warm_pool); 0: off.
+    warm_standby: int = 1
 
 
 @dataclass
@@ -186,6 +189,7 @@ def validate(cfg: Config) -> Config:
     _positive("data.cache_bytes", cfg.data.cache_bytes)
     _positive("launcher.workers", cfg.launcher.workers)
     _positive("launcher.nodes", cfg.launcher.nodes)
+    _positive("launcher.warm_standby", cfg.launcher.warm_standby, allow_zero=True)
     _positive("checkpoint.every_steps", cfg.checkpoint.every_steps, allow_zero=True)
     _positive("checkpoint.every_seconds", cfg.checkpoint.every_seconds, allow_zero=True)
     _positive("checkpoint.keep_last", cfg.checkpoint.keep_last)

@@ -103,6 +103,27 @@ def test_worker_sigkill_restarts_group_and_resumes(ray_cluster, reference, tmp_p
     assert losses(run_dir) == reference
 
 
+def test_restart_takes_warm_standby_processes(ray_cluster, tmp_path):
+    """The restarted group runs in the idle pre-imported processes the warm pool kept (not
+    in cold ones), and those processes end with the job."""
+    ray_cluster.ensure(2)
+    seen: dict[str, list[int]] = {}
+
+    def kill_once_warm() -> None:
+        old = wait_for(ray_cluster.worker_pids, 30, "train workers")
+        seen["warm"] = wait_for(lambda: len(ray_cluster.warm_pids()) >= 2 and ray_cluster.warm_pids(), 120,
+                                "a warm standby process per node")
+        os.kill(old[-1], signal.SIGKILL)
+        seen["new"] = wait_for(lambda: (p := ray_cluster.worker_pids()) and len(p) == 2 and not set(p) & set(old)
+                               and p, 120, "the restarted group")
+
+    rc, run_dir, log = run_and_disturb(ray_cluster, tmp_path, kill_once_warm, "trainer.max_steps=2000")
+    assert rc == 0, _tail(log)
+    assert set(seen["new"]) <= set(seen["warm"]), (seen, _tail(log))
+    assert [e for e in events(run_dir) if e["event"] == "restore"], _tail(log)
+    wait_for(lambda: not ray_cluster.warm_pids(), 30, "the job's warm processes to end with it")
+
+
 def test_sweep_two_trials_on_ray(ray_cluster, tmp_path):
     ray_cluster.ensure(2)  # both trials at once: 2 trials x 1 worker x 1 CPU
     base = tmp_path / "sweep"

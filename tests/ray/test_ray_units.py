@@ -210,3 +210,33 @@ def test_worker_main_translates_outcomes(monkeypatch):
         t.join()
         assert box["exit"].exit_code == code, exc
         assert seen["signals"] == []  # no signal handlers outside the main thread
+
+
+def test_warm_pool_slots_per_node():
+    from trainkit.launch.warm_pool import slots
+
+    assert slots({"CPU": 8.0}, 1.0, 0.0) == 8
+    assert slots({"CPU": 8.0, "GPU": 2.0}, 2.0, 1.0) == 2  # GPUs bound it
+    assert slots({"CPU": 0.0}, 1.0, 0.0) == 0  # the 0-CPU head hosts no worker
+    assert slots({"CPU": 4.0}, 0.0, 0.0) == 0  # a worker needing nothing: no idea where it goes
+    assert slots({"CPU": 3.0}, 2.0, 0.0) == 1
+
+
+def test_warm_pool_counts_only_fresh_heartbeats():
+    from trainkit.launch.warm_pool import STALE_S, idle_processes
+
+    now = 1000.0
+    beats = {
+        b"01000000/nodeA/11": str(now - 0.5).encode(),
+        b"01000000/nodeA/12": str(now - STALE_S - 1).encode(),  # gone: its node died or it became an actor
+        b"01000000/nodeB/13": str(now).encode(),
+        b"01000000/nodeB/14": None,  # deleted while we listed
+        b"01000000/nodeB/15": b"garbage",
+    }
+    assert sorted((n, p) for _, n, p in idle_processes(beats, now)) == [("nodeA", 11), ("nodeB", 13)]
+
+
+def test_warm_standby_is_validated():
+    with pytest.raises(ConfigError, match="launcher.warm_standby"):
+        compose_config(["recipe=resnet", "launcher=ray", "launcher.warm_standby=-1"])
+    assert compose_config(["recipe=resnet", "launcher=ray"]).launcher.warm_standby == 1

@@ -78,6 +78,17 @@ class LoopbackCluster:
         if not ok:
             raise RuntimeError(f"Ray refused to drain node {node.node_id[:8]}: {why}")
 
+    def warm_pids(self) -> list[int]:
+        """PIDs of idle warm standby processes (:mod:`trainkit.launch.warm_pool`), any job."""
+        from ray._raylet import GcsClient
+
+        from trainkit.launch.warm_pool import NAMESPACE, idle_processes
+
+        client, ns = GcsClient(address=self.address), NAMESPACE.encode()
+        keys = client.internal_kv_keys(b"", ns)
+        return [pid for _, _, pid in idle_processes({k: client.internal_kv_get(k, ns) for k in keys
+                                                     if k.count(b"/") == 2})]
+
     def worker_pids(self) -> list[int]:
         """PIDs of Ray Train worker processes on our worker nodes (not other sessions')."""
         return [pid for node in self.workers for pid in self._train_pids(node)]

@@ -92,6 +92,9 @@ def ray_worker_main(cfg_dict: Mapping[str, Any]) -> dict[str, Any] | None:
     poll = float(cfg_dict.get("preemption", {}).get("poll_seconds", 5.0) or 5.0)
     watch = DrainWatch(gcs_poll_seconds=poll)
     watch.start()
+    from trainkit.launch.warm_pool import publish_runtime_env
+
+    publish_runtime_env()
     try:
         summary = train(cfg_dict)
     except Preempted as exc:
@@ -348,12 +351,14 @@ def pin_loopback() -> None:
 
 
 @contextlib.contextmanager
-def ray_session(address: str, *, cpus: float = 0.0) -> Iterator[bool]:
+def ray_session(address: str, *, cpus: float = 0.0, launcher: Any = None) -> Iterator[bool]:
     """Connects this process to Ray; yields True when we started (and will stop) it.
 
     ``address=""`` starts a private single-node Ray pinned to 127.0.0.1 with at least
     ``cpus`` logical CPUs (so ``workers=4`` works on a 2-core laptop as it does locally).
-    An already-initialised Ray (a test, a notebook) is used as it is.
+    An already-initialised Ray (a test, a notebook) is used as it is. With a
+    ``launcher`` config whose ``warm_standby`` is on, the session keeps warm standby worker
+    processes (:mod:`trainkit.launch.warm_pool`) for as long as it lasts.
     """
     _ray_env()
     loopback = not address or (not address.startswith("ray://") and _host(address) in LOOPBACK)
@@ -364,7 +369,10 @@ def ray_session(address: str, *, cpus: float = 0.0) -> Iterator[bool]:
     if ray.is_initialized():
         yield False
         return
-    quiet = {"logging_level": logging.WARNING, "log_to_driver": True}
+    quiet: dict[str, Any] = {"logging_level": logging.WARNING, "log_to_driver": True}
+    warm = launcher is not None and launcher.warm_standby > 0
+    if warm:
+        quiet["runtime_env"] = {"worker_process_setup_hook": "trainkit.launch.warm_pool.preload"}
     if not address:
         # Token auth protects a cluster reachable from a network; this one listens on
         # loopback only and lives as long as the command.
@@ -389,9 +397,18 @@ def ray_session(address: str, *, cpus: float = 0.0) -> Iterator[bool]:
             raise ConfigError(f"launcher.address={address}: cannot connect to Ray ({exc})") from exc
         print(f"ray: connected to {address} ({ray.cluster_resources().get('CPU', 0):.0f} CPUs, "
               f"{ray.cluster_resources().get('GPU', 0):.0f} GPUs)", flush=True)
+    pool = None
+    if warm:
+        from trainkit.launch.warm_pool import WarmPool
+
+        pool = WarmPool(workers=launcher.workers * launcher.nodes, cpus_per_worker=launcher.cpus_per_worker,
+                        gpus_per_worker=launcher.gpus_per_worker, per_slot=launcher.warm_standby)
+        pool.start()
     try:
         yield True
     finally:
+        if pool is not None:
+            pool.stop()
         with contextlib.suppress(Exception):
             ray.shutdown()
 
@@ -570,7 +587,7 @@ def launch(cfg: Config) -> int:
     """``launcher=ray`` entry: 0 done, 1 failed, 2 config/store error, 75 out of retries while preempted."""
     lc = cfg.launcher
     check_config(cfg)
-    with ray_session(lc.address, cpus=lc.workers * lc.nodes * lc.cpus_per_worker) as own:
+    with ray_session(lc.address, cpus=lc.workers * lc.nodes * lc.cpus_per_worker, launcher=lc) as own:
         check_resources(cfg, own_cluster=own and not lc.address)
         print(f"ray: {lc.workers * lc.nodes} workers, run_dir {worker_cfg(cfg)['run_dir']}, "
               f"max_failures {lc.max_failures}", flush=True)

@@ -153,7 +153,7 @@ def _run_ray(planned: list[tuple[list[str], Config]]) -> list[dict[str, Any]]:
     lc = planned[0][1].launcher
     per_trial = lc.workers * lc.nodes * lc.cpus_per_worker
     # A private Ray gets room for every trial at once (logical CPUs; they share the cores).
-    with ray_session(lc.address, cpus=per_trial * len(planned)) as own:
+    with ray_session(lc.address, cpus=per_trial * len(planned), launcher=lc) as own:
         for _, cfg in planned:
             check_resources(cfg, own_cluster=own and not lc.address)
         parallel = _concurrency(planned)

@@ -1,0 +1,217 @@
+"""Warm standby worker processes, so a restarted Ray Train worker group trains again in seconds.
+
+Every restart of the worker group (a drain, a lost node, a crash) starts new worker
+processes, and a new process spends most of a restart importing: Ray Train, torch,
+``torch._dynamo`` (DDP's constructor imports it) and trainkit, about 5 s of the 7 s a drain
+cost on the project's 2-core machine. Ray can start worker processes ahead of need (the
+raylet's ``PrestartWorkers`` call, which Ray itself uses for task backlogs) and hands such an
+idle process to the next actor of the same job and runtime env. With :func:`preload` as the
+job's ``worker_process_setup_hook``, those processes do the imports while they wait.
+
+* :func:`preload` runs in every worker process of the job. It imports what a training worker
+  needs and, while the process is not an actor, keeps a heartbeat in Ray's KV store: that is
+  how the driver counts the idle warm processes on each node.
+* :class:`WarmPool`, a thread in the driver, keeps ``per_slot`` idle warm processes per worker
+  slot (a node's CPUs or GPUs over one worker's, at most the job's worker count) on every
+  live node that is not draining.
+* Ray matches an idle process by a hash of the serialized runtime env, which Ray Train
+  builds on the controller; rank 0 publishes the string its own process got
+  (:func:`publish_runtime_env`), and the pool starts warming once it is there. The first
+  group therefore starts cold; every later one finds warm processes.
+
+Warm processes belong to the job: the raylet ends them when the driver exits. A cluster
+whose raylets refuse the call (another Ray version, token auth on the node manager) only
+loses the speed-up: the pool says so once and stops.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+import time
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+NAMESPACE = "trainkit-warm"
+# An idle process refreshes its heartbeat this often; one older than STALE_S is gone (used
+# or killed with its node).
+BEAT_S = 1.0
+STALE_S = 4.0
+# A requested process that has not said hello within this long is taken as failed.
+START_TIMEOUT_S = 60.0
+# The raylet keeps a prestarted process alive this long while it waits for work (the job's
+# end ends it sooner).
+KEEP_ALIVE_S = 7 * 24 * 3600
+
+
+def _kv() -> tuple[Any, Any, Any, Any]:
+    from ray.experimental import internal_kv
+
+    return (internal_kv._internal_kv_put, internal_kv._internal_kv_get, internal_kv._internal_kv_list,
+            internal_kv._internal_kv_del)
+
+
+def _job_and_node() -> tuple[str, str]:
+    import ray
+
+    ctx = ray.get_runtime_context()
+    return ctx.get_job_id(), ctx.get_node_id()
+
+
+def preload() -> None:
+    """The job's ``worker_process_setup_hook``: the imports of a training worker, then a heartbeat.
+
+    Import errors are not fatal here (the process then imports lazily, as without the hook).
+    """
+    with contextlib.suppress(Exception):
+        import torch  # noqa: F401
+        import torch._dynamo  # noqa: F401
+        import torch.distributed.checkpoint  # noqa: F401
+        import ray.train.torch  # noqa: F401
+        import ray.train.v2._internal.execution.worker_group.worker  # noqa: F401
+
+        import trainkit.launch.ray_launcher  # noqa: F401
+        import trainkit.strategies  # noqa: F401
+        import trainkit.train  # noqa: F401
+    threading.Thread(target=_heartbeat, name="trainkit-warm-beat", daemon=True).start()
+
+
+def _heartbeat() -> None:
+    """While this process has no actor, says "idle on node N" every BEAT_S seconds."""
+    import ray
+
+    try:
+        if ray._private.worker.global_worker.mode != ray.WORKER_MODE:
+            return  # a driver is never an idle worker
+        put, _, _, delete = _kv()
+        job, node = _job_and_node()
+    except Exception:  # noqa: BLE001 - not connected: nothing to report
+        return
+    key = f"{job}/{node}/{os.getpid()}".encode()
+    while True:
+        try:
+            if ray.get_runtime_context().get_actor_id() is not None:
+                delete(key, namespace=NAMESPACE)
+                return
+            put(key, str(time.time()).encode(), overwrite=True, namespace=NAMESPACE)
+        except Exception:  # noqa: BLE001 - a GCS hiccup or shutdown: try again, or end with the process
+            pass
+        time.sleep(BEAT_S)
+
+
+def publish_runtime_env() -> None:
+    """Run in a training worker: hands the driver's pool the runtime env to warm processes with."""
+    import ray
+
+    with contextlib.suppress(Exception):
+        put, _, _, _ = _kv()
+        job, _ = _job_and_node()
+        put(f"env/{job}".encode(), ray.get_runtime_context().get_runtime_env_string().encode(),
+            overwrite=True, namespace=NAMESPACE)
+
+
+def idle_processes(beats: dict[bytes, bytes | None], now: float | None = None) -> list[tuple[bytes, str, int]]:
+    """``(key, node_id, pid)`` of the heartbeats (``{key: last beat}``) that are still fresh."""
+    now = time.time() if now is None else now
+    out = []
+    for key, beat in beats.items():
+        with contextlib.suppress(TypeError, ValueError):
+            if beat is not None and now - float(beat) <= STALE_S:
+                _, node_id, pid = key.decode().split("/")
+                out.append((key, node_id, int(pid)))
+    return out
+
+
+def slots(resources: dict[str, float], cpus_per_worker: float, gpus_per_worker: float) -> int:
+    """How many training workers fit on a node with ``resources`` (its totals)."""
+    n = int(resources.get("CPU", 0.0) // cpus_per_worker) if cpus_per_worker > 0 else 1 << 30
+    if gpus_per_worker > 0:
+        n = min(n, int(resources.get("GPU", 0.0) // gpus_per_worker))
+    return n if n < 1 << 30 else 0
+
+
+class WarmPool(threading.Thread):
+    """Keeps ``per_slot`` idle warm worker processes per worker slot on each live node."""
+
+    def __init__(self, *, workers: int, cpus_per_worker: float, gpus_per_worker: float, per_slot: int = 1,
+                 every_s: float = 1.0) -> None:
+        super().__init__(name="trainkit-warm-pool", daemon=True)
+        self.workers = workers
+        self.cpus_per_worker = cpus_per_worker
+        self.gpus_per_worker = gpus_per_worker
+        self.per_slot = per_slot
+        self.every_s = every_s
+        self.requested = 0
+        self._pending: dict[str, list[float]] = {}
+        self._seen: set[bytes] = set()
+        self._stop = threading.Event()
+        self._failed = False
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def run(self) -> None:
+        import ray
+
+        self._job = ray.get_runtime_context().get_job_id()
+        while not self._stop.wait(self.every_s):
+            try:
+                self.tick()
+            except Exception as exc:  # noqa: BLE001 - the pool only ever speeds things up
+                log.warning("trainkit: warm standby workers off (%s: %s)", type(exc).__name__, exc)
+                return
+
+    def tick(self) -> int:
+        """One round: counts idle warm processes per node, starts the missing ones. Returns how many."""
+        import ray
+
+        _, get, listing, _ = _kv()
+        env = get(f"env/{self._job}".encode(), namespace=NAMESPACE)
+        if not env:
+            return 0
+        idle = self._idle_by_node(listing, get)
+        draining = set((ray._private.state.state.get_draining_nodes() or {}).keys())
+        started = 0
+        for node in ray.nodes():
+            node_id = node["NodeID"]
+            if not node.get("Alive") or node_id in draining:
+                continue
+            # A node never hosts more of our workers than the job has (a 64-CPU node, 2 workers).
+            fit = slots(node.get("Resources", {}), self.cpus_per_worker, self.gpus_per_worker)
+            want = self.per_slot * min(fit, self.workers)
+            now = time.time()
+            pending = [t for t in self._pending.get(node_id, []) if now - t < START_TIMEOUT_S]
+            missing = want - idle.get(node_id, 0) - len(pending)
+            if missing > 0:
+                self._prestart(node, env.decode(), missing)
+                pending += [now] * missing
+                started += missing
+            self._pending[node_id] = pending
+        self.requested += started
+        return started
+
+    def _idle_by_node(self, listing: Any, get: Any) -> dict[str, int]:
+        keys = listing(f"{self._job}/".encode(), namespace=NAMESPACE)
+        idle: dict[str, int] = {}
+        for key, node_id, _ in idle_processes({k: get(k, namespace=NAMESPACE) for k in keys}):
+            idle[node_id] = idle.get(node_id, 0) + 1
+            if key not in self._seen:  # a requested process said hello: no longer pending
+                self._seen.add(key)
+                if self._pending.get(node_id):
+                    self._pending[node_id].pop(0)
+        return idle
+
+    def _prestart(self, node: dict[str, Any], runtime_env: str, n: int) -> None:
+        import grpc
+        from ray.core.generated import common_pb2, node_manager_pb2, node_manager_pb2_grpc
+
+        request = node_manager_pb2.PrestartWorkersRequest(
+            language=common_pb2.PYTHON, job_id=bytes.fromhex(self._job),
+            keep_alive_duration_secs=KEEP_ALIVE_S, num_workers=n,
+        )
+        request.runtime_env_info.serialized_runtime_env = runtime_env
+        with grpc.insecure_channel(f"{node['NodeManagerAddress']}:{node['NodeManagerPort']}") as channel:
+            node_manager_pb2_grpc.NodeManagerServiceStub(channel).PrestartWorkers(request, timeout=10)
