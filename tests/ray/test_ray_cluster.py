@@ -16,6 +16,7 @@ import os
 import signal
 from pathlib import Path
 
+import psutil
 import pytest
 
 from ray_helpers import _tail, start_launch, wait_for
@@ -116,12 +117,16 @@ def test_restart_takes_warm_standby_processes(ray_cluster, tmp_path):
         os.kill(old[-1], signal.SIGKILL)
         seen["new"] = wait_for(lambda: (p := ray_cluster.worker_pids()) and len(p) == 2 and not set(p) & set(old)
                                and p, 120, "the restarted group")
+        # The pool replaces what the restart used.
+        seen["refill"] = wait_for(lambda: [p for p in ray_cluster.warm_pids() if p not in seen["warm"]], 120,
+                                  "new warm processes after the restart")
 
-    rc, run_dir, log = run_and_disturb(ray_cluster, tmp_path, kill_once_warm, "trainer.max_steps=2000")
+    rc, run_dir, log = run_and_disturb(ray_cluster, tmp_path, kill_once_warm, "trainer.max_steps=3000")
     assert rc == 0, _tail(log)
     assert set(seen["new"]) <= set(seen["warm"]), (seen, _tail(log))
     assert [e for e in events(run_dir) if e["event"] == "restore"], _tail(log)
-    wait_for(lambda: not ray_cluster.warm_pids(), 30, "the job's warm processes to end with it")
+    wait_for(lambda: not any(psutil.pid_exists(p) for p in seen["refill"]), 30,
+             "the job's idle warm processes to end with it")
 
 
 def test_sweep_two_trials_on_ray(ray_cluster, tmp_path):

@@ -210,6 +210,9 @@ def test_worker_main_translates_outcomes(monkeypatch):
         t.join()
         assert box["exit"].exit_code == code, exc
         assert seen["signals"] == []  # no signal handlers outside the main thread
+    import ray
+
+    assert not ray.is_initialized()  # outside a Ray worker nothing may start (or join) a Ray
 
 
 def test_warm_pool_slots_per_node():
@@ -227,13 +230,15 @@ def test_warm_pool_counts_only_fresh_heartbeats():
 
     now = 1000.0
     beats = {
-        b"01000000/nodeA/11": str(now - 0.5).encode(),
-        b"01000000/nodeA/12": str(now - STALE_S - 1).encode(),  # gone: its node died or it became an actor
-        b"01000000/nodeB/13": str(now).encode(),
-        b"01000000/nodeB/14": None,  # deleted while we listed
-        b"01000000/nodeB/15": b"garbage",
+        b"01000000/nodeA/e1/11": str(now - 0.5).encode(),
+        b"01000000/nodeA/e1/12": str(now - STALE_S - 1).encode(),  # gone: its node died or it became an actor
+        b"01000000/nodeB/e1/13": str(now).encode(),
+        b"01000000/nodeB/e2/16": str(now).encode(),  # another runtime env: no use to our workers
+        b"01000000/nodeB/e1/14": None,  # deleted while we listed
+        b"01000000/nodeB/e1/15": b"garbage",
     }
-    assert sorted((n, p) for _, n, p in idle_processes(beats, now)) == [("nodeA", 11), ("nodeB", 13)]
+    assert sorted((n, p) for _, n, p in idle_processes(beats, now, env="e1")) == [("nodeA", 11), ("nodeB", 13)]
+    assert len(idle_processes(beats, now)) == 3
 
 
 def test_warm_standby_is_validated():

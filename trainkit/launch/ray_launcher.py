@@ -95,6 +95,9 @@ def ray_worker_main(cfg_dict: Mapping[str, Any]) -> dict[str, Any] | None:
     from trainkit.launch.warm_pool import publish_runtime_env
 
     publish_runtime_env()
+    if os.environ.get("RANK", "0") != "0":
+        # Ray shows every worker's INFO records; one rank's checkpoint lines are enough.
+        logging.getLogger("trainkit").setLevel(logging.WARNING)
     try:
         summary = train(cfg_dict)
     except Preempted as exc:
@@ -370,7 +373,8 @@ def ray_session(address: str, *, cpus: float = 0.0, launcher: Any = None) -> Ite
         yield False
         return
     quiet: dict[str, Any] = {"logging_level": logging.WARNING, "log_to_driver": True}
-    warm = launcher is not None and launcher.warm_standby > 0
+    # Over Ray Client the driver is outside the cluster and cannot reach the raylets.
+    warm = launcher is not None and launcher.warm_standby > 0 and not address.startswith("ray://")
     if warm:
         quiet["runtime_env"] = {"worker_process_setup_hook": "trainkit.launch.warm_pool.preload"}
     if not address:

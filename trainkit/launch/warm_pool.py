@@ -27,8 +27,10 @@ loses the speed-up: the pool says so once and stops.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
+import sys
 import threading
 import time
 from typing import Any
@@ -37,9 +39,10 @@ log = logging.getLogger(__name__)
 
 NAMESPACE = "trainkit-warm"
 # An idle process refreshes its heartbeat this often; one older than STALE_S is gone (used
-# or killed with its node).
-BEAT_S = 1.0
-STALE_S = 4.0
+# or killed with its node), and the pool deletes it after FORGET_S.
+BEAT_S = 2.0
+STALE_S = 7.0
+FORGET_S = 60.0
 # A requested process that has not said hello within this long is taken as failed.
 START_TIMEOUT_S = 60.0
 # The raylet keeps a prestarted process alive this long while it waits for work (the job's
@@ -76,22 +79,41 @@ def preload() -> None:
         import trainkit.launch.ray_launcher  # noqa: F401
         import trainkit.strategies  # noqa: F401
         import trainkit.train  # noqa: F401
-    threading.Thread(target=_heartbeat, name="trainkit-warm-beat", daemon=True).start()
+    threading.Thread(target=_heartbeat, args=(env_tag(),), name="trainkit-warm-beat", daemon=True).start()
 
 
-def _heartbeat() -> None:
-    """While this process has no actor, says "idle on node N" every BEAT_S seconds."""
+def env_tag() -> str:
+    """The hash the raylet matches idle processes by (their runtime env's), from our command line.
+
+    Asking Ray for the runtime env from a thread without a task crashes the process (Ray
+    2.60), and the raylet hands every worker this hash as ``--runtime-env-hash``.
+    """
+    for i, arg in enumerate(sys.argv):
+        if arg.startswith("--runtime-env-hash="):
+            return arg.split("=", 1)[1]
+        if arg == "--runtime-env-hash" and i + 1 < len(sys.argv):
+            return sys.argv[i + 1]
+    return ""
+
+
+def _heartbeat(env: str) -> None:
+    """While this process has no actor, says "idle on node N, runtime env E" every BEAT_S seconds.
+
+    The first beat waits one period: a process started for an actor gets it within
+    milliseconds of finishing this hook, and must not be counted as idle meanwhile.
+    """
     import ray
 
     try:
-        if ray._private.worker.global_worker.mode != ray.WORKER_MODE:
+        if not ray.is_initialized() or ray._private.worker.global_worker.mode != ray.WORKER_MODE:
             return  # a driver is never an idle worker
         put, _, _, delete = _kv()
         job, node = _job_and_node()
     except Exception:  # noqa: BLE001 - not connected: nothing to report
         return
-    key = f"{job}/{node}/{os.getpid()}".encode()
+    key = f"{job}/{node}/{env}/{os.getpid()}".encode()
     while True:
+        time.sleep(BEAT_S)
         try:
             if ray.get_runtime_context().get_actor_id() is not None:
                 delete(key, namespace=NAMESPACE)
@@ -99,28 +121,32 @@ def _heartbeat() -> None:
             put(key, str(time.time()).encode(), overwrite=True, namespace=NAMESPACE)
         except Exception:  # noqa: BLE001 - a GCS hiccup or shutdown: try again, or end with the process
             pass
-        time.sleep(BEAT_S)
 
 
 def publish_runtime_env() -> None:
-    """Run in a training worker: hands the driver's pool the runtime env to warm processes with."""
+    """Run in a training worker (an actor, where Ray can tell its runtime env): hands the
+    driver's pool that env to start warm processes with, and its hash to count them by."""
     import ray
 
+    if not ray.is_initialized():  # not in a Ray worker (asking Ray would start one)
+        return
     with contextlib.suppress(Exception):
         put, _, _, _ = _kv()
         job, _ = _job_and_node()
-        put(f"env/{job}".encode(), ray.get_runtime_context().get_runtime_env_string().encode(),
-            overwrite=True, namespace=NAMESPACE)
+        value = {"runtime_env": ray.get_runtime_context().get_runtime_env_string(), "tag": env_tag()}
+        put(f"env/{job}".encode(), json.dumps(value).encode(), overwrite=True, namespace=NAMESPACE)
 
 
-def idle_processes(beats: dict[bytes, bytes | None], now: float | None = None) -> list[tuple[bytes, str, int]]:
-    """``(key, node_id, pid)`` of the heartbeats (``{key: last beat}``) that are still fresh."""
+def idle_processes(beats: dict[bytes, bytes | None], now: float | None = None,
+                   env: str | None = None) -> list[tuple[bytes, str, int]]:
+    """``(key, node_id, pid)`` of the heartbeats (``{key: last beat}``) that are still fresh,
+    of processes with runtime env tag ``env`` (None: any)."""
     now = time.time() if now is None else now
     out = []
     for key, beat in beats.items():
         with contextlib.suppress(TypeError, ValueError):
-            if beat is not None and now - float(beat) <= STALE_S:
-                _, node_id, pid = key.decode().split("/")
+            _, node_id, tag, pid = key.decode().split("/")
+            if beat is not None and now - float(beat) <= STALE_S and env in (None, tag):
                 out.append((key, node_id, int(pid)))
     return out
 
@@ -148,7 +174,6 @@ class WarmPool(threading.Thread):
         self._pending: dict[str, list[float]] = {}
         self._seen: set[bytes] = set()
         self._stop = threading.Event()
-        self._failed = False
 
     def stop(self) -> None:
         self._stop.set()
@@ -163,16 +188,21 @@ class WarmPool(threading.Thread):
             except Exception as exc:  # noqa: BLE001 - the pool only ever speeds things up
                 log.warning("trainkit: warm standby workers off (%s: %s)", type(exc).__name__, exc)
                 return
+        with contextlib.suppress(Exception):
+            _, _, listing, delete = _kv()
+            for key in listing(f"{self._job}/".encode(), namespace=NAMESPACE):
+                delete(key, namespace=NAMESPACE)
 
     def tick(self) -> int:
         """One round: counts idle warm processes per node, starts the missing ones. Returns how many."""
         import ray
 
         _, get, listing, _ = _kv()
-        env = get(f"env/{self._job}".encode(), namespace=NAMESPACE)
-        if not env:
+        published = get(f"env/{self._job}".encode(), namespace=NAMESPACE)
+        if not published:
             return 0
-        idle = self._idle_by_node(listing, get)
+        env = json.loads(published)
+        idle = self._idle_by_node(listing, get, env["tag"])
         draining = set((ray._private.state.state.get_draining_nodes() or {}).keys())
         started = 0
         for node in ray.nodes():
@@ -185,18 +215,22 @@ class WarmPool(threading.Thread):
             now = time.time()
             pending = [t for t in self._pending.get(node_id, []) if now - t < START_TIMEOUT_S]
             missing = want - idle.get(node_id, 0) - len(pending)
-            if missing > 0:
-                self._prestart(node, env.decode(), missing)
+            if missing > 0 and self._prestart(node, env["runtime_env"], missing):
                 pending += [now] * missing
                 started += missing
             self._pending[node_id] = pending
         self.requested += started
         return started
 
-    def _idle_by_node(self, listing: Any, get: Any) -> dict[str, int]:
-        keys = listing(f"{self._job}/".encode(), namespace=NAMESPACE)
+    def _idle_by_node(self, listing: Any, get: Any, env: str) -> dict[str, int]:
+        _, _, _, delete = _kv()
+        beats = {k: get(k, namespace=NAMESPACE) for k in listing(f"{self._job}/".encode(), namespace=NAMESPACE)}
+        for key, beat in beats.items():  # processes gone with their node leave their key behind
+            with contextlib.suppress(TypeError, ValueError):
+                if beat is None or time.time() - float(beat) > FORGET_S:
+                    delete(key, namespace=NAMESPACE)
         idle: dict[str, int] = {}
-        for key, node_id, _ in idle_processes({k: get(k, namespace=NAMESPACE) for k in keys}):
+        for key, node_id, _ in idle_processes(beats, env=env):
             idle[node_id] = idle.get(node_id, 0) + 1
             if key not in self._seen:  # a requested process said hello: no longer pending
                 self._seen.add(key)
@@ -204,7 +238,12 @@ class WarmPool(threading.Thread):
                     self._pending[node_id].pop(0)
         return idle
 
-    def _prestart(self, node: dict[str, Any], runtime_env: str, n: int) -> None:
+    def _prestart(self, node: dict[str, Any], runtime_env: str, n: int) -> bool:
+        """Asks the node's raylet for ``n`` more processes; False when the node did not answer.
+
+        A node that is going away is skipped for this round; a raylet that refuses the call
+        (no such method, authentication) raises, which turns the pool off.
+        """
         import grpc
         from ray.core.generated import common_pb2, node_manager_pb2, node_manager_pb2_grpc
 
@@ -214,4 +253,10 @@ class WarmPool(threading.Thread):
         )
         request.runtime_env_info.serialized_runtime_env = runtime_env
         with grpc.insecure_channel(f"{node['NodeManagerAddress']}:{node['NodeManagerPort']}") as channel:
-            node_manager_pb2_grpc.NodeManagerServiceStub(channel).PrestartWorkers(request, timeout=10)
+            try:
+                node_manager_pb2_grpc.NodeManagerServiceStub(channel).PrestartWorkers(request, timeout=10)
+            except grpc.RpcError as exc:
+                if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                    return False
+                raise
+        return True
