@@ -95,8 +95,9 @@ class LauncherConfig:
     placement_strategy: str = "PACK"
     # -1 retries forever (spot); 0 fails on the first lost worker.
     max_failures: int = -1
-    # Idle pre-imported worker processes kept per worker slot on each node, so a restarted
-    # group starts in seconds (trainkit.launch.warm_pool); 0: off.
+    # Idle pre-imported worker processes kept per worker slot on each node of a joined
+    # cluster (not a private local Ray), so a restarted group starts in seconds
+    # (trainkit.launch.warm_pool); 0: off.
     warm_standby: int = 1
 
 

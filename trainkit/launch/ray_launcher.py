@@ -373,8 +373,9 @@ def ray_session(address: str, *, cpus: float = 0.0, launcher: Any = None) -> Ite
         yield False
         return
     quiet: dict[str, Any] = {"logging_level": logging.WARNING, "log_to_driver": True}
-    # Over Ray Client the driver is outside the cluster and cannot reach the raylets.
-    warm = launcher is not None and launcher.warm_standby > 0 and not address.startswith("ray://")
+    # Only on a cluster we join: a private local Ray has no spare node to restart on and no
+    # spare cores to import on. Over Ray Client the driver cannot reach the raylets.
+    warm = bool(launcher is not None and launcher.warm_standby > 0 and address and not address.startswith("ray://"))
     if warm:
         quiet["runtime_env"] = {"worker_process_setup_hook": "trainkit.launch.warm_pool.preload"}
     if not address:

@@ -15,9 +15,9 @@ job's ``worker_process_setup_hook``, those processes do the imports while they w
   slot (a node's CPUs or GPUs over one worker's, at most the job's worker count) on every
   live node that is not draining.
 * Ray matches an idle process by a hash of the serialized runtime env, which Ray Train
-  builds on the controller; rank 0 publishes the string its own process got
-  (:func:`publish_runtime_env`), and the pool starts warming once it is there. The first
-  group therefore starts cold; every later one finds warm processes.
+  builds on the controller; the training workers publish the env their own process got and
+  its hash (:func:`publish_runtime_env`), and the pool starts warming once they are there.
+  The first group therefore starts cold; every later one finds warm processes.
 
 Warm processes belong to the job: the raylet ends them when the driver exits. A cluster
 whose raylets refuse the call (another Ray version, token auth on the node manager) only
