@@ -162,7 +162,8 @@ def test_ray_node_drain_reaches_preemption_path(ray_cluster, tmp_path):
         ray_cluster.add()  # replacement capacity; the draining node takes no new work
 
     try:
-        rc, run_dir, log = run_and_disturb(ray_cluster, tmp_path, drain_a_node)
+        # Long enough that the drain (polled every 2 s) is seen before the job ends.
+        rc, run_dir, log = run_and_disturb(ray_cluster, tmp_path, drain_a_node, "trainer.max_steps=600")
     finally:
         if "node" in drained:
             ray_cluster.remove(drained["node"], graceful=True)
