@@ -68,6 +68,9 @@ def preload() -> None:
     """The job's ``worker_process_setup_hook``: the imports of a training worker, then a heartbeat.
 
     Import errors are not fatal here (the process then imports lazily, as without the hook).
+    Nothing here may initialize CUDA: Ray sets ``CUDA_VISIBLE_DEVICES`` when the actor
+    arrives, and CUDA reads it once, at initialization (checked: these imports call no
+    ``torch.cuda`` function).
     """
     with contextlib.suppress(Exception):
         import torch  # noqa: F401
