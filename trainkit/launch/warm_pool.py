@@ -173,7 +173,6 @@ class WarmPool(threading.Thread):
         self.gpus_per_worker = gpus_per_worker
         self.per_slot = per_slot
         self.every_s = every_s
-        self.requested = 0
         self._pending: dict[str, list[float]] = {}
         self._seen: set[bytes] = set()
         self._stop = threading.Event()
@@ -222,7 +221,6 @@ class WarmPool(threading.Thread):
                 pending += [now] * missing
                 started += missing
             self._pending[node_id] = pending
-        self.requested += started
         return started
 
     def _idle_by_node(self, listing: Any, get: Any, env: str) -> dict[str, int]:
