@@ -86,8 +86,7 @@ class LoopbackCluster:
 
         client, ns = GcsClient(address=self.address), NAMESPACE.encode()
         keys = client.internal_kv_keys(b"", ns)
-        return [pid for _, _, pid in idle_processes({k: client.internal_kv_get(k, ns) for k in keys
-                                                     if k.count(b"/") == 3})]
+        return [pid for _, _, pid in idle_processes({k: client.internal_kv_get(k, ns) for k in keys})]
 
     def worker_pids(self) -> list[int]:
         """PIDs of Ray Train worker processes on our worker nodes (not other sessions')."""

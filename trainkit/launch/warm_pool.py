@@ -50,11 +50,11 @@ START_TIMEOUT_S = 60.0
 KEEP_ALIVE_S = 7 * 24 * 3600
 
 
-def _kv() -> tuple[Any, Any, Any, Any]:
+def _kv() -> Any:
+    """Ray's KV store in the GCS (every process of the job reaches it)."""
     from ray.experimental import internal_kv
 
-    return (internal_kv._internal_kv_put, internal_kv._internal_kv_get, internal_kv._internal_kv_list,
-            internal_kv._internal_kv_del)
+    return internal_kv
 
 
 def _job_and_node() -> tuple[str, str]:
@@ -110,7 +110,7 @@ def _heartbeat(env: str) -> None:
     try:
         if not ray.is_initialized() or ray._private.worker.global_worker.mode != ray.WORKER_MODE:
             return  # a driver is never an idle worker
-        put, _, _, delete = _kv()
+        kv = _kv()
         job, node = _job_and_node()
     except Exception:  # noqa: BLE001 - not connected: nothing to report
         return
@@ -119,9 +119,9 @@ def _heartbeat(env: str) -> None:
         time.sleep(BEAT_S)
         try:
             if ray.get_runtime_context().get_actor_id() is not None:
-                delete(key, namespace=NAMESPACE)
+                kv._internal_kv_del(key, namespace=NAMESPACE)
                 return
-            put(key, str(time.time()).encode(), overwrite=True, namespace=NAMESPACE)
+            kv._internal_kv_put(key, str(time.time()).encode(), overwrite=True, namespace=NAMESPACE)
         except Exception:  # noqa: BLE001 - a GCS hiccup or shutdown: try again, or end with the process
             pass
 
@@ -134,10 +134,10 @@ def publish_runtime_env() -> None:
     if not ray.is_initialized():  # not in a Ray worker (asking Ray would start one)
         return
     with contextlib.suppress(Exception):
-        put, _, _, _ = _kv()
         job, _ = _job_and_node()
         value = {"runtime_env": ray.get_runtime_context().get_runtime_env_string(), "tag": env_tag()}
-        put(f"env/{job}".encode(), json.dumps(value).encode(), overwrite=True, namespace=NAMESPACE)
+        _kv()._internal_kv_put(f"env/{job}".encode(), json.dumps(value).encode(), overwrite=True,
+                               namespace=NAMESPACE)
 
 
 def idle_processes(beats: dict[bytes, bytes | None], now: float | None = None,
@@ -156,10 +156,9 @@ def idle_processes(beats: dict[bytes, bytes | None], now: float | None = None,
 
 def slots(resources: dict[str, float], cpus_per_worker: float, gpus_per_worker: float) -> int:
     """How many training workers fit on a node with ``resources`` (its totals)."""
-    n = int(resources.get("CPU", 0.0) // cpus_per_worker) if cpus_per_worker > 0 else 1 << 30
-    if gpus_per_worker > 0:
-        n = min(n, int(resources.get("GPU", 0.0) // gpus_per_worker))
-    return n if n < 1 << 30 else 0
+    fits = [resources.get(name, 0.0) // need for name, need in (("CPU", cpus_per_worker), ("GPU", gpus_per_worker))
+            if need > 0]
+    return int(min(fits)) if fits else 0
 
 
 class WarmPool(threading.Thread):
@@ -191,20 +190,19 @@ class WarmPool(threading.Thread):
                 log.warning("trainkit: warm standby workers off (%s: %s)", type(exc).__name__, exc)
                 return
         with contextlib.suppress(Exception):
-            _, _, listing, delete = _kv()
-            for key in listing(f"{self._job}/".encode(), namespace=NAMESPACE):
-                delete(key, namespace=NAMESPACE)
+            kv = _kv()
+            for key in kv._internal_kv_list(f"{self._job}/".encode(), namespace=NAMESPACE):
+                kv._internal_kv_del(key, namespace=NAMESPACE)
 
     def tick(self) -> int:
         """One round: counts idle warm processes per node, starts the missing ones. Returns how many."""
         import ray
 
-        _, get, listing, _ = _kv()
-        published = get(f"env/{self._job}".encode(), namespace=NAMESPACE)
+        published = _kv()._internal_kv_get(f"env/{self._job}".encode(), namespace=NAMESPACE)
         if not published:
             return 0
         env = json.loads(published)
-        idle = self._idle_by_node(listing, get, env["tag"])
+        idle = self._idle_by_node(env["tag"])
         draining = set((ray._private.state.state.get_draining_nodes() or {}).keys())
         started = 0
         for node in ray.nodes():
@@ -223,13 +221,14 @@ class WarmPool(threading.Thread):
             self._pending[node_id] = pending
         return started
 
-    def _idle_by_node(self, listing: Any, get: Any, env: str) -> dict[str, int]:
-        _, _, _, delete = _kv()
-        beats = {k: get(k, namespace=NAMESPACE) for k in listing(f"{self._job}/".encode(), namespace=NAMESPACE)}
+    def _idle_by_node(self, env: str) -> dict[str, int]:
+        kv = _kv()
+        keys = kv._internal_kv_list(f"{self._job}/".encode(), namespace=NAMESPACE)
+        beats = {k: kv._internal_kv_get(k, namespace=NAMESPACE) for k in keys}
         for key, beat in beats.items():  # processes gone with their node leave their key behind
             with contextlib.suppress(TypeError, ValueError):
                 if beat is None or time.time() - float(beat) > FORGET_S:
-                    delete(key, namespace=NAMESPACE)
+                    kv._internal_kv_del(key, namespace=NAMESPACE)
         idle: dict[str, int] = {}
         for key, node_id, _ in idle_processes(beats, env=env):
             idle[node_id] = idle.get(node_id, 0) + 1
