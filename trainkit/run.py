@@ -68,6 +68,7 @@ class Run:
         self.scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
         self.model: nn.Module | None = None
         self.restored_step: int | None = None
+        self._noted_commit: int | None = None
         self._state: dict[str, Any] | None = None
         self._loss_sum = torch.zeros((), dtype=torch.float64, device=self.dist.device)
         self._loss_count = 0
@@ -257,6 +258,7 @@ class Run:
 
     def _after_step(self) -> None:
         cfg = self.cfg
+        self._note_commit()
         if self.step % cfg.trainer.log_every == 0 or self.step == cfg.trainer.max_steps:
             self._log()
         else:
@@ -323,6 +325,15 @@ class Run:
         self._timers["checkpoint_block_s"] += spent
         self._event("checkpoint", step=self.step, blocking_s=spent, blocking=blocking)
 
+    def _note_commit(self) -> None:
+        """Records when each save became durable. An async save commits a few steps after it
+        was taken; a failure in between resumes from the save before it, so those steps are
+        redone on top of the interval (the event shows how many)."""
+        done = getattr(self.checkpointer, "committed_step", None)
+        if done is not None and done != self._noted_commit:
+            self._noted_commit = done
+            self._event("checkpoint_committed", step=done, at_step=self.step)
+
     def _preempt(self) -> None:
         if self._last_record.get("step") != self.step:
             self._log()  # so the record of useful time reaches the stop step
@@ -332,6 +343,7 @@ class Run:
             self.checkpointer.wait()
             if self.checkpointer.latest_step() != self.step:
                 self.save(blocking=True)
+            self._note_commit()
         self._event("preempted", step=self.step, reason=reason)
         self._close()
         raise Preempted(f"preempted at step {self.step} ({reason}); relaunch to resume")
@@ -343,6 +355,7 @@ class Run:
             self.checkpointer.wait()
             if self.checkpointer.latest_step() != self.step:
                 self.save(blocking=True)
+            self._note_commit()
         if self.cfg.checkpoint.export_safetensors and self.model is not None:
             self.strategy.export(self.model, storage.join(self.run_dir, "model.safetensors"))
         wall = time.time() - self._start

@@ -26,6 +26,11 @@ def test_metrics_fields_and_tensorboard(tmp_path: Path) -> None:
         assert "mfu" not in r  # no known peak on a CPU
         assert r["grad_norm"] > 0  # the gpt recipe clips
     assert any(r["checkpoint_block_s"] > 0 for r in rows)
-    events = [json.loads(x)["event"] for x in (run / "events.jsonl").read_text().splitlines()]
+    records = [json.loads(x) for x in (run / "events.jsonl").read_text().splitlines()]
+    events = [e["event"] for e in records]
     assert events[0] == "start" and events[-1] == "finish" and events.count("checkpoint") >= 2
+    # Every save is reported durable once, at or after the step it was taken.
+    taken = [e["step"] for e in records if e["event"] == "checkpoint"]
+    durable = [(e["step"], e["at_step"]) for e in records if e["event"] == "checkpoint_committed"]
+    assert [s for s, _ in durable] == taken == [3, 6] and all(at >= s for s, at in durable)
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))

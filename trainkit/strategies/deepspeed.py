@@ -137,5 +137,9 @@ class EngineCheckpointer:
     def latest_step(self) -> int | None:
         return self.inner.latest_step()
 
+    @property
+    def committed_step(self) -> int | None:
+        return self.inner.committed_step
+
     def close(self) -> None:
         self.inner.close()
