@@ -245,3 +245,17 @@ def test_warm_standby_is_validated():
     with pytest.raises(ConfigError, match="launcher.warm_standby"):
         compose_config(["recipe=resnet", "launcher=ray", "launcher.warm_standby=-1"])
     assert compose_config(["recipe=resnet", "launcher=ray"]).launcher.warm_standby == 1
+
+
+@pytest.mark.parametrize("address, warm", [("127.0.0.1:6379", True), ("ray://10.0.0.1:10001", False), ("", False)])
+def test_only_training_workers_get_the_preload_hook(address, warm):
+    """The hook is in the workers' runtime env (not the job's): Ray Train's controller and
+    helper actors start without importing torch; no warm standby, no hook."""
+    from trainkit.launch.ray_launcher import build_trainer
+    from trainkit.launch.warm_pool import preload_env
+
+    cfg = compose_config(["recipe=resnet", "launcher=ray", f"launcher.address={address}"])
+    env = build_trainer(cfg).run_config.worker_runtime_env["env_vars"]
+    (key, value), = preload_env().items()
+    assert (env.get(key) == value == "trainkit.launch.warm_pool.preload") is warm
+    assert warm or key not in env

@@ -353,6 +353,12 @@ def pin_loopback() -> None:
         sys.modules["ray._private.ray_constants"].ENABLE_RAY_CLUSTER = False
 
 
+def warm_standby_on(lc: Any) -> bool:
+    """Only on a cluster we join: a private local Ray has no spare node to restart on and no
+    spare cores to import on. Over Ray Client the driver cannot reach the raylets."""
+    return bool(lc.warm_standby > 0 and lc.address and not lc.address.startswith("ray://"))
+
+
 @contextlib.contextmanager
 def ray_session(address: str, *, cpus: float = 0.0, launcher: Any = None) -> Iterator[bool]:
     """Connects this process to Ray; yields True when we started (and will stop) it.
@@ -373,11 +379,7 @@ def ray_session(address: str, *, cpus: float = 0.0, launcher: Any = None) -> Ite
         yield False
         return
     quiet: dict[str, Any] = {"logging_level": logging.WARNING, "log_to_driver": True}
-    # Only on a cluster we join: a private local Ray has no spare node to restart on and no
-    # spare cores to import on. Over Ray Client the driver cannot reach the raylets.
-    warm = bool(launcher is not None and launcher.warm_standby > 0 and address and not address.startswith("ray://"))
-    if warm:
-        quiet["runtime_env"] = {"worker_process_setup_hook": "trainkit.launch.warm_pool.preload"}
+    warm = launcher is not None and warm_standby_on(launcher)
     if not address:
         # Token auth protects a cluster reachable from a network; this one listens on
         # loopback only and lives as long as the command.
@@ -474,6 +476,7 @@ def _dashboard_up() -> bool:
 
 def build_trainer(cfg: Config, *, name: str = "trainkit") -> Any:
     _ray_env()
+    from trainkit.launch.warm_pool import preload_env
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig
     from ray.train.v2._internal.constants import is_v2_enabled
@@ -504,7 +507,7 @@ def build_trainer(cfg: Config, *, name: str = "trainkit") -> Any:
             name=name,
             storage_path=ray_storage(data["run_dir"]),
             failure_config=FailureConfig(max_failures=lc.max_failures),
-            worker_runtime_env={"env_vars": _propagated_env()},
+            worker_runtime_env={"env_vars": {**_propagated_env(), **(preload_env() if warm_standby_on(lc) else {})}},
         ),
     )
 

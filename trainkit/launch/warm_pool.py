@@ -6,11 +6,13 @@ processes, and a new process spends most of a restart importing: Ray Train, torc
 cost on the project's 2-core machine. Ray can start worker processes ahead of need (the
 raylet's ``PrestartWorkers`` call, which Ray itself uses for task backlogs) and hands such an
 idle process to the next actor of the same job and runtime env. With :func:`preload` as the
-job's ``worker_process_setup_hook``, those processes do the imports while they wait.
+training workers' setup hook (:func:`preload_env`), those processes do the imports while
+they wait.
 
-* :func:`preload` runs in every worker process of the job. It imports what a training worker
-  needs and, while the process is not an actor, keeps a heartbeat in Ray's KV store: that is
-  how the driver counts the idle warm processes on each node.
+* :func:`preload` runs in every process started with the training workers' runtime env. It
+  imports what a training worker needs and, while the process is not an actor, keeps a
+  heartbeat in Ray's KV store: that is how the driver counts the idle warm processes on each
+  node.
 * :class:`WarmPool`, a thread in the driver, keeps ``per_slot`` idle warm processes per worker
   slot (a node's CPUs or GPUs over one worker's, at most the job's worker count) on every
   live node that is not draining.
@@ -64,8 +66,21 @@ def _job_and_node() -> tuple[str, str]:
     return ctx.get_job_id(), ctx.get_node_id()
 
 
+def preload_env() -> dict[str, str]:
+    """The training workers' runtime env entry that runs :func:`preload` in their processes.
+
+    This is the variable Ray's ``worker_process_setup_hook`` sets, placed in the workers' own
+    runtime env (Ray accepts the option itself only for the whole job). Job-wide, every
+    process of the job would import torch first, Ray Train's controller and its helper
+    actors included: ~3 s more to start the job and a few CPU-seconds at each restart.
+    """
+    from ray._private import ray_constants
+
+    return {ray_constants.WORKER_PROCESS_SETUP_HOOK_ENV_VAR: f"{__name__}.preload"}
+
+
 def preload() -> None:
-    """The job's ``worker_process_setup_hook``: the imports of a training worker, then a heartbeat.
+    """The training workers' setup hook: the imports of a training worker, then a heartbeat.
 
     Import errors are not fatal here (the process then imports lazily, as without the hook).
     Nothing here may initialize CUDA: Ray sets ``CUDA_VISIBLE_DEVICES`` when the actor
