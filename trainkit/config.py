@@ -99,6 +99,9 @@ class LauncherConfig:
     # cluster (not a private local Ray), so a restarted group starts in seconds
     # (trainkit.launch.warm_pool); 0: off.
     warm_standby: int = 1
+    # Seconds the pool waits after a (re)start took its processes before it starts new ones,
+    # so their imports do not compete with the group's restore and first steps.
+    warm_refill_s: float = 20.0
 
 
 @dataclass
@@ -191,6 +194,7 @@ def validate(cfg: Config) -> Config:
     _positive("launcher.workers", cfg.launcher.workers)
     _positive("launcher.nodes", cfg.launcher.nodes)
     _positive("launcher.warm_standby", cfg.launcher.warm_standby, allow_zero=True)
+    _positive("launcher.warm_refill_s", cfg.launcher.warm_refill_s, allow_zero=True)
     _positive("checkpoint.every_steps", cfg.checkpoint.every_steps, allow_zero=True)
     _positive("checkpoint.every_seconds", cfg.checkpoint.every_seconds, allow_zero=True)
     _positive("checkpoint.keep_last", cfg.checkpoint.keep_last)

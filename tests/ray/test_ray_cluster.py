@@ -141,7 +141,8 @@ def test_restart_takes_warm_standby_processes(ray_cluster, tmp_path):
         seen["refill"] = wait_for(lambda: [p for p in ray_cluster.warm_pids() if p not in seen["warm"]], 120,
                                   "new warm processes after the restart")
 
-    rc, run_dir, log = run_and_disturb(ray_cluster, tmp_path, kill_once_warm, "trainer.max_steps=3000")
+    rc, run_dir, log = run_and_disturb(ray_cluster, tmp_path, kill_once_warm, "trainer.max_steps=3000",
+                                       "launcher.warm_refill_s=1")
     assert rc == 0, _tail(log)
     assert set(seen["new"]) <= set(seen["warm"]), (seen, _tail(log))
     assert [e for e in events(run_dir) if e["event"] == "restore"], _tail(log)

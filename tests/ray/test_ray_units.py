@@ -244,6 +244,8 @@ def test_warm_pool_counts_only_fresh_heartbeats():
 def test_warm_standby_is_validated():
     with pytest.raises(ConfigError, match="launcher.warm_standby"):
         compose_config(["recipe=resnet", "launcher=ray", "launcher.warm_standby=-1"])
+    with pytest.raises(ConfigError, match="launcher.warm_refill_s"):
+        compose_config(["recipe=resnet", "launcher=ray", "launcher.warm_refill_s=-1"])
     assert compose_config(["recipe=resnet", "launcher=ray"]).launcher.warm_standby == 1
 
 

@@ -409,7 +409,8 @@ def ray_session(address: str, *, cpus: float = 0.0, launcher: Any = None) -> Ite
         from trainkit.launch.warm_pool import WarmPool
 
         pool = WarmPool(workers=launcher.workers * launcher.nodes, cpus_per_worker=launcher.cpus_per_worker,
-                        gpus_per_worker=launcher.gpus_per_worker, per_slot=launcher.warm_standby)
+                        gpus_per_worker=launcher.gpus_per_worker, per_slot=launcher.warm_standby,
+                        refill_after_s=launcher.warm_refill_s)
         pool.start()
     try:
         yield True
