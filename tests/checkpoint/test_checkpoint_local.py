@@ -342,3 +342,28 @@ def test_torch_stock_reader_refuses_raw_shards_instead_of_misreading(tmp_path):
         dcp.load(sd, storage_reader=FileSystemReader(str(root / "step_000000002")), no_dist=True)
     (failure, _tb), = info.value.failures.values()
     assert "Unknown extension" in str(failure) and "trainkit-raw" in str(failure)
+
+
+def test_saves_do_not_feed_torchs_unheard_debug_loggers(tmp_path):
+    """torch's DCP logger is at DEBUG behind a NullHandler (records built for nobody); a save
+    raises it to WARNING, unless someone gave it a real handler."""
+    import logging
+
+    from torch.distributed.checkpoint import logger as dcp_logger
+
+    lg = dcp_logger._dcp_logger
+    level, handlers = lg.level, list(lg.handlers)
+    try:
+        lg.setLevel(logging.DEBUG)
+        lg.handlers[:] = [logging.NullHandler()]  # as torch leaves it (pytest adds its own)
+        with Checkpointer(str(tmp_path / "a")) as ck:
+            ck.save(1, {"w": torch.ones(2)}, blocking=True)
+        assert lg.level == logging.WARNING
+        lg.setLevel(logging.DEBUG)
+        lg.addHandler(logging.StreamHandler())
+        with Checkpointer(str(tmp_path / "b")) as ck:
+            ck.save(1, {"w": torch.ones(2)}, blocking=True)
+        assert lg.level == logging.DEBUG
+    finally:
+        lg.setLevel(level)
+        lg.handlers[:] = handlers
