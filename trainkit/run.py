@@ -186,8 +186,8 @@ class Run:
         self.restored_step = step
         if self.dist.is_main:
             assert self.metrics is not None
-            reached = max((r.get("step", 0) for r in self.metrics.records()), default=step)
-            self.metrics.keep(lambda r: r.get("step", 0) <= step)
+            dropped = self.metrics.keep(lambda r: r.get("step", 0) <= step)
+            reached = max((r.get("step", 0) for r in dropped), default=step)
             # Steps the previous attempt logged past this checkpoint (exact with log_every=1).
             self._event("restore", step=step, recomputed_steps=max(0, reached - step))
             self._print(f"resumed from checkpoint at step {step}")

@@ -41,20 +41,34 @@ class JsonlLog:
         with open(self.path, encoding="utf-8") as f:
             return [json.loads(line) for line in f if line.strip()]
 
-    def keep(self, predicate: Any) -> int:
-        """Rewrites the log with only the records ``predicate`` accepts; returns how many were dropped.
+    def keep(self, predicate: Any) -> list[dict[str, Any]]:
+        """Drops the records ``predicate`` rejects and returns them (the file is rewritten
+        only when there are some).
 
         Used on resume to drop steps that a crashed attempt logged after its last checkpoint:
-        they are recomputed, and the log must describe the run, not the attempts.
+        they are recomputed, and the log must describe the run, not the attempts. One pass,
+        kept lines copied as they are: a long run's log has a line per step, and every
+        restart waits for this on rank 0.
         """
-        rows = self.records()
-        kept = [r for r in rows if predicate(r)]
-        self._file.close()
-        with open(self.path, "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(r) + "\n" for r in kept)
-        self._file = open(self.path, "a", encoding="utf-8")
-        self.flush(force=True)
-        return len(rows) - len(kept)
+        self._file.flush()
+        kept: list[str] = []
+        dropped: list[dict[str, Any]] = []
+        with open(self.path, encoding="utf-8") as f:
+            for line in f:
+                if not line.strip():
+                    continue
+                record = json.loads(line)
+                if predicate(record):
+                    kept.append(line if line.endswith("\n") else line + "\n")
+                else:
+                    dropped.append(record)
+        if dropped:
+            self._file.close()
+            with open(self.path, "w", encoding="utf-8") as f:
+                f.writelines(kept)
+            self._file = open(self.path, "a", encoding="utf-8")
+            self.flush(force=True)
+        return dropped
 
     def write(self, record: dict[str, Any]) -> None:
         self._file.write(json.dumps(record) + "\n")
