@@ -51,6 +51,7 @@ def _quiet_dcp() -> None:
                 and all(isinstance(h, logging.NullHandler) for h in unheard.handlers)):
             unheard.setLevel(logging.WARNING)
 
+
 def _is_transient(exc: BaseException) -> bool:
     if isinstance(exc, CheckpointException):
         fails = [e for e, _tb in exc.failures.values()] if exc.failures else []
