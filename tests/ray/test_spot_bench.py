@@ -15,7 +15,7 @@ from trainkit.bench.spot_schedule import parse_schedule
 
 TINY = ["model.width=4", "model.blocks=[1,1]", "model.image_size=8", "data.batch_size=32",
         "checkpoint.every_seconds=2"]
-STEPS = 2000
+STEPS = 6000  # long enough that both events hit a running job (~6 ms a step)
 
 
 @pytest.mark.slow
