@@ -68,7 +68,7 @@ class Run:
         self.scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
         self.model: nn.Module | None = None
         self.restored_step: int | None = None
-        self._noted_commit: int | None = None
+        self._noted_commits = 0
         self._state: dict[str, Any] | None = None
         self._loss_sum = torch.zeros((), dtype=torch.float64, device=self.dist.device)
         self._loss_count = 0
@@ -326,13 +326,13 @@ class Run:
         self._event("checkpoint", step=self.step, blocking_s=spent, blocking=blocking)
 
     def _note_commit(self) -> None:
-        """Records when each save became durable. An async save commits a few steps after it
-        was taken; a failure in between resumes from the save before it, so those steps are
-        redone on top of the interval (the event shows how many)."""
-        done = getattr(self.checkpointer, "committed_step", None)
-        if done is not None and done != self._noted_commit:
-            self._noted_commit = done
-            self._event("checkpoint_committed", step=done, at_step=self.step)
+        """Records each save once it is durable, with the training step by which it was. An
+        async save commits a few steps after it was taken; a failure in between resumes from
+        the save before it, so those steps are redone on top of the interval."""
+        commits = getattr(self.checkpointer, "commits", [])
+        for step in commits[self._noted_commits:]:
+            self._event("checkpoint_committed", step=step, at_step=self.step)
+        self._noted_commits = len(commits)
 
     def _preempt(self) -> None:
         if self._last_record.get("step") != self.step:

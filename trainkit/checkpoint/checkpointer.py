@@ -135,7 +135,7 @@ class Checkpointer:
         self._newest_committed: int | None = None
         self.last_blocking_s: float = 0.0  # how long the last save() blocked the caller
         self.last_save_s: float = 0.0      # start of save() to commit (before retention), last save
-        self.committed_step: int | None = None  # newest step this checkpointer's own saves committed
+        self.commits: list[int] = []  # the steps this checkpointer's own saves committed, in order
         self.last_loaded_step: int | None = None
         self._closed = False
 
@@ -279,7 +279,7 @@ class Checkpointer:
             err = f"rank {self.rank}: {exc}" if isinstance(exc, StorageError) else f"rank {self.rank}: {_short(exc)}"
         def committed() -> None:
             self.last_save_s = time.perf_counter() - t0
-            self.committed_step = step
+            self.commits.append(step)
             self._newest_committed = max(step, -1 if self._newest_committed is None else self._newest_committed)
             log.info("checkpoint step %d committed under %s (%.2fs)", step, self.root, self.last_save_s)
 

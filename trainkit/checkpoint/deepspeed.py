@@ -71,7 +71,7 @@ class DeepSpeedCheckpointer:
         self._executor: ThreadPoolExecutor | None = None
         self._pending: Future | None = None
         self.last_blocking_s = 0.0
-        self.committed_step: int | None = None  # newest step this checkpointer's own saves committed
+        self.commits: list[int] = []  # the steps this checkpointer's own saves committed, in order
 
     @property
     def rank(self) -> int:
@@ -147,7 +147,7 @@ class DeepSpeedCheckpointer:
             shutil.rmtree(tmp, ignore_errors=True)
         commit_collectively(self.store, self._group, step, records, err, keep_last=self.keep_last,
                             keep_every=self.keep_every, extra={"kind": "deepspeed", "tag": tag})
-        self.committed_step = step
+        self.commits.append(step)
         log.info("DeepSpeed checkpoint step %d committed under %s", step, self.root)
 
     def wait(self) -> None:

@@ -138,8 +138,8 @@ class EngineCheckpointer:
         return self.inner.latest_step()
 
     @property
-    def committed_step(self) -> int | None:
-        return self.inner.committed_step
+    def commits(self) -> list[int]:
+        return self.inner.commits
 
     def close(self) -> None:
         self.inner.close()
