@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import datetime
 import os
+import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -13,6 +17,7 @@ from trainkit.errors import ConfigError
 
 
 _OWNED = False
+_EXIT_CODE: int | None = None
 
 
 @dataclass(frozen=True)
@@ -84,6 +89,46 @@ def shutdown() -> None:
         dist.barrier()
         dist.destroy_process_group()
     _OWNED = False
+
+
+@contextlib.contextmanager
+def exit_guard() -> Iterator[None]:
+    """Around a worker process's body: the process later leaves without interpreter finalization.
+
+    Gloo's worker threads release a finished collective's tensors on their own; with torch
+    2.13 that takes the GIL, and a thread that waits for it while the interpreter starts to
+    finalize aborts the whole process ("terminate called without an active exception",
+    exit -6), after a run that succeeded (pytorch/pytorch#190489; destroy_process_group does
+    not stop those threads while a DDP module still holds the group). So once the body is
+    done, the process runs its exit handlers as usual and then ends with ``os._exit`` and
+    the exit code the body earned: 0, a ``SystemExit``'s code, or 1 for an exception. A
+    ``KeyboardInterrupt`` leaves the process to exit the ordinary way.
+    """
+    global _EXIT_CODE
+    try:
+        yield
+    except SystemExit as exc:
+        _EXIT_CODE = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
+        raise
+    except Exception:
+        _EXIT_CODE = 1
+        raise
+    else:
+        _EXIT_CODE = 0
+    finally:
+        # Registered last, so it runs first and can still run every other handler.
+        atexit.register(_leave)
+
+
+def _leave() -> None:
+    if _EXIT_CODE is None:
+        return
+    atexit.unregister(_leave)
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(_EXIT_CODE)
 
 
 def barrier() -> None:

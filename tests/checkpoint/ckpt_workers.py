@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from trainkit import storage
+from trainkit import distributed, storage
 from trainkit.checkpoint import Checkpointer, ModelOptimState, RNGState, _codec
 
 torch.set_num_threads(1)
@@ -172,4 +172,5 @@ def ds_train(a: dict) -> None:
 
 if __name__ == "__main__":
     fn, args = sys.argv[1], json.loads(sys.argv[2])
-    globals()[fn](args)
+    with distributed.exit_guard():
+        globals()[fn](args)

@@ -40,35 +40,37 @@ def agree(a: dict) -> None:
     import torch
     import torch.distributed as dist
 
+    from trainkit import distributed
     from trainkit.checkpoint import Checkpointer
     from trainkit.errors import EXIT_PREEMPTED
     from trainkit.preemption import PreemptionWatcher, agree_stop
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
-    rank = dist.get_rank()
-    w = PreemptionWatcher(signals=["SIGTERM"]).start()
-    ck = Checkpointer(a["root"])
-    counter = {"step": 0}
-    weights = {"w": torch.zeros(4)}
-    with open(os.path.join(a["out"], f"ready{rank}"), "w"):
-        pass
-    step = 0
-    while True:
-        step += 1
-        weights["w"] += 1
-        counter["step"] = step
-        time.sleep(0.02 * (1 + rank))  # ranks run at different speeds
-        if agree_stop(w):
-            break
-        if step > 5000:
-            sys.exit(3)
-    ck.save(step, {"state": {"weights": weights, "counter": counter}}, blocking=True)
-    ck.close()
-    with open(os.path.join(a["out"], f"rank{rank}.json"), "w") as f:
-        json.dump({"step": step, "reason": w.reason, "signals": w.signal_count}, f)
-    dist.destroy_process_group()
-    sys.exit(EXIT_PREEMPTED)
+    with distributed.exit_guard():
+        torch.set_num_threads(1)
+        dist.init_process_group("gloo", rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
+        rank = dist.get_rank()
+        w = PreemptionWatcher(signals=["SIGTERM"]).start()
+        ck = Checkpointer(a["root"])
+        counter = {"step": 0}
+        weights = {"w": torch.zeros(4)}
+        with open(os.path.join(a["out"], f"ready{rank}"), "w"):
+            pass
+        step = 0
+        while True:
+            step += 1
+            weights["w"] += 1
+            counter["step"] = step
+            time.sleep(0.02 * (1 + rank))  # ranks run at different speeds
+            if agree_stop(w):
+                break
+            if step > 5000:
+                sys.exit(3)
+        ck.save(step, {"state": {"weights": weights, "counter": counter}}, blocking=True)
+        ck.close()
+        with open(os.path.join(a["out"], f"rank{rank}.json"), "w") as f:
+            json.dump({"step": step, "reason": w.reason, "signals": w.signal_count}, f)
+        dist.destroy_process_group()
+        sys.exit(EXIT_PREEMPTED)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,8 @@ import torch
 import torch.multiprocessing as mp
 from torch import nn
 
+from trainkit import distributed
+
 from launching import GPT_TINY, RESNET_TINY, launch, losses
 
 WIDTH, GLOBAL_BATCH, STEPS = 16, 16, 6
@@ -28,6 +30,7 @@ def _data() -> list[tuple[torch.Tensor, torch.Tensor]]:
             for _ in range(STEPS)]
 
 
+@distributed.exit_guard()
 def _accum_worker(rank: int, world: int, port: int, out: str, accum: int) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))

@@ -12,6 +12,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
+from trainkit import distributed
+
 STEPS, GLOBAL_BATCH, WIDTH = 12, 16, 32
 
 
@@ -29,6 +31,7 @@ def _batches(rank: int, world: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return out
 
 
+@distributed.exit_guard()
 def _worker(rank: int, world: int, port: int, out: str, mode: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))

@@ -16,6 +16,7 @@ import socket
 import sys
 import tempfile
 import uuid
+from pathlib import Path
 from typing import Any
 
 from trainkit.config import Config
@@ -78,7 +79,7 @@ def launch(cfg: Config) -> int:
     try:
         elastic_launch(config, worker_main)(cfg.to_dict())
     except ChildFailedError as exc:
-        return report_failure(exc)
+        return report_failure(exc, log_dir)
     return 0
 
 
@@ -113,36 +114,51 @@ def _user_frames(trace: str) -> str:
     return "\n".join(out)
 
 
-def report_failure(exc: Any) -> int:
-    """Prints the first failed worker's error once and returns the job's exit code.
+def _raised(log_dir: str) -> list[tuple[float, int, Any]]:
+    """The error files the workers left (one per rank that raised), oldest first.
+
+    The agent names only the first worker it saw exit, and that is as often a peer that just
+    lost its connection to the rank that raised; the raiser's file says what happened.
+    """
+    found = []
+    for path in Path(log_dir).glob("*/attempt_*/*/error.json"):
+        with contextlib.suppress(OSError, ValueError):
+            found.append((path.stat().st_mtime, int(path.parent.name), json.loads(path.read_text())))
+    return sorted(found, key=lambda f: (f[0], f[1]))
+
+
+def _describe(data: Any, default: str) -> tuple[str, str | None, int]:
+    """(message, traceback or None, exit code) from an error file as ``@record`` or we write it."""
+    if isinstance(data, str):
+        with contextlib.suppress(ValueError):
+            data = json.loads(data)
+    msg = data.get("message") if isinstance(data, dict) else None
+    if isinstance(msg, str):
+        return msg, None, 1
+    if not isinstance(msg, dict):
+        return default, None, 1
+    extra = msg.get("extraInfo", {})
+    return msg.get("message", default), extra.get("py_callstack"), int(extra.get("exitcode", 1))
+
+
+def report_failure(exc: Any, log_dir: str) -> int:
+    """Prints the failed worker's error once and returns the job's exit code.
 
     When every worker left with the preemption code the job is resumable: 75, no noise.
     """
     failures = exc.failures
-    first_code = min(failures.values(), key=lambda f: f.timestamp).exitcode
+    rank, first = min(failures.items(), key=lambda rf: rf[1].timestamp)
     # Workers that stopped for a preemption exit 75; the agent may then terminate stragglers.
-    if first_code == EXIT_PREEMPTED and all(f.exitcode in (EXIT_PREEMPTED, -15) for f in failures.values()):
+    if first.exitcode == EXIT_PREEMPTED and all(f.exitcode in (EXIT_PREEMPTED, -15) for f in failures.values()):
         return EXIT_PREEMPTED
-    # The rank that raised (it left an error file) caused it; its peers only lost a connection.
-    rank, first = min(
-        ((r, f) for r, f in failures.items() if f.exitcode != EXIT_PREEMPTED),
-        key=lambda rf: (not rf[1].error_file_data, rf[1].timestamp),
-    )
-    message = first.message
-    data = first.error_file_data
-    if isinstance(data, dict):
-        msg = data.get("message")
-        if isinstance(msg, dict):
-            message = msg.get("message", message)
-            trace = msg.get("extraInfo", {}).get("py_callstack")
-            if trace and not message.startswith("trainkit:"):
-                print(_user_frames(trace), file=sys.stderr)
-        elif isinstance(msg, str):
-            message = msg
-    elif isinstance(data, str) and data:
-        try:
-            message = json.loads(data).get("message", message)
-        except ValueError:
-            pass
-    print(f"error: worker rank {rank} failed (exit code {first.exitcode}): {message}", file=sys.stderr)
-    return 1 if first.exitcode in (0, None) or first.exitcode < 0 else first.exitcode
+    raised = _raised(log_dir)
+    if raised:
+        _, local_rank, data = raised[0]
+        rank += local_rank - first.local_rank
+        message, trace, code = _describe(data, "<no message>")
+    else:  # nobody raised: killed by a signal, or exited on its own
+        message, trace, code = _describe(first.error_file_data, first.message), None, first.exitcode
+    if trace and not message.startswith("trainkit:"):
+        print(_user_frames(trace), file=sys.stderr)
+    print(f"error: worker rank {rank} failed (exit code {code}): {message}", file=sys.stderr)
+    return 1 if code in (0, None) or code < 0 else code

@@ -18,12 +18,13 @@ def _is_peer_loss(exc: BaseException) -> bool:
     return any(m in text for m in ("Connection closed by peer", "Connection reset by peer", "Broken pipe"))
 
 
-def _record_message(message: str) -> None:
-    """Leaves the error where the elastic agent collects it, without a traceback."""
+def _record_message(message: str, exit_code: int) -> None:
+    """Leaves the error where the launcher looks for it, without a traceback."""
     path = os.environ.get("TORCHELASTIC_ERROR_FILE")
     if path:
         with open(path, "w") as f:
-            json.dump({"message": {"message": message, "extraInfo": {"timestamp": str(int(time.time()))}}}, f)
+            extra = {"timestamp": str(int(time.time())), "exitcode": exit_code}
+            json.dump({"message": {"message": message, "extraInfo": extra}}, f)
 
 
 @record
@@ -31,18 +32,21 @@ def worker_main(cfg_dict: Mapping[str, Any]) -> None:
     """Runs :func:`trainkit.train.train`; expected failures exit with one line, no traceback.
 
     A rank whose peer died only reports that (the launcher names the rank that failed first),
-    so a crash is shown once rather than once per rank.
+    so a crash is shown once rather than once per rank. The process leaves without
+    interpreter finalization (see :func:`trainkit.distributed.exit_guard`).
     """
+    from trainkit import distributed
     from trainkit.train import train
 
-    try:
-        train(cfg_dict)
-    except Preempted:
-        raise
-    except TrainkitError as exc:
-        _record_message(f"trainkit: {exc}")
-        raise SystemExit(exc.exit_code) from None
-    except RuntimeError as exc:
-        if _is_peer_loss(exc):
-            raise SystemExit(1) from None
-        raise
+    with distributed.exit_guard():
+        try:
+            train(cfg_dict)
+        except Preempted:
+            raise
+        except TrainkitError as exc:
+            _record_message(f"trainkit: {exc}", exc.exit_code)
+            raise SystemExit(exc.exit_code) from None
+        except RuntimeError as exc:
+            if _is_peer_loss(exc):
+                raise SystemExit(1) from None
+            raise
