@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+
+import pytest
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+from trainkit.launch.local import report_failure
 
 from launching import RESNET_TINY, launch, losses
 
@@ -37,3 +43,26 @@ def test_plain_progress_and_summary(tmp_path: Path) -> None:
     assert "step 2/4 loss=" in out and "step 4/4 loss=" in out
     assert "trainkit run summary" in out and "eval_accuracy" in out
     assert (tmp_path / "p" / "config.yaml").read_text().count("max_steps: 4") == 1
+
+
+def _failure(log_dir: Path, local_rank: int, exitcode: int, error: dict | None = None) -> ProcessFailure:
+    """A worker's failure as the elastic agent records it, its error file where the agent puts it."""
+    path = log_dir / "trainkit-x_abc" / "attempt_0" / str(local_rank) / "error.json"
+    path.parent.mkdir(parents=True)
+    if error is not None:
+        path.write_text(json.dumps(error))
+    return ProcessFailure(local_rank=local_rank, pid=1000 + local_rank, exitcode=exitcode, error_file=str(path))
+
+
+def test_failure_report_names_the_rank_that_raised(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The agent saw rank 0 (which only lost its peer) exit first; rank 1's error file tells the story."""
+    raised = {"message": {"message": "trainkit: no bucket b", "extraInfo": {"timestamp": "1", "exitcode": 2}}}
+    _failure(tmp_path, 1, 2, raised)
+    assert report_failure(ChildFailedError("worker_main", {0: _failure(tmp_path, 0, 1)}), str(tmp_path)) == 2
+    assert capsys.readouterr().err == "error: worker rank 1 failed (exit code 2): trainkit: no bucket b\n"
+
+
+def test_failure_report_without_error_files(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A worker killed by a signal leaves no file: the agent's account, and exit code 1 for the job."""
+    assert report_failure(ChildFailedError("worker_main", {1: _failure(tmp_path, 1, -9)}), str(tmp_path)) == 1
+    assert "error: worker rank 1 failed (exit code -9): Signal 9 (SIGKILL)" in capsys.readouterr().err

@@ -127,18 +127,13 @@ def _raised(log_dir: str) -> list[tuple[float, int, Any]]:
     return sorted(found, key=lambda f: (f[0], f[1]))
 
 
-def _describe(data: Any, default: str) -> tuple[str, str | None, int]:
+def _describe(data: Any) -> tuple[str, str | None, int]:
     """(message, traceback or None, exit code) from an error file as ``@record`` or we write it."""
-    if isinstance(data, str):
-        with contextlib.suppress(ValueError):
-            data = json.loads(data)
     msg = data.get("message") if isinstance(data, dict) else None
-    if isinstance(msg, str):
-        return msg, None, 1
     if not isinstance(msg, dict):
-        return default, None, 1
+        return str(msg or "<no message>"), None, 1
     extra = msg.get("extraInfo", {})
-    return msg.get("message", default), extra.get("py_callstack"), int(extra.get("exitcode", 1))
+    return msg.get("message", "<no message>"), extra.get("py_callstack"), int(extra.get("exitcode", 1))
 
 
 def report_failure(exc: Any, log_dir: str) -> int:
@@ -155,9 +150,9 @@ def report_failure(exc: Any, log_dir: str) -> int:
     if raised:
         _, local_rank, data = raised[0]
         rank += local_rank - first.local_rank
-        message, trace, code = _describe(data, "<no message>")
+        message, trace, code = _describe(data)
     else:  # nobody raised: killed by a signal, or exited on its own
-        message, trace, code = _describe(first.error_file_data, first.message), None, first.exitcode
+        message, trace, code = first.message, None, first.exitcode
     if trace and not message.startswith("trainkit:"):
         print(_user_frames(trace), file=sys.stderr)
     print(f"error: worker rank {rank} failed (exit code {code}): {message}", file=sys.stderr)
