@@ -306,12 +306,15 @@ def _machine() -> str:
     return f"{os.cpu_count()} cores{mem}, {platform.system()} {platform.machine()}, ray {ray.__version__}, torch {torch.__version__}"
 
 
-def markdown(result: dict[str, Any], command: str, load: tuple[str, str]) -> str:
+def markdown(result: dict[str, Any], command: str, load: tuple[str, str], commits: tuple[str, str]) -> str:
+    """``commits`` at start and end: Ray's workers import trainkit from the tree while the job runs,
+    so a tree that changed meanwhile is named, not hidden."""
     date = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
+    commit = commits[0] if commits[0] == commits[1] else f"{commits[0]} at start, {commits[1]} at end"
     raw = {k: v for k, v in result.items() if k not in ("run_dir", "launch_log")}
     return "\n".join([
         f"## Run of {date}", "", f"    {command}", "",
-        f"Machine: {_machine()}. Commit {_git_commit()}.",
+        f"Machine: {_machine()}. Commit {commit}.",
         f"Load average (1/5/15 min) at start {load[0]}, at end {load[1]}.", "",
         *summary_lines(result), "", "Raw figures:", "", "```json", json.dumps(raw, indent=1, default=str), "```", "",
     ])
@@ -346,7 +349,7 @@ def main(argv: list[str] | None = None) -> None:
                                  seed=args.seed, workers=args.workers)
     steps = args.steps or max(1, round(duration * STEPS_PER_S))
     print(format_schedule(schedule), flush=True)
-    load_start = _load()
+    load_start, commit_start = _load(), _git_commit()
     result = run_bench(schedule, steps=steps, workers=args.workers, spare=args.spare, grace_s=args.grace,
                        replace_after_s=args.replace_after, overrides=args.overrides,
                        timeout_s=duration * 4 + 600, log=lambda s: print(s, flush=True))
@@ -356,7 +359,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.markdown:
         command = "python -m trainkit.bench spot " + " ".join(sys.argv[1:] if argv is None else argv)
         with open(args.markdown, "a") as f:
-            f.write(markdown(result, command.strip(), (load_start, load_end)))
+            f.write(markdown(result, command.strip(), (load_start, load_end), (commit_start, _git_commit())))
     if result["exit_code"] != 0 or result["history_problems"]:
         sys.exit(1)
 
