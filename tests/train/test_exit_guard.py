@@ -11,7 +11,6 @@ import atexit
 import os
 import random
 import signal
-import socket
 import sys
 import time
 from pathlib import Path
@@ -22,6 +21,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from trainkit import distributed
+from trainkit.launch.local import free_port
 
 
 class _SleepsWhenCollected:
@@ -59,10 +59,7 @@ def _worker(rank: int, port: int, marker: str, guarded: bool, code: int) -> None
 
 
 def _exit_codes(tmp_path: Path, guarded: bool, code: int = 0) -> tuple[int, int]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.start_processes(_worker, args=(port, str(tmp_path / "handler-ran"), guarded, code), nprocs=2,
+    ctx = mp.start_processes(_worker, args=(free_port(), str(tmp_path / "handler-ran"), guarded, code), nprocs=2,
                              join=False, start_method="spawn")
     for p in ctx.processes:
         p.join(120)

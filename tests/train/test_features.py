@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -12,16 +11,12 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from trainkit import distributed
+from trainkit.launch.local import free_port
 
 from launching import GPT_TINY, RESNET_TINY, launch, losses
 
 WIDTH, GLOBAL_BATCH, STEPS = 16, 16, 6
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _data() -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -63,7 +58,7 @@ def _accum_worker(rank: int, world: int, port: int, out: str, accum: int) -> Non
 def test_gradient_accumulation_matches_one_big_batch(tmp_path: Path) -> None:
     """Two micro-steps of 4 per rank make the same update as one step of 8 (clipping included)."""
     for accum in (1, 2):
-        mp.spawn(_accum_worker, args=(2, _free_port(), str(tmp_path), accum), nprocs=2, join=True)
+        mp.spawn(_accum_worker, args=(2, free_port(), str(tmp_path), accum), nprocs=2, join=True)
     one, two = torch.load(tmp_path / "accum1.pt"), torch.load(tmp_path / "accum2.pt")
     for key in one:
         torch.testing.assert_close(two[key], one[key], rtol=1e-5, atol=1e-6)

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
 import torch
@@ -13,6 +12,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from trainkit import distributed
+from trainkit.launch.local import free_port
 
 STEPS, GLOBAL_BATCH, WIDTH = 12, 16, 32
 
@@ -70,15 +70,10 @@ def _worker(rank: int, world: int, port: int, out: str, mode: str) -> None:
         torch.save(state, f"{out}/{mode}.pt")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def test_ddp_matches_handwritten_ddp(tmp_path: Path) -> None:
     for mode in ("plain", "trainkit"):
-        mp.spawn(_worker, args=(2, _free_port(), str(tmp_path), mode), nprocs=2, join=True)
+        mp.spawn(_worker, args=(2, free_port(), str(tmp_path), mode), nprocs=2, join=True)
     plain = torch.load(tmp_path / "plain.pt")
     ours = torch.load(tmp_path / "trainkit.pt")
     assert plain.keys() == ours.keys()
