@@ -6,6 +6,7 @@ import atexit
 import contextlib
 import datetime
 import os
+import socket
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -36,6 +37,13 @@ class DistInfo:
     @property
     def distributed(self) -> bool:
         return self.backend is not None
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on ``host`` right now (loopback by default: nothing else is reachable)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
 
 
 def pick_backend(requested: str) -> str:

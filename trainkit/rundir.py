@@ -1,0 +1,149 @@
+"""The run directory: what lives in ``run_dir``, the events a run records, and how to read them.
+
+This is the one place that names the files of a run and the fields of its events. Writers
+(``Run``, the launchers, the sweep) and readers (``report``, ``chaos``, ``bench``) import it,
+so a new event or file is added here once and every tool sees the same schema::
+
+    <run_dir>/
+        config.yaml              the resolved config of the latest attempt (credentials redacted)
+        configs/attempt-N.yaml   every attempt's resolved config
+        metrics.jsonl            one record per logged step
+        events.jsonl             one record per event below
+        summary.json             written when the run finishes
+        model.safetensors        the exported weights
+        tensorboard/             TensorBoard event files
+        checkpoints/step_<9+ digits>/...   see trainkit.checkpoint (manifest-last commits)
+        checkpoints/latest       the last committed step (a hint; manifests are the truth)
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+from trainkit import storage
+
+CONFIG = "config.yaml"
+CONFIGS = "configs"
+METRICS = "metrics.jsonl"
+EVENTS = "events.jsonl"
+SUMMARY = "summary.json"
+EXPORT = "model.safetensors"
+TENSORBOARD = "tensorboard"
+CHECKPOINTS = "checkpoints"
+
+
+def path(run_dir: str, name: str) -> str:
+    """The URL of ``name`` (one of the constants above) inside ``run_dir``."""
+    return storage.join(run_dir, name)
+
+
+def attempt_config(attempt: int) -> str:
+    return f"{CONFIGS}/attempt-{attempt}.yaml"
+
+
+@dataclass(frozen=True)
+class Event:
+    """An event kind and the fields (besides ``event`` and ``time``) each record carries."""
+
+    name: str
+    fields: tuple[str, ...]
+    doc: str
+
+
+# Every record also has ``event`` (the name) and ``time`` (Unix seconds).
+START = Event("start", ("attempt", "step", "world_size", "strategy"),
+              "an attempt began its loop at ``step``; attempts count from 0")
+RESTORE = Event("restore", ("step", "recomputed_steps"),
+                "a checkpoint was loaded; ``recomputed_steps`` were logged by the previous "
+                "attempt after it and will run again")
+CHECKPOINT = Event("checkpoint", ("step", "blocking_s", "blocking"),
+                   "a save was taken; training was blocked for ``blocking_s``")
+CHECKPOINT_COMMITTED = Event("checkpoint_committed", ("step", "at_step"),
+                             "the save of ``step`` became durable while training was at ``at_step``")
+EMERGENCY_SAVE = Event("emergency_save", ("step", "seconds", "grace_seconds", "fits"),
+                       "the measured time an emergency save takes, against preemption.grace_seconds")
+PREEMPTED = Event("preempted", ("step", "reason"),
+                  "the ranks stopped at ``step`` after a notice; the process exits 75")
+FINISH = Event("finish", ("step",), "the run reached max_steps and wrote its summary")
+
+EVENTS_SCHEMA: dict[str, Event] = {
+    e.name: e for e in (START, RESTORE, CHECKPOINT, CHECKPOINT_COMMITTED, EMERGENCY_SAVE, PREEMPTED, FINISH)
+}
+# An attempt ends with one of these (a crash leaves none).
+TERMINAL = (PREEMPTED.name, FINISH.name)
+
+
+def event(kind: Event, time: float, **fields: Any) -> dict[str, Any]:
+    """An events.jsonl record; rejects fields the schema does not define for ``kind``."""
+    unknown = set(fields) - set(kind.fields)
+    missing = set(kind.fields) - set(fields)
+    if unknown or missing:
+        raise ValueError(f"event {kind.name}: unknown fields {sorted(unknown)}, missing {sorted(missing)}")
+    return {"event": kind.name, "time": time, **fields}
+
+
+def of(records: list[dict[str, Any]], kind: Event) -> list[dict[str, Any]]:
+    """The records of one event kind, in order."""
+    return [r for r in records if r.get("event") == kind.name]
+
+
+def parse_jsonl(text: str, what: str = "", *, warn: bool = True) -> list[dict[str, Any]]:
+    """JSON-lines records; a line that is not a JSON object (a write cut short) is skipped."""
+    rows: list[dict[str, Any]] = []
+    bad = 0
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            bad += 1
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    if bad and warn:
+        warnings.warn(f"{what or 'jsonl'}: skipped {bad} unreadable line(s)", stacklevel=2)
+    return rows
+
+
+def read_bytes(url: str) -> bytes | None:
+    """The object at ``url``, or None when there is none (transient errors retried)."""
+    fs, p = storage.filesystem(url)
+
+    def get() -> bytes | None:
+        try:
+            return fs.cat_file(p)
+        except FileNotFoundError:
+            return None
+
+    return storage.retry(get, what=url)
+
+
+def read_jsonl(url: str, *, warn: bool = False) -> list[dict[str, Any]]:
+    """The records of the JSON-lines file at ``url`` ([] when absent)."""
+    data = read_bytes(url)
+    return [] if data is None else parse_jsonl(data.decode("utf-8", "replace"), url, warn=warn)
+
+
+def read_metrics(run_dir: str) -> list[dict[str, Any]]:
+    return read_jsonl(path(run_dir, METRICS))
+
+
+def read_events(run_dir: str) -> list[dict[str, Any]]:
+    return read_jsonl(path(run_dir, EVENTS))
+
+
+def read_summary(run_dir: str) -> dict[str, Any] | None:
+    """``summary.json`` (None when the run has not finished or the file is unreadable)."""
+    data = read_bytes(path(run_dir, SUMMARY))
+    if data is None:
+        return None
+    try:
+        loaded = json.loads(data)
+    except ValueError:
+        warnings.warn(f"{path(run_dir, SUMMARY)} is not valid JSON; ignored", stacklevel=2)
+        return None
+    return loaded if isinstance(loaded, dict) else None
