@@ -168,3 +168,66 @@ def agree(stop: bool, save: bool, device: torch.device) -> tuple[bool, bool]:
     t = torch.tensor([float(stop), float(save)], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t[0].item()), bool(t[1].item())
+
+
+# -- collectives on any group --------------------------------------------------------------
+# The checkpointers run their collectives on a gloo group of their own (async DCP deadlocks
+# on the training group while it trains, and the default group may be NCCL-only). Each of
+# these takes that group, and does what a single process would when no group is initialised,
+# so the same code runs with and without torch.distributed.
+
+
+def initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank(group=None) -> int:
+    return dist.get_rank(group) if initialized() else 0
+
+
+def world(group=None) -> int:
+    return dist.get_world_size(group) if initialized() else 1
+
+
+def new_gloo_group(process_group=None, timeout: datetime.timedelta | None = None):
+    """A gloo group over the ranks of ``process_group`` (default: all). Collective over the
+    default group: every rank must call it, in the same order as other ``new_group`` calls."""
+    if not initialized():
+        return None
+    ranks = None if process_group is None else dist.get_process_group_ranks(process_group)
+    kw: dict = {"backend": "gloo"}
+    if timeout is not None:
+        kw["timeout"] = timeout
+    return dist.new_group(ranks=ranks, **kw)
+
+
+def all_gather_object(obj, group=None) -> list:
+    if not initialized():
+        return [obj]
+    out: list = [None] * world(group)
+    dist.all_gather_object(out, obj, group=group)
+    return out
+
+
+def broadcast_object(obj, group=None):
+    """Rank 0 of ``group``'s ``obj`` on every rank."""
+    if not initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, group=group, group_src=0)
+    return box[0]
+
+
+def all_reduce_max(value: int, group=None) -> int:
+    if not initialized():
+        return int(value)
+    t = torch.tensor([int(value)], dtype=torch.int64)
+    if group is None and dist.get_backend() == "nccl":  # the default group may be NCCL-only
+        t = t.cuda()
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return int(t.item())
+
+
+def group_barrier(group=None) -> None:
+    if initialized():
+        dist.barrier(group=group)

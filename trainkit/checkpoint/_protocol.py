@@ -14,7 +14,7 @@ import warnings
 from collections.abc import Callable
 from typing import Any
 
-from trainkit.checkpoint import _dist
+from trainkit import distributed
 from trainkit.checkpoint._store import MANIFEST, CheckpointStore, step_name
 from trainkit.errors import StorageError
 
@@ -33,7 +33,7 @@ def rank_tensors_name(rank: int) -> str:
 
 def agree(problem: str | None, group) -> str | None:
     """Every rank's problem (or None) → the same joined message on all ranks."""
-    probs = [p for p in _dist.all_gather_object(problem, group) if p]
+    probs = [p for p in distributed.all_gather_object(problem, group) if p]
     return "; ".join(dict.fromkeys(probs)) if probs else None
 
 
@@ -44,10 +44,10 @@ def commit_collectively(store: CheckpointStore, group, step: int, records: dict[
     manifest and moves ``latest`` only when no rank failed; the outcome is broadcast so every
     rank raises the same error or none. Then rank 0 applies retention (the checkpoint is
     committed already; a failed deletion is only logged)."""
-    gathered = _dist.all_gather_object((records, err), group)
+    gathered = distributed.all_gather_object((records, err), group)
     world = len(gathered)
     outcome: str | None = None
-    if _dist.rank(group) == 0:
+    if distributed.rank(group) == 0:
         errors = [e for _, e in gathered if e]
         if errors:
             outcome = "; ".join(errors)
@@ -61,12 +61,12 @@ def commit_collectively(store: CheckpointStore, group, step: int, records: dict[
                              extra={**extra, "rank_files": [rank_json_name(r) for r in range(world)]})
             except Exception as exc:  # noqa: BLE001
                 outcome = f"commit: {exc}"
-    outcome = _dist.broadcast_object(outcome, group)
+    outcome = distributed.broadcast_object(outcome, group)
     if outcome:
         raise StorageError(f"checkpoint step {step} under {store.root} was not committed: {outcome}")
     if on_commit is not None:
         on_commit()
-    if _dist.rank(group) == 0:
+    if distributed.rank(group) == 0:
         try:
             store.apply_retention(keep_last, keep_every)
         except Exception as exc:  # noqa: BLE001 - the checkpoint is committed anyway
@@ -78,7 +78,7 @@ def manifest_agreed(store: CheckpointStore, group, step: int, kind: str
     """Rank 0 reads the step's manifest and compares it with a listing (missing or
     wrong-size files); every rank gets (manifest, None) or (None, the problem)."""
     man, problem = None, None
-    if _dist.rank(group) == 0:
+    if distributed.rank(group) == 0:
         try:
             man = store.read_manifest(step)
             if man.get("kind", kind) != kind:
@@ -89,7 +89,7 @@ def manifest_agreed(store: CheckpointStore, group, step: int, kind: str
             problem = f"no {MANIFEST}"
         except (ValueError, StorageError) as exc:
             problem = str(exc)
-    man, problem = _dist.broadcast_object((man, problem), group)
+    man, problem = distributed.broadcast_object((man, problem), group)
     return (None, problem) if problem else (man, None)
 
 
@@ -100,7 +100,7 @@ def load_newest(store: CheckpointStore, group, step: int | None,
     committed steps seen). A named ``step`` that fails raises; otherwise a failing step is
     warned about, de-committed, and the next older one tried."""
     found = None
-    if _dist.rank(group) == 0:
+    if distributed.rank(group) == 0:
         committed = store.committed_steps()
         newest = committed[-1] if committed else -1
         torn = sorted(s for s in store.step_dirs() if s > newest)
@@ -108,7 +108,7 @@ def load_newest(store: CheckpointStore, group, step: int | None,
             _warn(f"ignoring uncommitted checkpoint dir(s) {[step_name(s) for s in torn]} under {store.root} "
                   "(no manifest: an interrupted save)")
         found = ([int(step)] if step is not None else list(reversed(committed)), committed)
-    cands, committed = _dist.broadcast_object(found, group)
+    cands, committed = distributed.broadcast_object(found, group)
     for s in cands:
         problem = try_load(s)
         if problem is None:
@@ -118,9 +118,9 @@ def load_newest(store: CheckpointStore, group, step: int | None,
         if step is not None:
             raise StorageError(msg)
         _warn(msg)
-        if _dist.rank(group) == 0:
+        if distributed.rank(group) == 0:
             store.quarantine(s)
-        _dist.barrier(group)
+        distributed.group_barrier(group)
     return None, committed
 
 

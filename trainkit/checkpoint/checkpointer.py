@@ -20,7 +20,8 @@ from torch.distributed.checkpoint.state_dict_saver import AsyncSaveResponse
 from torch.distributed.checkpoint.stateful import Stateful
 
 from trainkit import storage
-from trainkit.checkpoint import _codec, _dist
+from trainkit import distributed
+from trainkit.checkpoint import _codec
 from trainkit.checkpoint._dcp_io import METADATA_FILE, SafeFsspecReader, TrackedFsspecWriter, safe_load_metadata
 from trainkit.checkpoint._protocol import (RANK_FILE_FORMAT, agree, commit_collectively, load_newest,
                                            manifest_agreed, rank_json_name, rank_tensors_name)
@@ -125,7 +126,7 @@ class Checkpointer:
         # One gloo group for everything the checkpointer does across ranks: DCP's own
         # collectives (async DCP deadlocks on the training group while it trains) and the
         # commit/load agreement. Created collectively, here, on every rank.
-        self._group = _dist.new_gloo_group(process_group, collective_timeout)
+        self._group = distributed.new_gloo_group(process_group, collective_timeout)
         self._executor: ThreadPoolExecutor | None = None
         self._stager: _KeepStager | None = None
         self._pending: Future | None = None
@@ -142,11 +143,11 @@ class Checkpointer:
     # -- helpers -------------------------------------------------------------------------
     @property
     def rank(self) -> int:
-        return _dist.rank(self._group)
+        return distributed.rank(self._group)
 
     @property
     def world_size(self) -> int:
-        return _dist.world(self._group)
+        return distributed.world(self._group)
 
     def _writer(self, step: int) -> TrackedFsspecWriter:
         url = self.store.step_url(step)
@@ -172,12 +173,12 @@ class Checkpointer:
         """Whether ``step`` is committed; asks the store only when it could be."""
         if self._newest_committed is None:
             steps = self.store.committed_steps() if self.rank == 0 else None
-            steps = _dist.broadcast_object(steps, self._group)
+            steps = distributed.broadcast_object(steps, self._group)
             self._newest_committed = steps[-1] if steps else -1
         if step > self._newest_committed:
             return False
         exists = self.store.is_committed(step) if self.rank == 0 else None
-        return bool(_dist.broadcast_object(exists, self._group))
+        return bool(distributed.broadcast_object(exists, self._group))
 
     # -- save ----------------------------------------------------------------------------
     def save(self, step: int, state: Mapping[str, Any], *, blocking: bool = False) -> None:
@@ -216,7 +217,7 @@ class Checkpointer:
             if self._stager is None:
                 self._stager = _KeepStager(self.overlap_staging)
             resp = dcp.async_save(tensors, storage_writer=writer, process_group=self._group,
-                                  async_stager=self._stager, no_dist=not _dist.initialized())
+                                  async_stager=self._stager, no_dist=not distributed.initialized())
             if isinstance(resp, AsyncSaveResponse):
                 upload, self._staging = resp.upload_completion, resp.staging_completion
             else:
@@ -255,7 +256,7 @@ class Checkpointer:
                         upload.result()
                     else:
                         sd = self._stager.result() if upload is not None else tensors
-                        dcp.save(sd, storage_writer=writer, process_group=self._group, no_dist=not _dist.initialized())
+                        dcp.save(sd, storage_writer=writer, process_group=self._group, no_dist=not distributed.initialized())
                     break
                 except (Exception, CheckpointException) as exc:  # noqa: BLE001
                     attempt += 1
@@ -345,7 +346,7 @@ class Checkpointer:
                 md_info = {k: tuple(v.size) for k, v in md.state_dict_metadata.items() if hasattr(v, "size")}
             except Exception as exc:  # noqa: BLE001
                 problem = f"DCP metadata unreadable: {_short(exc)}"
-        md_info, problem = _dist.broadcast_object((md_info, problem), g)
+        md_info, problem = distributed.broadcast_object((md_info, problem), g)
         if problem:
             return problem
         shared, local = self._split_state(state)
@@ -383,7 +384,7 @@ class Checkpointer:
         while True:
             try:
                 dcp.load(tensors, storage_reader=self._reader(step, expected), process_group=g,
-                         no_dist=not _dist.initialized())
+                         no_dist=not distributed.initialized())
                 break
             except (Exception, CheckpointException) as exc:  # noqa: BLE001
                 attempt += 1

@@ -32,7 +32,8 @@ from typing import Any
 
 from torch.distributed.checkpoint.stateful import Stateful
 
-from trainkit.checkpoint import _codec, _dist
+from trainkit import distributed
+from trainkit.checkpoint import _codec
 from trainkit.checkpoint._protocol import (RANK_FILE_FORMAT, agree, commit_collectively, load_newest,
                                            manifest_agreed, rank_json_name, rank_tensors_name)
 from trainkit.checkpoint._store import CheckpointStore, Crc32, record_of, step_name
@@ -67,7 +68,7 @@ class DeepSpeedCheckpointer:
         self.keep_last, self.keep_every = keep_last, keep_every
         self.async_upload = async_upload
         self.local_dir = local_dir
-        self._group = _dist.new_gloo_group(process_group)
+        self._group = distributed.new_gloo_group(process_group)
         self._executor: ThreadPoolExecutor | None = None
         self._pending: Future | None = None
         self.last_blocking_s = 0.0
@@ -75,13 +76,13 @@ class DeepSpeedCheckpointer:
 
     @property
     def rank(self) -> int:
-        return _dist.rank(self._group)
+        return distributed.rank(self._group)
 
     def _state_blob(self, step: int, state: Mapping[str, Any] | None) -> tuple[bytes, bytes | None]:
         trees = {k: (v.state_dict() if isinstance(v, Stateful) else v) for k, v in (state or {}).items()}
         tree, tensors = _codec.split(trees)
         blob = _codec.dumps({"format": RANK_FILE_FORMAT, "step": step, "rank": self.rank,
-                             "world_size": _dist.world(self._group), "state": {}, "local": tree})
+                             "world_size": distributed.world(self._group), "state": {}, "local": tree})
         st = None
         if tensors:
             from safetensors.torch import save as st_save
@@ -94,7 +95,7 @@ class DeepSpeedCheckpointer:
         t0 = time.perf_counter()
         self.wait()
         exists = self.store.is_committed(step) if self.rank == 0 else None
-        if _dist.broadcast_object(exists, self._group):
+        if distributed.broadcast_object(exists, self._group):
             log.info("checkpoint step %d already committed under %s; not saving it again", step, self.root)
             return
         tag = step_name(step)

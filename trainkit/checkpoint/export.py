@@ -8,7 +8,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 from trainkit import storage
-from trainkit.checkpoint import _dist
+from trainkit import distributed
 from trainkit.checkpoint._dcp_io import METADATA_FILE, SafeFsspecReader, safe_load_metadata
 from trainkit.checkpoint._store import MANIFEST, CheckpointStore
 from trainkit.errors import StorageError
@@ -44,7 +44,7 @@ def export_safetensors(model: torch.nn.Module, url: str, *, metadata: dict[str, 
 
     sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     err = None
-    if _dist.rank() == 0:
+    if distributed.rank() == 0:
         try:
             data = st_save(_dedup_storage(sd), metadata={"format": "pt", **(metadata or {})})
             fs, path = storage.filesystem(url)
@@ -58,7 +58,7 @@ def export_safetensors(model: torch.nn.Module, url: str, *, metadata: dict[str, 
             storage.retry(put, what=url)
         except Exception as exc:  # noqa: BLE001
             err = f"{type(exc).__name__}: {exc}"
-    err = _dist.broadcast_object(err, None)
+    err = distributed.broadcast_object(err, None)
     if err:
         raise StorageError(f"export to {url} failed: {err}")
     return url

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from trainkit.checkpoint import _dist
+from trainkit import distributed
 
 
 class SavePolicy:
@@ -46,7 +46,7 @@ class SavePolicy:
 
     def agreed(self, step: int, group=None) -> bool:
         """``due`` agreed across ``group`` (any rank due → all save); collective."""
-        decision = bool(_dist.all_reduce_max(int(self._check(step)), group))
+        decision = bool(distributed.all_reduce_max(int(self._check(step)), group))
         if decision:
             self.mark_saved(step)
         return decision
