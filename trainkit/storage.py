@@ -69,9 +69,16 @@ _TRANSIENT_HTTP = {408, 429, 500, 502, 503, 504}
 def is_transient(exc: BaseException) -> bool:
     """Whether a failed store request is worth repeating.
 
-    s3fs turns 503 SlowDown into ``OSError(EBUSY, ...)`` and gcsfs keeps the HTTP status in
-    ``.code``, so the errno and the status are checked before the message.
+    s3fs turns 503 SlowDown into ``OSError(EBUSY, "Please reduce your request rate.")`` and
+    gcsfs keeps the HTTP status in ``.code``, so the errno and the status are checked before
+    the message. A :class:`StorageError` is trainkit's own wrapping: it is as transient as
+    its cause. An exception group (one failure per rank, e.g. a DCP save) is transient only
+    when every failure in it is: repeating it cannot help a rank that failed for good.
     """
+    if isinstance(exc, BaseExceptionGroup):
+        return all(is_transient(e) for e in exc.exceptions)
+    if isinstance(exc, StorageError):
+        return exc.__cause__ is not None and is_transient(exc.__cause__)
     if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
         return False
     if isinstance(exc, (ConnectionError, TimeoutError)):
@@ -95,11 +102,15 @@ def retry(
     base_delay: float = 0.05,
     max_delay: float = 5.0,
     sleep: Callable[[float], None] = time.sleep,
+    on_retry: Callable[[int, BaseException], None] | None = None,
 ) -> T:
     """Calls ``fn`` until it succeeds, retrying transient errors with full-jitter backoff.
 
     A permanent error, or the last transient one, becomes a :class:`StorageError` naming
-    ``what`` (the object's URL), so a failure says which object it was.
+    ``what`` (the object's URL), so a failure says which object it was; a StorageError that
+    ``fn`` raises has been through this already and passes unchanged. ``on_retry(attempt,
+    error)`` hears each transient failure before the pause (a caller whose retries are rare
+    and costly, a whole checkpoint save, logs them there).
     """
     for attempt in range(attempts):
         try:
@@ -109,5 +120,7 @@ def retry(
         except Exception as exc:  # noqa: BLE001 - classified below
             if not is_transient(exc) or attempt == attempts - 1:
                 raise StorageError(f"{what}: {type(exc).__name__}: {exc}") from exc
+            if on_retry is not None:
+                on_retry(attempt + 1, exc)
             sleep(random.uniform(0, min(max_delay, base_delay * 2**attempt)))
     raise AssertionError("unreachable")

@@ -23,7 +23,7 @@ in-flight downloads and is never exceeded.
 
 from __future__ import annotations
 
-import errno
+import contextlib
 import fcntl
 import hashlib
 import logging
@@ -33,19 +33,16 @@ import threading
 import time
 import warnings
 from collections import Counter
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
-
 import numpy as np
 
 from trainkit import storage
 from trainkit.errors import ConfigError, StorageError
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 _PRESENT, _BUSY, _DEFERRED = "present", "busy", "deferred"
 
@@ -98,35 +95,6 @@ def sha256_file(path: str | os.PathLike, chunk: int = 8 << 20) -> str:
             h.update(b)
 
 
-_TRANSIENT_ERRNOS = {errno.EBUSY, errno.EAGAIN, errno.ETIMEDOUT, errno.ECONNRESET, errno.ECONNABORTED,
-                     errno.ECONNREFUSED, errno.EPIPE}
-_TRANSIENT_CODES = {408, 429, 500, 502, 503, 504}
-
-
-def _also_transient(exc: BaseException) -> bool:
-    """Transient errors that :func:`trainkit.storage.is_transient` does not recognise by their
-    text: s3fs turns 503 SlowDown / ServiceUnavailable into ``OSError(EBUSY, "Please reduce
-    your request rate.")``; gcsfs's HttpError carries the status in ``.code``."""
-    if isinstance(exc, OSError) and exc.errno in _TRANSIENT_ERRNOS:
-        return True
-    code = getattr(exc, "code", None)
-    return isinstance(code, int) and code in _TRANSIENT_CODES
-
-
-def retry_io(fn: Callable[[], T], *, what: str) -> T:
-    """:func:`trainkit.storage.retry` (backoff + full jitter), also retrying the errors above."""
-
-    def call() -> T:
-        try:
-            return fn()
-        except Exception as exc:  # noqa: BLE001 - reclassified, re-raised
-            if _also_transient(exc) and not storage.is_transient(exc):
-                raise ConnectionError(f"{type(exc).__name__}: {exc}") from exc
-            raise
-
-    return storage.retry(call, what=what)
-
-
 def download_verified(shard: ShardInfo, dest: str, fs_for: Callable[[], tuple]) -> None:
     """Downloads ``shard`` to ``dest`` with retries; checks size and sha256.
 
@@ -137,7 +105,7 @@ def download_verified(shard: ShardInfo, dest: str, fs_for: Callable[[], tuple]) 
         def get() -> None:
             fs, path = fs_for()
             fs.get_file(path, dest)
-        retry_io(get, what=shard.url)
+        storage.retry(get, what=shard.url)
         size = os.path.getsize(dest)
         if size != shard.bytes:
             problem = f"size {size} bytes, index says {shard.bytes}"
@@ -294,19 +262,14 @@ class ShardCache:
             log.debug("prefetch of %s failed: %s", self.shards[i].url, exc)
             return None
 
-    def _locked(self):
-        cache = self
-
-        class _L:
-            def __enter__(self):
-                cache._tlock.acquire()
-                fcntl.flock(cache._lockfile.fileno(), fcntl.LOCK_EX)
-
-            def __exit__(self, *exc):
-                fcntl.flock(cache._lockfile.fileno(), fcntl.LOCK_UN)
-                cache._tlock.release()
-
-        return _L()
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        with self._tlock:
+            fcntl.flock(self._lockfile.fileno(), fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(self._lockfile.fileno(), fcntl.LOCK_UN)
 
     def _scan(self) -> tuple[int, list[tuple[str, int, int | None]], set[str]]:
         """(used bytes, complete files [(name, size, shard index or None)], names in flight)."""

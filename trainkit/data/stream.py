@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from trainkit import storage
-from trainkit.data.cache import LocalShards, ShardCache, ShardInfo, cache_dir_for, retry_io, warn_small_cache
+from trainkit.data.cache import LocalShards, ShardCache, ShardInfo, cache_dir_for, warn_small_cache
 from trainkit.data.format import FORMAT, INDEX_NAME, ShardHeader, decode_sample
 from trainkit.data.order import Order
 from trainkit.errors import ConfigError, StorageError
@@ -28,7 +28,7 @@ def read_index(url: str) -> dict:
         return fs.cat_file(path)
 
     try:
-        raw = retry_io(get, what=index_url)
+        raw = storage.retry(get, what=index_url)
     except StorageError as exc:
         raise StorageError(f"no trainkit dataset at {url} ({exc})") from exc
     try:

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 from trainkit import storage
-from trainkit.data.cache import retry_io
 from trainkit.data.format import FORMAT, INDEX_NAME, SHARD_SUFFIX, VERSION, build_shard, encode_sample, schema_of
 from trainkit.errors import ConfigError
 
@@ -25,7 +24,7 @@ def _put(url: str, data: bytes) -> None:
             os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         fs.pipe_file(path, data)
 
-    retry_io(put, what=url)
+    storage.retry(put, what=url)
 
 
 class ShardWriter:
