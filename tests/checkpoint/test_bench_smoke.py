@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import math
 
-from trainkit.checkpoint import bench
+from trainkit.bench import checkpoint as bench
 
 
 def test_save_load_bench_reports_sane_figures(tmp_path, capsys):
@@ -49,4 +49,6 @@ def test_kill_resume_table_formats():
                      "median_kill_to_exit_s": 0.1, "median_relaunch_to_restore_s": 15.0,
                      "exit_codes": [e[0]["exit_code"]]}
     table = bench.kill_resume_table(res)
-    assert "SIGKILL" in table and "SIGTERM" in table and "| 75 |" in table
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in table.splitlines() if line.startswith("|")]
+    assert ["2", "SIGTERM", "12", "13", "75", "13", "0", "20.50"] in rows
+    assert ["SIGKILL", "20.50", "0.10", "15.00", "3 / 3", "[-9]"] in rows

@@ -1,6 +1,6 @@
 """The data benchmark runs end to end (tiny sizes; the figures themselves are not checked)."""
 
-from trainkit.data import bench
+from trainkit.bench import data as bench
 
 
 def test_bench_data_smoke(tmp_path, capsys):

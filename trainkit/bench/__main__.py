@@ -7,8 +7,8 @@ import sys
 
 BENCHES = {
     "step": "trainkit.bench.step",
-    "data": "trainkit.data.bench",
-    "checkpoint": "trainkit.checkpoint.bench",
+    "data": "trainkit.bench.data",
+    "checkpoint": "trainkit.bench.checkpoint",
     "node-loss": "trainkit.bench.node_loss",
     "spot": "trainkit.bench.spot",
 }

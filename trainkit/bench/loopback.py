@@ -8,10 +8,8 @@ Nothing listens or talks beyond loopback.
 
 from __future__ import annotations
 
-import json
 import os
 import time
-from pathlib import Path
 from typing import Any
 
 NODE_ARGS: dict[str, Any] = {"num_cpus": 1, "node_ip_address": "127.0.0.1", "object_store_memory": 80 * 1024 * 1024}
@@ -116,17 +114,3 @@ class LoopbackCluster:
     def shutdown(self) -> None:
         self.cluster.shutdown()
 
-
-def read_records(path: Path) -> list[dict[str, Any]]:
-    """JSON lines of a run's log; a line cut short by a concurrent writer is skipped."""
-    if not path.exists():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(row, dict):
-            rows.append(row)
-    return rows

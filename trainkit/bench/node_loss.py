@@ -24,7 +24,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from trainkit.bench.loopback import LoopbackCluster, read_records
+from trainkit import rundir
+from trainkit.bench.loopback import LoopbackCluster
 
 DEFAULT = [
     "recipe=resnet", "model.width=4", "model.blocks=[1,1]", "model.image_size=8", "data.batch_size=32",
@@ -41,7 +42,7 @@ def node_loss_recovery(overrides: list[str] = (), workers: int = 2, timeout: flo
                "launcher=ray", f"launcher.address={cluster.address}", f"run_dir={run_dir}"]
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.time() + timeout
-        while not (run_dir / "checkpoints" / "latest").exists():
+        while not rundir.of(rundir.read_events(str(run_dir)), rundir.CHECKPOINT_COMMITTED):
             if proc.poll() is not None or time.time() > deadline:
                 raise RuntimeError(f"no checkpoint before the launcher ended ({proc.poll()})")
             time.sleep(0.05)
@@ -52,10 +53,10 @@ def node_loss_recovery(overrides: list[str] = (), workers: int = 2, timeout: flo
         cluster.remove(nodes[0], graceful=False)
         cluster.add()
         rc = proc.wait(timeout=max(1.0, deadline - time.time()))
-        events = read_records(run_dir / "events.jsonl")
-        metrics = read_records(run_dir / "metrics.jsonl")
-        starts = [e for e in events if e["event"] == "start" and e["time"] > t_lost]
-        restores = [e for e in events if e["event"] == "restore" and e["time"] > t_lost]
+        events = rundir.read_events(str(run_dir))
+        metrics = rundir.read_metrics(str(run_dir))
+        starts = [e for e in rundir.of(events, rundir.START) if e["time"] > t_lost]
+        restores = [e for e in rundir.of(events, rundir.RESTORE) if e["time"] > t_lost]
         attempt = starts[0]["attempt"] if starts else None
         resumed = [m for m in metrics if m.get("attempt") == attempt and m["time"] > t_lost]
         return {

@@ -27,10 +27,8 @@ what counts.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -40,7 +38,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from trainkit.bench.loopback import LoopbackCluster, read_records
+from trainkit import rundir
+from trainkit.bench import report
+from trainkit.bench.loopback import LoopbackCluster
 from trainkit.bench.spot_account import account, history_problems
 from trainkit.bench.spot_schedule import SpotEvent, format_schedule, make_schedule, parse_schedule
 from trainkit.launch.ray_launcher import SPOT_SYSTEM_CONFIG
@@ -95,12 +95,8 @@ class MetricsTail(threading.Thread):
         lines = complete.splitlines()
         if lines:
             self._last_line = lines[-1] + b"\n"
-        for line in lines:
-            try:
-                r = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(r, dict) and isinstance(r.get("step"), int):
+        for r in rundir.parse_jsonl(complete.decode("utf-8", "replace"), str(self.path), warn=False):
+            if isinstance(r.get("step"), int):
                 self.records.setdefault((r.get("attempt"), r["step"]), r)
                 if isinstance(r.get("attempt"), int):
                     self.latest_attempt = max(r["attempt"], self.latest_attempt or 0)
@@ -135,7 +131,7 @@ class SpotRunner:
         self._later: list[tuple[float, str, Callable[[], Any]]] = []
 
     def run(self, cmd: list[str], run_dir: Path, out: Path, timeout_s: float) -> dict[str, Any]:
-        tail = MetricsTail(run_dir / "metrics.jsonl")
+        tail = MetricsTail(run_dir / rundir.METRICS)
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         with open(out, "w") as stdout:
             t_launch = time.time()
@@ -167,8 +163,8 @@ class SpotRunner:
             "t_launch": t_launch,
             "t_end": t_end,
             "seen": seen,
-            "final": read_records(run_dir / "metrics.jsonl"),
-            "events": read_records(run_dir / "events.jsonl"),
+            "final": rundir.read_metrics(str(run_dir)),
+            "events": rundir.read_events(str(run_dir)),
             "not_fired": [str(e) for e in pending],
         }
 
@@ -282,46 +278,16 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _git_commit() -> str:
-    root = Path(__file__).resolve().parents[2]
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
-                                text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return f"{commit} (with uncommitted changes)" if commit and dirty else commit or "unknown"
+PACKAGES = ("torch", "ray")
 
 
-def _machine() -> str:
-    try:
-        kib = next(int(line.split()[1]) for line in open("/proc/meminfo") if line.startswith("MemTotal:"))
-        mem = f", {kib / 2**20:.0f} GiB"
-    except (OSError, StopIteration, ValueError):
-        mem = ""
-    import ray
-    import torch
-
-    return f"{os.cpu_count()} cores{mem}, {platform.system()} {platform.machine()}, ray {ray.__version__}, torch {torch.__version__}"
-
-
-def markdown(result: dict[str, Any], command: str, load: tuple[str, str], commits: tuple[str, str]) -> str:
-    """``commits`` at start and end: Ray's workers import trainkit from the tree while the job runs,
-    so a tree that changed meanwhile is named, not hidden."""
-    date = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
-    commit = commits[0] if commits[0] == commits[1] else f"{commits[0]} at start, {commits[1]} at end"
+def markdown(result: dict[str, Any], command: str, info: dict[str, Any], load_end: list[float] | None,
+             commit_end: str | None) -> str:
+    """``info`` is :func:`trainkit.bench.report.machine` at the start; the commit at the end is
+    named too, since Ray's workers import trainkit from the tree while the job runs."""
     raw = {k: v for k, v in result.items() if k not in ("run_dir", "launch_log")}
-    return "\n".join([
-        f"## Run of {date}", "", f"    {command}", "",
-        f"Machine: {_machine()}. Commit {commit}.",
-        f"Load average (1/5/15 min) at start {load[0]}, at end {load[1]}.", "",
-        *summary_lines(result), "", "Raw figures:", "", "```json", json.dumps(raw, indent=1, default=str), "```", "",
-    ])
-
-
-def _load() -> str:
-    return "/".join(f"{x:.2f}" for x in os.getloadavg())
+    return report.section(command, info, ["\n".join(summary_lines(result))], raw, packages=PACKAGES,
+                          wall_s=result["wall_s"], load_end=load_end, commit_end=commit_end)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -349,17 +315,17 @@ def main(argv: list[str] | None = None) -> None:
                                  seed=args.seed, workers=args.workers)
     steps = args.steps or max(1, round(duration * STEPS_PER_S))
     print(format_schedule(schedule), flush=True)
-    load_start, commit_start = _load(), _git_commit()
+    info = report.machine(PACKAGES)
     result = run_bench(schedule, steps=steps, workers=args.workers, spare=args.spare, grace_s=args.grace,
                        replace_after_s=args.replace_after, overrides=args.overrides,
                        timeout_s=duration * 4 + 600, log=lambda s: print(s, flush=True))
-    load_end = _load()
+    load_end = report.load_avg()
     print("\n".join(summary_lines(result)))
     print(json.dumps(result, default=str))
     if args.markdown:
         command = "python -m trainkit.bench spot " + " ".join(sys.argv[1:] if argv is None else argv)
-        with open(args.markdown, "a") as f:
-            f.write(markdown(result, command.strip(), (load_start, load_end), (commit_start, _git_commit())))
+        report.append(args.markdown, markdown(result, command.strip(), info, load_end, report.git_commit()),
+                      "Spot schedule benchmarks")
     if result["exit_code"] != 0 or result["history_problems"]:
         sys.exit(1)
 

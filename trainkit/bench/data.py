@@ -1,6 +1,6 @@
 """Data throughput benchmark: trainkit's Loader vs raw concurrent fsspec reads vs WebDataset.
 
-``run(args)`` (wired as ``python -m trainkit.bench data``; also ``python -m trainkit.data.bench``):
+``run(args)`` (wired as ``python -m trainkit.bench data``; also ``python -m trainkit.bench.data``):
 
 * by default starts moto's S3 server on 127.0.0.1 and a :class:`~trainkit.testing.FaultProxy`
   (in its own process) in front of it adding ``--latency`` (20 ms) to every request, like a
@@ -26,8 +26,6 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import os
-import platform
 import shutil
 import sys
 import tarfile
@@ -37,6 +35,8 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
+
+from trainkit.bench import report
 
 
 def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -158,6 +158,7 @@ def run(args: argparse.Namespace | list[str] | None = None) -> dict[str, Any]:
     from trainkit.testing import S3Server
     from trainkit.testing.faultproxy import ProxyProcess
 
+    info = report.machine()
     saved_options = dict(storage._STORAGE_OPTIONS)
     server = proxy = None
     work = tempfile.mkdtemp(prefix="trainkit-bench-data-")
@@ -208,7 +209,9 @@ def run(args: argparse.Namespace | list[str] | None = None) -> dict[str, Any]:
         raw, tk, wd = (results[k]["samples_per_s"] for k in names)
         summary = {
             "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-            "machine": f"{platform.node()} {platform.machine()} {os.cpu_count()} cpus, python {platform.python_version()}",
+            "machine": report.describe(info),
+            "git_commit": info["git_commit"],
+            "load_avg": {"start": info["load_avg"], "end": report.load_avg()},
             "store": where,
             "dataset": {"samples": args.samples, "sample_bytes": args.sample_bytes, "shards": index["num_shards"],
                         "trainkit_bytes": tk_bytes, "wds_bytes": wds_bytes, "write_seconds": t_write},

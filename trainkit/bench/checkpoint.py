@@ -40,11 +40,9 @@ FILE.md`` appends a markdown section with the machine, the command and the raw f
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import json
 import math
 import os
-import platform
 import shlex
 import shutil
 import signal
@@ -60,8 +58,8 @@ from typing import Any
 
 import torch
 
-from trainkit import storage
-from trainkit.metrics import read_jsonl
+from trainkit import rundir, storage
+from trainkit.bench import report
 
 MB = 1e6
 GB = 1e9
@@ -405,16 +403,12 @@ def save_load_table(res: dict[str, Any]) -> str:
     local = res["store"] in ("file", "local")
     sync = " + fsync" if local else ""
 
-    def row(name: str, secs: float | None, mbs: float | None = None, note: str = "") -> str:
-        a = f"{secs:10.3f}" if secs is not None else " " * 10
-        b = f"{mbs:10.1f}" if mbs is not None else " " * 10
-        return f"| {name:<50s} | {a} | {b} | {note} |"
+    def row(name: str, secs: float | None, mbs: float | None = None, note: str = "") -> list[Any]:
+        return [name, None if secs is None else f"{secs:.3f}", None if mbs is None else f"{mbs:.1f}", note]
 
-    return "\n".join([
-        f"checkpoint save/load, store={res['store']}, state={n / GB:.3f} GB ({res['tensors']} tensors), "
-        f"{files} data file(s) per save, repeats={res['repeats']} (medians)",
-        f"| {'what':<50s} | {'seconds':>10s} | {'MB/s':>10s} | note |",
-        f"|{'-' * 52}|{'-' * 12}|{'-' * 12}|------|",
+    caption = (f"checkpoint save/load, store={res['store']}, state={n / GB:.3f} GB ({res['tensors']} tensors), "
+               f"{files} data file(s) per save, repeats={res['repeats']} (medians)")
+    return caption + "\n" + report.table(["what", "seconds", "MB/s", "note"], [
         row("in training: loop blocked (save() + copy wait)", m["train_blocking_s"], None,
             f"{100 * s['blocking_ratio']:.2f}% of the save's total (goal <= 2%)"),
         row("in training: save() call alone", m["train_save_call_s"]),
@@ -446,7 +440,7 @@ def save_load_table(res: dict[str, Any]) -> str:
             "no checksums/manifest"),
         row("diag: torch's dcp.load (FsspecReader)", m["dcp_plain_load_s"], s["dcp_plain_load_mb_s"]),
         row("diag: CRC-32 over the same bytes", m["crc32_s"], s["crc32_mb_s"], "in memory"),
-    ])
+    ], align="lrrl")
 
 
 # -- kill / resume ------------------------------------------------------------------------------
@@ -455,16 +449,12 @@ LAUNCH = ["recipe=resnet", "strategy=ddp", "launcher.workers=2", "trainer.log_ev
           "trainer.progress=plain", "checkpoint.every_steps=5"]
 
 
-def _jsonl(path: Path) -> list[dict[str, Any]]:
-    return read_jsonl(str(path))
-
-
 def _last_step(run_dir: Path) -> int:
-    return max((r.get("step", 0) for r in _jsonl(run_dir / "metrics.jsonl")), default=0)
+    return max((r.get("step", 0) for r in rundir.read_metrics(str(run_dir))), default=0)
 
 
 def _restores(run_dir: Path) -> list[dict[str, Any]]:
-    return [e for e in _jsonl(run_dir / "events.jsonl") if e.get("event") == "restore"]
+    return rundir.of(rundir.read_events(str(run_dir)), rundir.RESTORE)
 
 
 def bench_kill_resume(repeats: int = 3, *, workdir: str | None = None, kill_after: int = 12,
@@ -583,70 +573,23 @@ def bench_kill_resume(repeats: int = 3, *, workdir: str | None = None, kill_afte
 
 
 def kill_resume_table(res: dict[str, Any]) -> str:
-    lines = [
+    medians = [[kind, f"{r['median_kill_to_first_step_s']:.2f}", f"{r['median_kill_to_exit_s']:.2f}",
+                f"{r['median_relaunch_to_restore_s']:.2f}", f"{r['median_steps_lost']:g} / {r['max_steps_lost']}",
+                str(r["exit_codes"])]
+               for kind, r in ((kind, res[kind]) for kind in ("SIGKILL", "SIGTERM"))]
+    events = [[i, e["signal"], e["step_seen"], e["last_logged_step"], e["exit_code"], e["restored_step"],
+               e["steps_lost"], f"{e['kill_to_first_step_s']:.2f}"] for i, e in enumerate(res["events"], 1)]
+    return "\n".join([
         f"kill -> first resumed step (medians over {res['SIGKILL']['n']} SIGKILL + {res['SIGTERM']['n']} SIGTERM)",
-        "| signal  | kill->first resumed step s | kill->exit s | relaunch->restore s | steps lost (median/max) "
-        "| exit codes |",
-        "|---------|---------------------------:|-------------:|--------------------:|------------------------:"
-        "|------------|",
-    ]
-    for kind in ("SIGKILL", "SIGTERM"):
-        r = res[kind]
-        lines.append(f"| {kind} | {r['median_kill_to_first_step_s']:26.2f} | {r['median_kill_to_exit_s']:12.2f} | "
-                     f"{r['median_relaunch_to_restore_s']:19.2f} | "
-                     f"{r['median_steps_lost']:>13g} / {r['max_steps_lost']:<8} | {r['exit_codes']} |")
-    lines.append("")
-    lines.append("| # | signal | step when signalled | last logged | exit | restored | lost | kill->first step s |")
-    lines.append("|---|--------|--------------------:|------------:|-----:|---------:|-----:|-------------------:|")
-    for i, e in enumerate(res["events"], 1):
-        lines.append(f"| {i} | {e['signal']} | {e['step_seen']} | {e['last_logged_step']} | {e['exit_code']} | "
-                     f"{e['restored_step']} | {e['steps_lost']} | {e['kill_to_first_step_s']:.2f} |")
-    return "\n".join(lines)
-
-
-# -- machine / report --------------------------------------------------------------------------
-
-def machine() -> dict[str, Any]:
-    info: dict[str, Any] = {"platform": platform.platform(), "python": platform.python_version(),
-                            "cpu_count": os.cpu_count(), "torch": torch.__version__}
-    try:
-        import psutil
-
-        info["ram_gib"] = round(psutil.virtual_memory().total / 2**30, 1)
-    except ImportError:  # pragma: no cover
-        info["ram_gib"] = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
-    try:
-        info["load_avg"] = [round(x, 2) for x in os.getloadavg()]
-    except OSError:  # pragma: no cover
-        pass
-    try:
-        root = Path(__file__).resolve().parents[2]
-        info["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
-                                            text=True, timeout=10).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        info["git_commit"] = None
-    return info
-
-
-def _markdown(result: dict[str, Any], tables: list[str]) -> str:
-    m = result["machine"]
-    out = [
-        f"## `{result['command']}`",
+        report.table(["signal", "kill->first resumed step s", "kill->exit s", "relaunch->restore s",
+                      "steps lost (median/max)", "exit codes"], medians, align="lrrrrl"),
         "",
-        f"- date: {result['date']}",
-        f"- machine: {m['platform']}, {m['cpu_count']} CPUs, {m['ram_gib']} GiB RAM, Python {m['python']}, "
-        f"torch {m['torch']}",
-        f"- git commit: `{m['git_commit']}`",
-        f"- load average at start (1/5/15 min): {m.get('load_avg')}; at end: {result.get('load_avg_end')}",
-        f"- wall time: {result['wall_s']:.1f}s",
-        "",
-    ]
-    for t in tables:
-        out += [t, ""]
-    out += ["<details><summary>raw figures (JSON)</summary>", "", "```json",
-            json.dumps(result, indent=1, default=str), "```", "", "</details>", ""]
-    return "\n".join(out)
+        report.table(["#", "signal", "step when signalled", "last logged", "exit", "restored", "lost",
+                      "kill->first step s"], events, align="llrrrrrr"),
+    ])
 
+
+# -- report ------------------------------------------------------------------------------------
 
 def _tables_md(tables: list[str]) -> list[str]:
     """Each table: its first line as a bold caption, the rest as markdown."""
@@ -677,8 +620,8 @@ def main(argv: list[str] | None = None) -> int:
         "bench": "checkpoint",
         "mode": "kill-resume" if args.kill_resume else "save-load",
         "command": shlex.join(["python", "-m", "trainkit.bench", "checkpoint", *argv]),
-        "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "machine": machine(),
+        "date": report.now(),
+        "machine": report.machine(),
     }
     tables: list[str] = []
     if args.kill_resume:
@@ -713,20 +656,16 @@ def main(argv: list[str] | None = None) -> int:
             if tmpdir is not None:
                 shutil.rmtree(tmpdir, ignore_errors=True)
     result["wall_s"] = time.perf_counter() - started
-    result["load_avg_end"] = [round(x, 2) for x in os.getloadavg()]
+    result["load_avg_end"] = report.load_avg()
     print()
     for t in tables:
         print(t)
         print()
     print(json.dumps(result, default=str))
     if args.out:
-        path = Path(args.out)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        new = not path.exists()
-        with open(path, "a") as f:
-            if new:
-                f.write("# Checkpoint benchmarks\n\n")
-            f.write(_markdown(result, _tables_md(tables)))
+        report.append(args.out, report.section(result["command"], result["machine"], _tables_md(tables), result,
+                                               date=result["date"], wall_s=result["wall_s"],
+                                               load_end=result["load_avg_end"]), "Checkpoint benchmarks")
     return 0
 
 
