@@ -7,7 +7,8 @@ hand-made records whose answer is known:
   past its checkpoint, so each step is there once);
 * ``seen``: every metrics record the bench saw while the job ran, including those a restore
   later dropped (the work that was thrown away);
-* ``events``: ``events.jsonl`` (``start``, ``restore``, ``checkpoint``, ``preempted``, ``finish``);
+* ``events``: ``events.jsonl`` (see :mod:`trainkit.rundir`; split into attempts by
+  :func:`trainkit.report.goodput.attempts`, as the run report does);
 * ``fired``: the schedule's events as carried out (kind, planned and actual time);
 * ``t_launch`` / ``t_end``: when the launcher process was started and when it exited.
 
@@ -41,6 +42,8 @@ import statistics
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from trainkit import rundir
+from trainkit.report.goodput import attempts as split_attempts
 from trainkit.report.goodput import covered_steps
 
 Record = Mapping[str, Any]
@@ -48,27 +51,6 @@ Record = Mapping[str, Any]
 
 def _time(record: Record) -> float:
     return float(record["time"])
-
-
-def _attempts(events: Sequence[Record]) -> list[dict[str, Any]]:
-    """One dict per ``start`` event, in time order, with the events that belong to it."""
-    timed = sorted((e for e in events if isinstance(e.get("time"), (int, float))), key=_time)
-    starts = [e for e in timed if e.get("event") == "start"]
-    out = []
-    for i, start in enumerate(starts):
-        t0 = _time(start)
-        t1 = _time(starts[i + 1]) if i + 1 < len(starts) else math.inf
-        inside = [e for e in timed if t0 <= _time(e) < t1]
-        before = [e for e in timed if (_time(starts[i - 1]) if i else -math.inf) < _time(e) <= t0]
-        out.append({
-            "attempt": start.get("attempt", i),
-            "start": t0,
-            "next_start": t1,
-            "start_step": int(start.get("step") or 0),
-            "preempted": next((e for e in inside if e.get("event") == "preempted"), None),
-            "restore": next((e for e in reversed(before) if e.get("event") == "restore"), None),
-        })
-    return out
 
 
 def history_problems(final: Sequence[Record], max_steps: int) -> list[str]:
@@ -90,7 +72,7 @@ def account(final: Sequence[Record], seen: Sequence[Record], events: Sequence[Re
             fired: Sequence[Mapping[str, Any]], t_launch: float, t_end: float) -> dict[str, Any]:
     """Goodput, the split of the wall time, and one row per fired event (see the module doc)."""
     final = sorted((r for r in final if isinstance(r.get("step"), (int, float))), key=lambda r: int(r["step"]))
-    attempts = _attempts(events)
+    attempts = split_attempts(events)
     covered = covered_steps(final, {a["attempt"]: a["start_step"] for a in attempts})
     step_s = sum(float(r.get("step_time_s") or 0.0) * n for r, n in zip(final, covered))
     blocking_s = sum(float(r.get("checkpoint_block_s") or 0.0) * n for r, n in zip(final, covered))
@@ -116,7 +98,8 @@ def account(final: Sequence[Record], seen: Sequence[Record], events: Sequence[Re
         kills = [float(f["fired_at"]) for f in hits if f["kind"] == "kill"]
         if kills:
             loop_end = max(loop_end, min(kills))  # the step in progress at the kill is lost too
-        pre = a["preempted"]
+        terminal = a["terminal"]
+        pre = terminal if terminal is not None and terminal.get("event") == rundir.PREEMPTED.name else None
         end = max(loop_end, _time(pre)) if pre else loop_end
         recompute = max(0.0, loop_end - kept_end)
         save = end - loop_end

@@ -21,8 +21,7 @@ from dataclasses import dataclass, field
 
 import psutil
 
-from trainkit import storage
-from trainkit.metrics import read_jsonl
+from trainkit import rundir, storage
 
 
 @dataclass
@@ -54,13 +53,12 @@ class Report:
 
 
 def last_step(run_dir: str) -> int:
-    rows = read_jsonl(storage.join(run_dir, "metrics.jsonl"))
-    return max((r["step"] for r in rows), default=0)
+    return max((r["step"] for r in rundir.read_metrics(run_dir)), default=0)
 
 
 def saving_now(run_dir: str) -> bool:
     """A checkpoint directory without its manifest: a save is being written."""
-    fs, path = storage.filesystem(storage.join(run_dir, "checkpoints"))
+    fs, path = storage.filesystem(rundir.path(run_dir, rundir.CHECKPOINTS))
     try:
         entries = [e for e in fs.ls(path, detail=False) if os.path.basename(e.rstrip("/")).startswith("step_")]
         return any(not fs.exists(f"{e.rstrip('/')}/manifest.json") for e in entries)
@@ -159,22 +157,22 @@ def compare(reference: str, chaos: str, attempts: list[Attempt]) -> Report:
     from safetensors.torch import load_file
 
     report = Report(attempts=attempts)
-    ref = {r["step"]: r["loss"] for r in read_jsonl(storage.join(reference, "metrics.jsonl"))}
-    got = {r["step"]: r["loss"] for r in read_jsonl(storage.join(chaos, "metrics.jsonl"))}
+    ref = {r["step"]: r["loss"] for r in rundir.read_metrics(reference)}
+    got = {r["step"]: r["loss"] for r in rundir.read_metrics(chaos)}
     report.identical_losses = ref == got
     if not report.identical_losses:
         diff = [s for s in sorted(set(ref) | set(got)) if ref.get(s) != got.get(s)]
         report.mismatches.append(f"losses differ at steps {diff[:10]}")
-    a = load_file(os.path.join(reference, "model.safetensors"))
-    b = load_file(os.path.join(chaos, "model.safetensors"))
+    a = load_file(os.path.join(reference, rundir.EXPORT))
+    b = load_file(os.path.join(chaos, rundir.EXPORT))
     report.identical_weights = a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
     if not report.identical_weights:
         report.mismatches.append("exported weights differ")
     stop = None
-    for event in read_jsonl(storage.join(chaos, "events.jsonl")):
-        if event.get("event") == "preempted":
+    for event in rundir.read_events(chaos):
+        if event.get("event") == rundir.PREEMPTED.name:
             stop = event["step"]
-        elif event.get("event") == "restore" and stop is not None:
+        elif event.get("event") == rundir.RESTORE.name and stop is not None:
             report.steps_lost_on_sigterm.append(stop - event["step"])
             stop = None
     return report

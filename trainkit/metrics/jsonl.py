@@ -12,7 +12,7 @@ import os
 import time
 from typing import Any
 
-from trainkit import storage
+from trainkit import rundir, storage
 
 
 class JsonlLog:
@@ -39,7 +39,7 @@ class JsonlLog:
     def records(self) -> list[dict[str, Any]]:
         self._file.flush()
         with open(self.path, encoding="utf-8") as f:
-            return [json.loads(line) for line in f if line.strip()]
+            return rundir.parse_jsonl(f.read(), self.url)
 
     def keep(self, predicate: Any) -> list[dict[str, Any]]:
         """Drops the records ``predicate`` rejects and returns them (the file is rewritten
@@ -48,21 +48,24 @@ class JsonlLog:
         Used on resume to drop steps that a crashed attempt logged after its last checkpoint:
         they are recomputed, and the log must describe the run, not the attempts. One pass,
         kept lines copied as they are: a long run's log has a line per step, and every
-        restart waits for this on rank 0.
+        restart waits for this on rank 0. A line the kill cut short is dropped too.
         """
         self._file.flush()
         kept: list[str] = []
         dropped: list[dict[str, Any]] = []
+        torn = False
         with open(self.path, encoding="utf-8") as f:
             for line in f:
                 if not line.strip():
                     continue
-                record = json.loads(line)
-                if predicate(record):
+                parsed = rundir.parse_jsonl(line, self.url, warn=False)
+                if not parsed:
+                    torn = True
+                elif predicate(parsed[0]):
                     kept.append(line if line.endswith("\n") else line + "\n")
                 else:
-                    dropped.append(record)
-        if dropped:
+                    dropped.append(parsed[0])
+        if dropped or torn:
             self._file.close()
             with open(self.path, "w", encoding="utf-8") as f:
                 f.writelines(kept)
@@ -87,18 +90,3 @@ class JsonlLog:
             self.flush(force=True)
             self._file.close()
 
-
-def read_jsonl(url: str) -> list[dict[str, Any]]:
-    """The records of a JSON-lines file at ``url`` ([] if absent), skipping a line being written."""
-    fs, path = storage.filesystem(url)
-    try:
-        text = fs.cat_file(path).decode()
-    except FileNotFoundError:
-        return []
-    rows = []
-    for line in text.splitlines():
-        try:
-            rows.append(json.loads(line))
-        except ValueError:
-            pass
-    return rows

@@ -17,10 +17,10 @@ can be tested on hand-built logs whose right answer is known.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-TERMINAL = ("preempted", "finish")
+from trainkit import rundir
 
 
 def final_metrics(metrics: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
@@ -56,6 +56,31 @@ def covered_steps(metrics: list[Mapping[str, Any]], start_steps: Mapping[Any, in
     return out
 
 
+def attempts(events: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """One dict per ``start`` event, in time order: ``attempt``, ``start`` and ``next_start``
+    (times; ``inf`` for the last), ``start_step``, ``restore`` (the ``restore`` event that led
+    to it, at or before its start), ``terminal`` (its ``preempted``/``finish`` event, if any)
+    and ``inside`` (its other events; a restore belongs to the attempt after it)."""
+    timed = sorted((e for e in events if _t(e) is not None), key=lambda e: _t(e))  # type: ignore[arg-type,return-value]
+    starts = [e for e in timed if e.get("event") == rundir.START.name]
+    out: list[dict[str, Any]] = []
+    for i, start in enumerate(starts):
+        t0 = _t(start)
+        t1 = _t(starts[i + 1]) if i + 1 < len(starts) else math.inf
+        t_prev = _t(starts[i - 1]) if i else -math.inf
+        inside = [e for e in timed if t0 <= _t(e) < t1 and e is not start  # type: ignore[operator]
+                  and e.get("event") != rundir.RESTORE.name]
+        restores = [e for e in timed if e.get("event") == rundir.RESTORE.name and t_prev < _t(e) <= t0]  # type: ignore[operator]
+        out.append({
+            "attempt": start.get("attempt", i), "start": t0, "next_start": t1,
+            "start_step": int(start.get("step") or 0),
+            "restore": restores[-1] if restores else None,
+            "terminal": next((e for e in inside if e.get("event") in rundir.TERMINAL), None),
+            "inside": inside,
+        })
+    return out
+
+
 def attempt_spans(metrics: list[Mapping[str, Any]], events: list[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """One dict per attempt: ``attempt, start, end, start_step, end_step, status``.
 
@@ -64,10 +89,9 @@ def attempt_spans(metrics: list[Mapping[str, Any]], events: list[Mapping[str, An
     (the last attempt, without an ending: still running, or died and never relaunched).
     A crashed attempt's ``end`` is its last sign of life (last event or metrics record).
     """
-    timed = sorted((e for e in events if _t(e) is not None), key=lambda e: _t(e))  # type: ignore[arg-type,return-value]
-    starts = [e for e in timed if e.get("event") == "start"]
+    found = attempts(events)
     spans: list[dict[str, Any]] = []
-    if not starts:
+    if not found:
         # No events (an old or partial run dir): one span per attempt seen in the metrics.
         groups: dict[Any, list[Mapping[str, Any]]] = {}
         for r in metrics:
@@ -84,26 +108,21 @@ def attempt_spans(metrics: list[Mapping[str, Any]], events: list[Mapping[str, An
                           "start_step": None, "end_step": int(rows[-1]["step"]),
                           "status": "incomplete" if i == len(groups) - 1 else "crashed"})
         return spans
-    for i, start in enumerate(starts):
-        t0 = _t(start)
-        t1 = _t(starts[i + 1]) if i + 1 < len(starts) else math.inf
-        attempt = start.get("attempt", i)
-        inside = [e for e in timed if t0 <= _t(e) < t1 and e is not start  # type: ignore[operator]
-                  and e.get("event") != "restore"]  # a restore belongs to the attempt after it
-        terminal = next((e for e in inside if e.get("event") in TERMINAL), None)
-        rows = [r for r in metrics if r.get("attempt") == attempt and _t(r) is not None
+    for i, a in enumerate(found):
+        t0, t1, inside, terminal = a["start"], a["next_start"], a["inside"], a["terminal"]
+        rows = [r for r in metrics if r.get("attempt") == a["attempt"] and _t(r) is not None
                 and t0 <= _t(r) < t1]  # type: ignore[operator]
         if terminal is not None:
-            status = "finished" if terminal.get("event") == "finish" else "preempted"
+            status = "finished" if terminal.get("event") == rundir.FINISH.name else "preempted"
             end = _t(terminal)
             end_step = terminal.get("step")
         else:
-            status = "crashed" if i + 1 < len(starts) else "incomplete"
+            status = "crashed" if i + 1 < len(found) else "incomplete"
             times = [_t(e) for e in inside] + [_t(r) for r in rows]
             end = max([t0, *times])  # type: ignore[type-var]
             steps = [e.get("step") for e in inside if isinstance(e.get("step"), int)] + [int(r["step"]) for r in rows]
-            end_step = max(steps) if steps else start.get("step")
-        spans.append({"attempt": attempt, "start": t0, "end": end, "start_step": int(start.get("step") or 0),
+            end_step = max(steps) if steps else a["start_step"]
+        spans.append({"attempt": a["attempt"], "start": t0, "end": end, "start_step": a["start_step"],
                       "end_step": end_step, "status": status})
     return spans
 
@@ -129,6 +148,7 @@ def goodput(metrics: list[dict[str, Any]], events: list[dict[str, Any]]) -> dict
     else:
         wall = 0.0
     kinds = [e.get("event") for e in events]
+    checkpoints = rundir.of(events, rundir.CHECKPOINT)
     steps = int(final[-1]["step"]) if final else max(
         (int(e["step"]) for e in events if isinstance(e.get("step"), int)), default=0)
     return {
@@ -136,12 +156,11 @@ def goodput(metrics: list[dict[str, Any]], events: list[dict[str, Any]]) -> dict
         "wall_s": wall,
         "goodput": useful / wall if wall > 0 else None,
         "attempts": len(spans),
-        "preemptions": kinds.count("preempted"),
+        "preemptions": kinds.count(rundir.PREEMPTED.name),
         "crashes": sum(1 for s in spans if s["status"] == "crashed"),
-        "recomputed_steps": int(sum(int(e.get("recomputed_steps") or 0) for e in events if e.get("event") == "restore")),
-        "checkpoints": kinds.count("checkpoint"),
-        "checkpoint_blocking_s": float(sum(float(e.get("blocking_s") or 0.0) for e in events
-                                           if e.get("event") == "checkpoint")),
+        "recomputed_steps": int(sum(int(e.get("recomputed_steps") or 0) for e in rundir.of(events, rundir.RESTORE))),
+        "checkpoints": len(checkpoints),
+        "checkpoint_blocking_s": float(sum(float(e.get("blocking_s") or 0.0) for e in checkpoints)),
         "steps": steps,
         "finished": bool(spans) and spans[-1]["status"] == "finished",
         "spans": spans,

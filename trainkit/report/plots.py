@@ -13,6 +13,7 @@ from typing import Any
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from trainkit import rundir
 from trainkit.report.goodput import covered_steps, final_metrics
 
 FIGSIZE = (8.0, 4.5)
@@ -168,12 +169,12 @@ def timeline_figure(events: list[dict[str, Any]], result: dict[str, Any], title:
         if not isinstance(t, (int, float)) or not spans:
             continue
         x, y = (t - t0) / scale, row_of(t)
-        if e.get("event") == "checkpoint":
+        if e.get("event") == rundir.CHECKPOINT.name:
             mark(x, y, {"marker": "|", "color": "black", "markersize": 14}, "checkpoint")
-        elif e.get("event") == "preempted":
+        elif e.get("event") == rundir.PREEMPTED.name:
             mark(x, y, {"marker": "v", "color": "darkorange", "markersize": 10, "markeredgecolor": "black"},
                  "preempted")
-        elif e.get("event") == "restore":
+        elif e.get("event") == rundir.RESTORE.name:
             mark(x, y + 1 if y + 1 < len(spans) and spans[y + 1]["start"] >= t else y,
                  {"marker": ">", "color": "tab:blue", "markersize": 7}, "restore")
     for i, s in enumerate(spans):

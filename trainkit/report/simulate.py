@@ -14,7 +14,7 @@ import random
 from collections.abc import Sequence
 from typing import Any
 
-from trainkit import storage
+from trainkit import rundir, storage
 
 
 def simulate_run(
@@ -60,10 +60,9 @@ def simulate_run(
             step = committed
             dropped = [r for r in metrics if r["step"] > step]
             metrics = [r for r in metrics if r["step"] <= step]
-            events.append({"event": "restore", "time": t, "step": step, "recomputed_steps": len(dropped)})
+            events.append(rundir.event(rundir.RESTORE, t, step=step, recomputed_steps=len(dropped)))
             t += 0.1
-        events.append({"event": "start", "time": t, "attempt": attempt, "step": step, "world_size": 1,
-                       "strategy": "ddp"})
+        events.append(rundir.event(rundir.START, t, attempt=attempt, step=step, world_size=1, strategy="ddp"))
         mark_t, mark_step = t, step
         timers = {"data_wait_s": 0.0, "checkpoint_block_s": 0.0}
         outcome = "finish"
@@ -97,24 +96,23 @@ def simulate_run(
             if kind == "preempt":
                 if committed != step:
                     t += checkpoint_block_s
-                    events.append({"event": "checkpoint", "time": t, "step": step,
-                                   "blocking_s": checkpoint_block_s, "blocking": True})
+                    events.append(rundir.event(rundir.CHECKPOINT, t, step=step, blocking_s=checkpoint_block_s,
+                                               blocking=True))
                     committed = step
-                events.append({"event": "preempted", "time": t, "step": step, "reason": "SIGTERM"})
+                events.append(rundir.event(rundir.PREEMPTED, t, step=step, reason="SIGTERM"))
                 outcome = "preempt"
                 break
             if step % checkpoint_every == 0 and step < max_steps:
                 t += checkpoint_block_s
                 timers["checkpoint_block_s"] += checkpoint_block_s
-                events.append({"event": "checkpoint", "time": t, "step": step,
-                               "blocking_s": checkpoint_block_s, "blocking": False})
+                events.append(rundir.event(rundir.CHECKPOINT, t, step=step, blocking_s=checkpoint_block_s,
+                                           blocking=False))
                 committed = step
         if outcome == "finish":
             t += checkpoint_block_s
-            events.append({"event": "checkpoint", "time": t, "step": step,
-                           "blocking_s": checkpoint_block_s, "blocking": True})
+            events.append(rundir.event(rundir.CHECKPOINT, t, step=step, blocking_s=checkpoint_block_s, blocking=True))
             t += 0.2
-            events.append({"event": "finish", "time": t, "step": step})
+            events.append(rundir.event(rundir.FINISH, t, step=step))
             break
         t += downtime_s
         attempt += 1
@@ -126,14 +124,14 @@ def simulate_run(
     fs, root = storage.filesystem(run_dir)
     fs.makedirs(root, exist_ok=True)
     files = {
-        "metrics.jsonl": "".join(json.dumps(r) + "\n" for r in metrics),
-        "events.jsonl": "".join(json.dumps(e) + "\n" for e in events),
-        "summary.json": json.dumps(summary, indent=2),
-        "config.yaml": f"seed: {seed}\ntrainer:\n  max_steps: {max_steps}\n  log_every: {log_every}\n",
+        rundir.METRICS: "".join(json.dumps(r) + "\n" for r in metrics),
+        rundir.EVENTS: "".join(json.dumps(e) + "\n" for e in events),
+        rundir.SUMMARY: json.dumps(summary, indent=2),
+        rundir.CONFIG: f"seed: {seed}\ntrainer:\n  max_steps: {max_steps}\n  log_every: {log_every}\n",
     }
     for name, text in files.items():
         fs.pipe_file(storage.join(root, name) if root else name, text.encode())
-    first_start = next(e["time"] for e in events if e["event"] == "start")
+    first_start = rundir.of(events, rundir.START)[0]["time"]
     kinds = [e["event"] for e in events]
     return {
         "useful_s": sum(step_times.values()),
@@ -143,7 +141,7 @@ def simulate_run(
         "wall_s": t - first_start,
         "attempts": attempt + 1,
         "crashes": sum(1 for _, k in interruptions if k == "crash"),
-        "preemptions": kinds.count("preempted"),
-        "checkpoints": kinds.count("checkpoint"),
+        "preemptions": kinds.count(rundir.PREEMPTED.name),
+        "checkpoints": kinds.count(rundir.CHECKPOINT.name),
         "recomputed_steps": sum(e.get("recomputed_steps", 0) for e in events),
     }
