@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
+
+from trainkit import rundir
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -39,8 +40,7 @@ def launch(*overrides: str, env: dict[str, str] | None = None, timeout: float = 
 
 
 def metrics(run_dir: str | Path) -> list[dict[str, Any]]:
-    path = Path(run_dir) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return rundir.read_metrics(str(run_dir))
 
 
 def losses(run_dir: str | Path) -> list[float]:

@@ -13,7 +13,7 @@ import pytest
 
 # Before Ray is imported anywhere: loopback only, no token auth, no usage reporting.
 os.environ["RAY_AUTH_MODE"] = "disabled"
-os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # makes 127.0.0.1 stick (see ray_launcher.pin_loopback)
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # makes 127.0.0.1 stick (see trainkit.launch.ray.session.pin_loopback)
 os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 

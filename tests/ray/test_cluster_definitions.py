@@ -68,7 +68,7 @@ def test_ray_cluster_yaml_passes_rays_schema_and_preparation(name):
 @pytest.mark.parametrize("name", ["aws-spot.yaml", "gcp-spot.yaml"])
 def test_ray_cluster_yaml_head_uses_the_spot_health_checks(name):
     """The head's GCS declares a vanished node dead as fast as the spot bench measured it."""
-    from trainkit.launch.ray_launcher import SPOT_SYSTEM_CONFIG
+    from trainkit.launch.ray.session import SPOT_SYSTEM_CONFIG
 
     start = next(c for c in _ray_config(name)["head_start_ray_commands"] if c.startswith("ray start"))
     flags = [w for w in shlex.split(start) if w.startswith("--system-config=")]

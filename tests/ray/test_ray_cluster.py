@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 from pathlib import Path
@@ -22,6 +21,7 @@ import pytest
 
 from ray_helpers import _tail, start_launch, wait_for
 from launching import RESNET_TINY, launch, losses
+from trainkit import rundir
 
 EVERY = 10
 TINY = [
@@ -35,12 +35,11 @@ def ray_args(cluster) -> list[str]:
 
 
 def events(run_dir: Path) -> list[dict]:
-    path = run_dir / "events.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return rundir.read_events(str(run_dir))
 
 
 def committed(run_dir: Path) -> bool:
-    return (run_dir / "checkpoints" / "latest").exists()
+    return bool(rundir.of(events(run_dir), rundir.CHECKPOINT_COMMITTED))
 
 
 @pytest.fixture(scope="session")
@@ -59,10 +58,10 @@ def check_redone_work(ev: list[dict]) -> None:
     most one interval, unless the failure cut short an async save still in flight: then it
     resumes from the save before that one (and also redoes the steps run since it was taken)."""
     for i, r in enumerate(ev):
-        if r["event"] != "restore":
+        if r["event"] != rundir.RESTORE.name:
             continue
-        taken = sorted({e["step"] for e in ev[:i] if e["event"] == "checkpoint"})
-        durable = [e["step"] for e in ev[:i] if e["event"] == "checkpoint_committed"]
+        taken = sorted({e["step"] for e in rundir.of(ev[:i], rundir.CHECKPOINT)})
+        durable = [e["step"] for e in rundir.of(ev[:i], rundir.CHECKPOINT_COMMITTED)]
         assert taken and r["step"] >= max(durable, default=0), (r, taken, durable)
         if r["step"] < taken[-1]:
             assert taken[-1] not in durable and r["step"] == taken[-2], (r, taken, durable)
@@ -96,12 +95,12 @@ def test_node_lost_mid_run_resumes_bitwise(ray_cluster, reference, tmp_path):
     rc, run_dir, log = run_and_disturb(ray_cluster, tmp_path, lose_a_node)
     assert rc == 0, _tail(log)
     ev = events(run_dir)
-    restores = [e for e in ev if e["event"] == "restore"]
+    restores = rundir.of(ev, rundir.RESTORE)
     assert restores, _tail(log)
     check_redone_work(ev)
-    assert sum(1 for e in ev if e["event"] == "start") >= 2
+    assert len(rundir.of(ev, rundir.START)) >= 2
     assert losses(run_dir) == reference  # bitwise: same world size, deterministic resume
-    summary = json.loads((run_dir / "summary.json").read_text())
+    summary = rundir.read_summary(str(run_dir))
     assert summary["steps"] == 60 and summary["world_size"] == 2
 
 
@@ -117,7 +116,7 @@ def test_worker_sigkill_restarts_group_and_resumes(ray_cluster, reference, tmp_p
     rc, run_dir, log = run_and_disturb(ray_cluster, tmp_path, kill_a_worker, "checkpoint.async_save=false")
     assert rc == 0, _tail(log)
     ev = events(run_dir)
-    restores = [e for e in ev if e["event"] == "restore"]
+    restores = rundir.of(ev, rundir.RESTORE)
     assert restores, _tail(log)
     assert all(0 <= e["recomputed_steps"] <= EVERY for e in restores), restores
     check_redone_work(ev)
@@ -145,7 +144,7 @@ def test_restart_takes_warm_standby_processes(ray_cluster, tmp_path):
                                        "launcher.warm_refill_s=1")
     assert rc == 0, _tail(log)
     assert set(seen["new"]) <= set(seen["warm"]), (seen, _tail(log))
-    assert [e for e in events(run_dir) if e["event"] == "restore"], _tail(log)
+    assert rundir.of(events(run_dir), rundir.RESTORE), _tail(log)
     wait_for(lambda: not any(psutil.pid_exists(p) for p in seen["refill"]), 30,
              "the job's idle warm processes to end with it")
 
@@ -161,7 +160,7 @@ def test_sweep_two_trials_on_ray(ray_cluster, tmp_path):
     trials = sorted(p.name for p in base.iterdir())
     assert trials == ["trial-0-lr=0.01", "trial-1-lr=0.05"], trials
     for name in trials:
-        summary = json.loads((base / name / "summary.json").read_text())
+        summary = rundir.read_summary(str(base / name))
         assert summary["steps"] == 6
     assert "sweep results:" in out and "running 2 trial(s) at a time" in out
     table = out[out.index("sweep results:"):]
@@ -190,8 +189,8 @@ def test_ray_node_drain_reaches_preemption_path(ray_cluster, tmp_path):
             ray_cluster.remove(drained["node"], graceful=True)
     assert rc == 0, _tail(log)
     ev = events(run_dir)
-    preempted = [e for e in ev if e["event"] == "preempted"]
+    preempted = rundir.of(ev, rundir.PREEMPTED)
     assert preempted, _tail(log)
     # The drained node's rank stopped for the drain, its peers because it did (one agreed step).
     assert "ray node drain" in log.read_text() or "drain" in preempted[0]["reason"], _tail(log)
-    assert [e for e in ev if e["event"] == "restore"]
+    assert rundir.of(ev, rundir.RESTORE)

@@ -2,20 +2,36 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 
 import pytest
 
 from launching import RESNET_TINY, launch
+from trainkit.components import LAUNCHERS
 from trainkit.errors import ConfigError
-from trainkit.launch import LAUNCHERS
-from trainkit.launch import ray_launcher as rl
 from trainkit.launch.compose import compose_config
+from trainkit.launch.ray import RayLauncher, RayOptions, drain, failure
+from trainkit.launch.ray.exits import WorkerExit, explain
+from trainkit.launch.ray.launcher import ray_storage, worker_cfg
+from trainkit.launch.ray.worker import ray_worker_main
 from trainkit.launch.sweep import expand, plan, trial_name
 
 
 def test_ray_is_a_registered_launcher():
     assert "ray" in LAUNCHERS.names() and "local" in LAUNCHERS.names()
+    assert LAUNCHERS.get("ray") is RayLauncher and RayLauncher.Options is RayOptions
+
+
+def test_ray_options_validate_without_importing_ray():
+    """Config validation reads RayOptions; only running a job may import Ray."""
+    code = ("import sys; from trainkit.launch.compose import compose_config; "
+            "cfg = compose_config(['recipe=resnet', 'launcher=ray']); "
+            "assert type(cfg.launcher).__name__ == 'RayOptions', cfg.launcher; "
+            "assert 'ray' not in sys.modules, 'ray imported'")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
 
 
 def test_launcher_ray_recipe_defaults():
@@ -32,11 +48,11 @@ def test_launcher_ray_recipe_defaults():
 def test_worker_cfg_makes_local_paths_absolute(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cfg = compose_config(["recipe=resnet", "launcher=ray", "run_dir=runs/r1", "data.cache_dir=cache"])
-    data = rl.worker_cfg(cfg)
+    data = worker_cfg(cfg)
     assert data["run_dir"] == str(tmp_path / "runs" / "r1")
     assert data["data"]["cache_dir"] == str(tmp_path / "cache")
-    assert rl.ray_storage(data["run_dir"]) == str(tmp_path / "runs" / "r1" / "ray")
-    assert rl.ray_storage("s3://bucket/runs/r1").startswith("/")  # Ray's own state stays local
+    assert ray_storage(data["run_dir"]) == str(tmp_path / "runs" / "r1" / "ray")
+    assert ray_storage("s3://bucket/runs/r1").startswith("/")  # Ray's own state stays local
 
 
 def test_sweep_expansion_uses_hydra_grammar():
@@ -66,7 +82,7 @@ def test_sweep_rejects_a_bad_trial_before_starting_any(tmp_path):
     with pytest.raises(ConfigError, match=r"trial 1 .*placement_strategy='FOO' is not valid"):
         plan(["recipe=resnet", "launcher=ray", "launcher.placement_strategy=PACK,FOO"])
     with pytest.raises(ConfigError, match="nccl needs GPU workers"):
-        rl.check_config(compose_config(["recipe=resnet", "launcher=ray", "strategy.backend=nccl"]))
+        compose_config(["recipe=resnet", "launcher=ray", "strategy.backend=nccl"])
     with pytest.raises(ConfigError, match="run_dir cannot be swept"):
         plan(["recipe=resnet", f"run_dir={tmp_path}/a,{tmp_path}/b"])
     # Through the CLI: exit 2, one line, no run directory created.
@@ -98,28 +114,28 @@ def _group_error(*exits):
 def _policy(max_failures=-1):
     from ray.train import FailureConfig
 
-    return rl._make_failure_policy(FailureConfig(max_failures=max_failures))
+    return failure.failure_policy(FailureConfig(max_failures=max_failures))
 
 
 def test_failure_policy_config_errors_never_retry():
     from ray.train.v2._internal.execution.failure_handling.failure_policy import FailureDecision
 
-    err = _group_error(rl.WorkerExit(2, "trainkit: bad"), rl.WorkerExit(1, "lost a peer"))
+    err = _group_error(WorkerExit(2, "trainkit: bad"), WorkerExit(1, "lost a peer worker (x)"))
     assert _policy().make_decision(err) == FailureDecision.RAISE
-    assert rl._explain(err) == (2, "worker rank 0: trainkit: bad")
+    assert explain(err) == (2, "worker rank 0: trainkit: bad")
 
 
 def test_failure_policy_preempted_group_restarts_outside_max_failures():
     from ray.train.v2._internal.execution.failure_handling.failure_policy import FailureDecision
 
     policy = _policy(max_failures=0)
-    err = _group_error(rl.WorkerExit(75, "preempted at step 4"), rl.WorkerExit(75, "preempted at step 4"))
+    err = _group_error(WorkerExit(75, "preempted at step 4"), WorkerExit(75, "preempted at step 4"))
     for _ in range(3):
         assert policy.make_decision(err) == FailureDecision.RETRY
-    crash = _group_error(RuntimeError("bug"), rl.WorkerExit(1, "lost a peer"))
+    crash = _group_error(RuntimeError("bug"), WorkerExit(1, "lost a peer worker (x)"))
     assert policy.make_decision(crash) == FailureDecision.RAISE  # max_failures=0 still holds
     assert _policy(max_failures=-1).make_decision(crash) == FailureDecision.RETRY
-    assert rl._explain(crash)[0] == 1
+    assert explain(crash)[0] == 1
 
 
 def test_failure_policy_gives_up_on_a_repeating_bug_but_not_on_lost_nodes():
@@ -127,13 +143,13 @@ def test_failure_policy_gives_up_on_a_repeating_bug_but_not_on_lost_nodes():
     from ray.train.v2._internal.execution.failure_handling.failure_policy import FailureDecision
 
     policy = _policy(max_failures=-1)
-    lost = _group_error(rl.WorkerExit(1, "lost a peer worker (x)"), rl.WorkerExit(1, "lost a peer worker (x)"))
+    lost = _group_error(WorkerExit(1, "lost a peer worker (x)"), WorkerExit(1, "lost a peer worker (x)"))
     lost.worker_failures[1] = ActorDiedError()  # the node went away
-    for _ in range(rl.CRASH_REPEATS + 2):
+    for _ in range(failure.CRASH_REPEATS + 2):
         assert policy.make_decision(lost) == FailureDecision.RETRY
     bug = _group_error(ValueError("shapes do not match"), ValueError("shapes do not match"))
-    decisions = [policy.make_decision(bug) for _ in range(rl.CRASH_REPEATS)]
-    assert decisions[:-1] == [FailureDecision.RETRY] * (rl.CRASH_REPEATS - 1)
+    decisions = [policy.make_decision(bug) for _ in range(failure.CRASH_REPEATS)]
+    assert decisions[:-1] == [FailureDecision.RETRY] * (failure.CRASH_REPEATS - 1)
     assert decisions[-1] == FailureDecision.RAISE
 
 
@@ -147,7 +163,7 @@ def test_drain_watch_reads_ray_trains_preemption_info(monkeypatch):
         class preemption_context:  # noqa: N801 - mirrors Ray's attribute
             preemption_info = None
 
-    watch = rl.DrainWatch(poll_seconds=0.01)
+    watch = drain.DrainWatch(poll_seconds=0.01)
     watch._context = Ctx
     assert watch.check() is None
     Ctx.preemption_context.preemption_info = PreemptionInfo(
@@ -158,7 +174,7 @@ def test_drain_watch_reads_ray_trains_preemption_info(monkeypatch):
 def test_drain_watch_falls_back_to_the_gcs_drain_table(monkeypatch):
     import ray._private.state
 
-    watch = rl.DrainWatch(poll_seconds=0.01)
+    watch = drain.DrainWatch(poll_seconds=0.01)
     watch._node_id = "node-a"
     monkeypatch.setattr(ray._private.state.state, "get_draining_nodes", lambda: {"node-b": 0})
     assert watch.check() is None
@@ -174,13 +190,13 @@ def test_request_stop_reaches_running_watchers():
     a.start()
     b.start()
     try:
-        assert rl.request_stop("ray node drain (x)") == 2
+        assert drain.request_stop("ray node drain (x)") == 2
         assert a.requested and b.requested and a.reason == b.reason == "ray node drain (x)"
         assert not idle.requested  # never started: not listening
     finally:
         a.stop()
         b.stop()
-    assert rl.request_stop("later") == 0
+    assert drain.request_stop("later") == 0
 
 
 def test_worker_main_translates_outcomes(monkeypatch):
@@ -201,8 +217,8 @@ def test_worker_main_translates_outcomes(monkeypatch):
 
         def run():
             try:
-                rl.ray_worker_main({"preemption": {"signals": ["SIGTERM"], "poll_seconds": 5}})
-            except rl.WorkerExit as e:
+                ray_worker_main({"preemption": {"signals": ["SIGTERM"], "poll_seconds": 5}})
+            except WorkerExit as e:
                 box["exit"] = e
 
         t = threading.Thread(target=run)  # Ray Train runs the function in a thread, too
@@ -216,7 +232,7 @@ def test_worker_main_translates_outcomes(monkeypatch):
 
 
 def test_warm_pool_slots_per_node():
-    from trainkit.launch.warm_pool import slots
+    from trainkit.launch.ray.warm_pool import slots
 
     assert slots({"CPU": 8.0}, 1.0, 0.0) == 8
     assert slots({"CPU": 8.0, "GPU": 2.0}, 2.0, 1.0) == 2  # GPUs bound it
@@ -226,7 +242,7 @@ def test_warm_pool_slots_per_node():
 
 
 def test_warm_pool_counts_only_fresh_heartbeats():
-    from trainkit.launch.warm_pool import STALE_S, idle_processes
+    from trainkit.launch.ray.warm_pool import STALE_S, idle_processes
 
     now = 1000.0
     beats = {
@@ -253,11 +269,11 @@ def test_warm_standby_is_validated():
 def test_only_training_workers_get_the_preload_hook(address, warm):
     """The hook is in the workers' runtime env (not the job's): Ray Train's controller and
     helper actors start without importing torch; no warm standby, no hook."""
-    from trainkit.launch.ray_launcher import build_trainer
-    from trainkit.launch.warm_pool import preload_env
+    from trainkit.launch.ray.launcher import build_trainer
+    from trainkit.launch.ray.warm_pool import preload_env
 
     cfg = compose_config(["recipe=resnet", "launcher=ray", f"launcher.address={address}"])
     env = build_trainer(cfg).run_config.worker_runtime_env["env_vars"]
     (key, value), = preload_env().items()
-    assert (env.get(key) == value == "trainkit.launch.warm_pool.preload") is warm
+    assert (env.get(key) == value == "trainkit.launch.ray.warm_pool.preload") is warm
     assert warm or key not in env

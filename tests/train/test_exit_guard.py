@@ -21,7 +21,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from trainkit import distributed
-from trainkit.launch.local import free_port
+from trainkit.distributed import free_port
 
 
 class _SleepsWhenCollected:

@@ -11,7 +11,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from trainkit import distributed
-from trainkit.launch.local import free_port
+from trainkit.distributed import free_port
 
 from launching import GPT_TINY, RESNET_TINY, launch, losses
 

@@ -58,11 +58,27 @@ def test_failure_report_names_the_rank_that_raised(tmp_path: Path, capsys: pytes
     """The agent saw rank 0 (which only lost its peer) exit first; rank 1's error file tells the story."""
     raised = {"message": {"message": "trainkit: no bucket b", "extraInfo": {"timestamp": "1", "exitcode": 2}}}
     _failure(tmp_path, 1, 2, raised)
-    assert report_failure(ChildFailedError("worker_main", {0: _failure(tmp_path, 0, 1)}), str(tmp_path)) == 2
-    assert capsys.readouterr().err == "error: worker rank 1 failed (exit code 2): trainkit: no bucket b\n"
+    assert report_failure(ChildFailedError("worker_main", {0: _failure(tmp_path, 0, 1)}), str(tmp_path)) == (
+        2, "worker rank 1 failed (exit code 2): trainkit: no bucket b")
+    assert capsys.readouterr().err == ""  # no traceback for trainkit's own errors; the caller prints the line
 
 
-def test_failure_report_without_error_files(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_failure_report_without_error_files(tmp_path: Path) -> None:
     """A worker killed by a signal leaves no file: the agent's account, and exit code 1 for the job."""
-    assert report_failure(ChildFailedError("worker_main", {1: _failure(tmp_path, 1, -9)}), str(tmp_path)) == 1
-    assert "error: worker rank 1 failed (exit code -9): Signal 9 (SIGKILL)" in capsys.readouterr().err
+    code, message = report_failure(ChildFailedError("worker_main", {1: _failure(tmp_path, 1, -9)}), str(tmp_path))
+    assert code == 1 and "worker rank 1 failed (exit code -9): Signal 9 (SIGKILL)" in message
+
+
+def test_one_exit_code_mapping_for_every_worker() -> None:
+    """The local and the Ray worker both map a training outcome through exit_for."""
+    from trainkit.errors import ConfigError, Preempted, StorageError, TrainkitError
+    from trainkit.launch.worker import PEER_LOST, exit_for
+
+    assert exit_for(Preempted("preempted at step 3")) == (75, "preempted at step 3")
+    assert exit_for(StorageError("no bucket b")) == (2, "trainkit: no bucket b")
+    assert exit_for(ConfigError("bad")) == (2, "trainkit: bad")
+    assert exit_for(TrainkitError("nan loss")) == (1, "trainkit: nan loss")
+    code, message = exit_for(RuntimeError("[gloo] Connection closed by peer [127.0.0.1]:1234\nmore"))
+    assert code == 1 and message == f"{PEER_LOST} ([gloo] Connection closed by peer [127.0.0.1]:1234)"
+    assert exit_for(ValueError("a bug")) is None  # keeps its traceback
+    assert exit_for(KeyboardInterrupt()) is None

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from launching import RESNET_TINY, ROOT, losses
-from trainkit.launch.local import free_port
+from trainkit.distributed import free_port
 
 
 def test_two_launchers_form_one_job(tmp_path: Path) -> None:

@@ -12,7 +12,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from trainkit import distributed
-from trainkit.launch.local import free_port
+from trainkit.distributed import free_port
 
 STEPS, GLOBAL_BATCH, WIDTH = 12, 16, 32
 

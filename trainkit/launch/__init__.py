@@ -1,24 +1,10 @@
-"""Launchers by name: where the workers run (``launcher=local|ray``)."""
+"""Running jobs: ``python -m trainkit.launch`` and the launchers behind one interface.
 
-from __future__ import annotations
+``launcher.name`` picks a launcher class from ``trainkit.components.LAUNCHERS`` (``local``,
+``ray``, or a ``pkg.module:Class`` of one's own); every caller, the CLI and the sweep,
+talks to it only through :class:`~trainkit.launch.base.Launcher`.
+"""
 
-from collections.abc import Callable
+from trainkit.launch.base import JobResult, Launcher
 
-from trainkit.config import Config
-from trainkit.registry import Registry
-
-LAUNCHERS: Registry[Callable[[Config], int]] = Registry("launcher")
-
-
-@LAUNCHERS.register("local")
-def _local(cfg: Config) -> int:
-    from trainkit.launch.local import launch
-
-    return launch(cfg)
-
-
-@LAUNCHERS.register("ray")
-def _ray(cfg: Config) -> int:
-    from trainkit.launch.ray_launcher import launch
-
-    return launch(cfg)
+__all__ = ["JobResult", "Launcher"]

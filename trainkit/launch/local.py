@@ -12,28 +12,47 @@ import json
 import logging
 import os
 import signal
-import socket
 import sys
 import tempfile
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from trainkit.config import Config
+from trainkit.config import Config, LauncherOptions
 from trainkit.errors import EXIT_PREEMPTED, ConfigError
+from trainkit.launch.base import JobResult, Launcher, attempt
+from trainkit.options import positive
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+@dataclass
+class LocalOptions(LauncherOptions):
+    # The rendezvous port on loopback; 0 picks a free one.
+    master_port: int = 0
+
+    def check(self, cfg: Config) -> None:
+        super().check(cfg)
+        positive("launcher.master_port", self.master_port, allow_zero=True)
+        if self.master_port > 65535:
+            raise ConfigError(f"launcher.master_port={self.master_port} must be <= 65535")
 
 
-def launch(cfg: Config) -> int:
+class LocalLauncher(Launcher):
+    """``launcher=local``: the workers as child processes of this one."""
+
+    Options = LocalOptions
+
+    def run(self, cfg: Config) -> JobResult:
+        return attempt(lambda: launch(cfg))
+
+
+def launch(cfg: Config) -> tuple[int, str]:
+    """Runs the job: (exit code, what failed); a failed worker's traceback is printed here."""
     from torch.distributed.elastic.multiprocessing.api import DefaultLogsSpecs
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
+    from trainkit.distributed import free_port
     from trainkit.launch.worker import worker_main
 
     # The agent logs each worker's traceback and every teardown step; we report once instead.
@@ -80,7 +99,7 @@ def launch(cfg: Config) -> int:
         elastic_launch(config, worker_main)(cfg.to_dict())
     except ChildFailedError as exc:
         return report_failure(exc, log_dir)
-    return 0
+    return 0, ""
 
 
 def forward_signals(names: list[str]) -> None:
@@ -136,8 +155,8 @@ def _describe(data: Any) -> tuple[str, str | None, int]:
     return msg.get("message", "<no message>"), extra.get("py_callstack"), int(extra.get("exitcode", 1))
 
 
-def report_failure(exc: Any, log_dir: str) -> int:
-    """Prints the failed worker's error once and returns the job's exit code.
+def report_failure(exc: Any, log_dir: str) -> tuple[int, str]:
+    """The job's exit code and the failed worker's error in one line; prints its traceback.
 
     When every worker left with the preemption code the job is resumable: 75, no noise.
     """
@@ -145,7 +164,7 @@ def report_failure(exc: Any, log_dir: str) -> int:
     rank, first = min(failures.items(), key=lambda rf: rf[1].timestamp)
     # Workers that stopped for a preemption exit 75; the agent may then terminate stragglers.
     if first.exitcode == EXIT_PREEMPTED and all(f.exitcode in (EXIT_PREEMPTED, -15) for f in failures.values()):
-        return EXIT_PREEMPTED
+        return EXIT_PREEMPTED, ""
     raised = _raised(log_dir)
     if raised:
         _, local_rank, data = raised[0]
@@ -155,5 +174,4 @@ def report_failure(exc: Any, log_dir: str) -> int:
         message, trace, code = first.message, None, first.exitcode
     if trace and not message.startswith("trainkit:"):
         print(_user_frames(trace), file=sys.stderr)
-    print(f"error: worker rank {rank} failed (exit code {code}): {message}", file=sys.stderr)
-    return 1 if code in (0, None) or code < 0 else code
+    return 1 if code in (0, None) or code < 0 else code, f"worker rank {rank} failed (exit code {code}): {message}"

@@ -7,9 +7,9 @@ bad value: exit 2, nothing launched). Each trial gets ``<base>/trial-<i>-<params
 ``run_dir``, where ``<base>`` is the ``run_dir`` given on the command line or
 ``runs/<recipe>-sweep``; relaunching the same sweep resumes every unfinished trial.
 
-With ``launcher=ray`` the trials run concurrently on the cluster, one ``TorchTrainer.fit()``
-per trial from driver threads, as many at once as the cluster's CPUs (GPUs) hold; with
-``launcher=local`` they run one after the other. A results table follows.
+The trials go to the launcher's :meth:`~trainkit.launch.base.Launcher.run_many`: with
+``launcher=ray`` they run concurrently on the cluster, as many at once as its CPUs (GPUs)
+hold; with ``launcher=local`` one after the other. A results table follows.
 """
 
 from __future__ import annotations
@@ -17,13 +17,11 @@ from __future__ import annotations
 import re
 import sys
 import threading
-import time
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any
 
-from trainkit import storage
+from trainkit import rundir, storage
 from trainkit.config import Config, run_dir_default
 from trainkit.errors import EXIT_PREEMPTED, ConfigError, TrainkitError
+from trainkit.launch.base import EXIT_CONFIG, EXIT_FAILED, STATUS, JobResult
 
 MAX_NAME = 60
 
@@ -82,19 +80,12 @@ def plan(overrides: list[str], config_dirs: list[str] = ()) -> list[tuple[list[s
     names = {c.launcher.name for _, c in planned}
     if len(names) > 1:
         raise ConfigError(f"sweep: all trials must use one launcher, got {', '.join(sorted(names))}")
-    if names == {"ray"}:
-        from trainkit.launch.ray_launcher import check_config
-
-        for i, (params, cfg) in enumerate(planned):
-            try:
-                check_config(cfg)
-            except ConfigError as exc:
-                raise ConfigError(f"sweep trial {i} ({' '.join(params)}): {exc}") from exc
     return planned
 
 
 def sweep(overrides: list[str], config_dirs: list[str] = ()) -> int:
     """Validates every trial, runs them, prints the table; 0 when all finished."""
+    from trainkit.components import LAUNCHERS
     from trainkit.launch.prepare import prepare
 
     planned = plan(overrides, config_dirs)
@@ -103,108 +94,50 @@ def sweep(overrides: list[str], config_dirs: list[str] = ()) -> int:
     print(f"sweep: {len(planned)} trials", flush=True)
     for (params, cfg) in planned:
         print(f"  {' '.join(params) or '(no swept keys)'} -> {cfg.run_dir}", flush=True)
-    if planned[0][1].launcher.name == "ray":
-        results = _run_ray(planned)
-    else:
-        results = _run_local(planned)
+    lock = threading.Lock()  # a launcher may run trials concurrently
+
+    def started(i: int) -> None:
+        with lock:
+            print(f"sweep: trial {i} ({' '.join(planned[i][0])}) starting", flush=True)
+
+    def ended(i: int, result: JobResult) -> None:
+        status = result.status if not result.exit_code else f"exit {result.exit_code}: {result.message}"
+        with lock:
+            print(f"sweep: trial {i} ({' '.join(planned[i][0])}) {status}", flush=True)
+
+    launcher = LAUNCHERS.get(planned[0][1].launcher.name, "launcher")()
+    results = launcher.run_many([cfg for _, cfg in planned], started=started, ended=ended)
     print(table(planned, results), flush=True)
-    codes = [r["exit_code"] for r in results]
+    codes = [r.exit_code for r in results]
     if all(c == 0 for c in codes):
         return 0
-    if any(c == 2 for c in codes):
-        return 2
+    if any(c == EXIT_CONFIG for c in codes):
+        return EXIT_CONFIG
     if all(c in (0, EXIT_PREEMPTED) for c in codes):
         return EXIT_PREEMPTED
-    return 1
+    return EXIT_FAILED
 
 
-def _run_local(planned: list[tuple[list[str], Config]]) -> list[dict[str, Any]]:
-    from trainkit.launch import LAUNCHERS
-
-    results = []
-    for i, (params, cfg) in enumerate(planned):
-        print(f"sweep: trial {i} ({' '.join(params)}) starting", flush=True)
-        t0 = time.time()
-        try:
-            code = LAUNCHERS.get(cfg.launcher.name, "launcher")(cfg)
-            message = ""
-        except TrainkitError as exc:
-            code, message = exc.exit_code, str(exc)
-        results.append({"exit_code": code, "message": message, "wall_s": time.time() - t0})
-    return results
-
-
-def _concurrency(planned: list[tuple[list[str], Config]]) -> int:
-    """How many trials the connected cluster holds at once (at least one)."""
-    import ray
-
-    total = ray.cluster_resources()
-    lc = planned[0][1].launcher
-    workers = lc.workers * lc.nodes
-    fits = [total.get("CPU", 0) // max(workers * lc.cpus_per_worker, 1e-9)]
-    if lc.gpus_per_worker:
-        fits.append(total.get("GPU", 0) // (workers * lc.gpus_per_worker))
-    return int(max(1, min(len(planned), *fits)))
-
-
-def _run_ray(planned: list[tuple[list[str], Config]]) -> list[dict[str, Any]]:
-    from trainkit.launch.ray_launcher import check_resources, fit, ray_session
-
-    lc = planned[0][1].launcher
-    per_trial = lc.workers * lc.nodes * lc.cpus_per_worker
-    # A private Ray gets room for every trial at once (logical CPUs; they share the cores).
-    with ray_session(lc.address, cpus=per_trial * len(planned), launcher=lc) as own:
-        for _, cfg in planned:
-            check_resources(cfg, own_cluster=own and not lc.address)
-        parallel = _concurrency(planned)
-        print(f"sweep: running {parallel} trial(s) at a time on Ray", flush=True)
-        results: list[dict[str, Any] | None] = [None] * len(planned)
-        lock = threading.Lock()
-
-        def one(i: int) -> None:
-            params, cfg = planned[i]
-            with lock:
-                print(f"sweep: trial {i} ({' '.join(params)}) starting", flush=True)
-            try:
-                r = fit(cfg, name=f"trainkit-trial-{i}")
-                out = {"exit_code": r.exit_code, "message": r.message, "wall_s": r.wall_s}
-            except TrainkitError as exc:
-                out = {"exit_code": exc.exit_code, "message": str(exc), "wall_s": 0.0}
-            except Exception as exc:  # noqa: BLE001 - one trial's crash must not hide the others
-                out = {"exit_code": 1, "message": f"{type(exc).__name__}: {exc}", "wall_s": 0.0}
-            results[i] = out
-            with lock:
-                status = "done" if out["exit_code"] == 0 else f"exit {out['exit_code']}: {out['message']}"
-                print(f"sweep: trial {i} ({' '.join(params)}) {status}", flush=True)
-
-        with ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="trainkit-trial") as pool:
-            list(pool.map(one, range(len(planned))))
-    return [r or {"exit_code": 1, "message": "no result", "wall_s": 0.0} for r in results]
-
-
-STATUS = {0: "done", EXIT_PREEMPTED: "preempted", 2: "config error"}
 COLUMNS = ("loss", "eval_loss", "eval_accuracy", "steps")
 
 
-def table(planned: list[tuple[list[str], Config]], results: list[dict[str, Any]]) -> str:
-    """Params, final metrics from each trial's summary.json, status; plain text columns."""
-    from trainkit.launch.ray_launcher import read_summary
-
+def table(planned: list[tuple[list[str], Config]], results: list[JobResult]) -> str:
+    """Params, final metrics from each trial's summary, status; plain text columns."""
     header = ["trial", "params", *COLUMNS, "status", "run_dir"]
     rows = [header]
     for i, ((params, cfg), res) in enumerate(zip(planned, results)):
-        summary = read_summary(cfg.run_dir) or {}
+        summary = rundir.read_summary(cfg.run_dir) or {}
         cells = [str(i), " ".join(params) or "-"]
         for col in COLUMNS:
             v = summary.get(col)
             cells.append(f"{v:.4g}" if isinstance(v, float) else ("-" if v is None else str(v)))
-        status = STATUS.get(res["exit_code"], f"failed ({res['exit_code']})")
+        status = res.status if res.exit_code in STATUS else f"{res.status} ({res.exit_code})"
         cells += [status, cfg.run_dir]
         rows.append(cells)
     widths = [max(len(r[c]) for r in rows) for c in range(len(header))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    errors = [f"trial {i}: {r['message']}" for i, r in enumerate(results) if r["exit_code"] and r["message"]]
+    errors = [f"trial {i}: {r.message}" for i, r in enumerate(results) if r.exit_code and r.message]
     return "\n".join(["", "sweep results:", *lines, *errors])
 
 

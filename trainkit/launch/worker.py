@@ -1,4 +1,9 @@
-"""The function each launched worker runs: the training function, with errors made readable."""
+"""The function each launched worker runs: the training function, with errors made readable.
+
+:func:`exit_for` is the one mapping from how a worker's training ended to the CLI's exit
+codes; the local worker below and the Ray worker (:mod:`trainkit.launch.ray.worker`) both
+use it and differ only in how they hand the outcome to their launcher.
+"""
 
 from __future__ import annotations
 
@@ -10,12 +15,32 @@ from typing import Any
 
 from torch.distributed.elastic.multiprocessing.errors import record
 
-from trainkit.errors import Preempted, TrainkitError
+from trainkit.errors import EXIT_PREEMPTED, Preempted, TrainkitError
+
+PEER_LOST = "lost a peer worker"
 
 
-def _is_peer_loss(exc: BaseException) -> bool:
+def is_peer_loss(exc: BaseException) -> bool:
+    """A rank whose peer died: the peer's own error explains the job, not this one."""
     text = str(exc)
-    return any(m in text for m in ("Connection closed by peer", "Connection reset by peer", "Broken pipe"))
+    return isinstance(exc, RuntimeError) and any(
+        m in text for m in ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
+    )
+
+
+def exit_for(exc: BaseException) -> tuple[int, str] | None:
+    """(exit code, one line) for an ending trainkit expects; None for a bug, which keeps its traceback.
+
+    75 preempted (relaunch to resume), 2 config or store, 1 anything else trainkit reported
+    or a lost peer.
+    """
+    if isinstance(exc, Preempted):
+        return EXIT_PREEMPTED, str(exc)
+    if isinstance(exc, TrainkitError):
+        return exc.exit_code, f"trainkit: {exc}"
+    if is_peer_loss(exc):
+        return 1, f"{PEER_LOST} ({str(exc).splitlines()[0]})"
+    return None
 
 
 def _record_message(message: str, exit_code: int) -> None:
@@ -41,12 +66,11 @@ def worker_main(cfg_dict: Mapping[str, Any]) -> None:
     with distributed.exit_guard():
         try:
             train(cfg_dict)
-        except Preempted:
-            raise
-        except TrainkitError as exc:
-            _record_message(f"trainkit: {exc}", exc.exit_code)
-            raise SystemExit(exc.exit_code) from None
-        except RuntimeError as exc:
-            if _is_peer_loss(exc):
-                raise SystemExit(1) from None
-            raise
+        except BaseException as exc:
+            outcome = exit_for(exc)
+            if outcome is None or isinstance(exc, Preempted):
+                raise
+            code, message = outcome
+            if not is_peer_loss(exc):
+                _record_message(message, code)
+            raise SystemExit(code) from None
