@@ -1,27 +1,28 @@
-"""Typed configuration: one dataclass per component, validated before any worker starts.
+"""The run's configuration: one typed section per concern, validated before any worker starts.
 
 Hydra composes the recipe into a plain mapping; :func:`load_config` turns it into these
-dataclasses, rejecting unknown keys and ill-typed values with one line that names the key
-and what would have been valid. Workers receive the already-validated mapping, so a bad
-override never costs a process launch.
+dataclasses (see :mod:`trainkit.options` for the checks). The ``strategy`` and ``launcher``
+sections are the options of the component their ``name`` picks (``trainkit.components``):
+a plug-in named ``pkg.module:Class`` declares its own ``Options`` and is validated like a
+built-in. Workers receive the already-validated mapping, so a bad override never costs a
+process launch.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-import types
+import signal
 import typing
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
+from trainkit.components import AUTO_STRATEGY, LAUNCHERS, STRATEGIES, TASKS
+from trainkit.distributed import expected_world_size
 from trainkit.errors import ConfigError
-
-PRECISIONS = ("fp32", "bf16", "fp16")
-SCHEDULES = ("constant", "cosine", "linear")
-OPTIMIZERS = ("adamw", "sgd")
-BACKENDS = ("auto", "gloo", "nccl")
-PROGRESS = ("auto", "bar", "plain", "off")
+from trainkit.optim import OptimConfig
+from trainkit.options import Options, build, options_class, positive
+from trainkit.strategies.base import StrategyOptions
 
 
 @dataclass
@@ -39,25 +40,19 @@ class DataConfig:
     cache_bytes: int = 1 << 30
     prefetch: int = 4
 
-
-@dataclass
-class OptimConfig:
-    name: str = "adamw"
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    momentum: float = 0.9
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    eps: float = 1e-8
-    schedule: str = "constant"
-    warmup_steps: int = 0
-    min_lr_ratio: float = 0.0
+    def check(self, cfg: Config) -> None:
+        positive("data.batch_size", self.batch_size)
+        positive("data.num_workers", self.num_workers, allow_zero=True)
+        positive("data.shuffle_window", self.shuffle_window)
+        positive("data.cache_bytes", self.cache_bytes)
+        positive("data.prefetch", self.prefetch, allow_zero=True)
 
 
 @dataclass
 class TrainerConfig:
     max_steps: int = 100
     log_every: int = 10
-    precision: str = "fp32"
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     grad_accum: int = 1
     # Max global gradient norm; 0 disables clipping.
     grad_clip: float = 0.0
@@ -65,43 +60,39 @@ class TrainerConfig:
     compile: bool = False
     # Intra-op threads per worker; 0 splits this machine's cores between local workers.
     threads: int = 0
-    progress: str = "auto"
-    # Extra metric sinks besides metrics.jsonl: tensorboard, wandb, mlflow (rank 0 only).
+    progress: Literal["auto", "bar", "plain", "off"] = "auto"
+    # Extra metric sinks besides metrics.jsonl: tensorboard, wandb, mlflow or pkg.module:Class
+    # (rank 0 only).
     loggers: list[str] = field(default_factory=list)
-    # Keyword arguments per logger, e.g. {"wandb": {"project": "p"}}.
+    # Options per logger, e.g. {"wandb": {"project": "p"}}; checked against the logger's Options.
     logger_options: dict[str, dict[str, Any]] = field(default_factory=dict)
 
+    def check(self, cfg: Config) -> None:
+        positive("trainer.max_steps", self.max_steps)
+        positive("trainer.log_every", self.log_every)
+        positive("trainer.grad_accum", self.grad_accum)
+        positive("trainer.grad_clip", self.grad_clip, allow_zero=True)
+        positive("trainer.threads", self.threads, allow_zero=True)
+        from trainkit.metrics.loggers import check_logger_options
+
+        check_logger_options(self.loggers, self.logger_options)
+
 
 @dataclass
-class StrategyConfig:
-    name: str = "single"
-    backend: str = "auto"
-    zero_stage: int = 2
-    reshard_after_forward: bool = True
-    find_unused_parameters: bool = False
+class LauncherOptions(Options):
+    """Where the workers run; each launcher (``trainkit.launch``) extends this with its own keys."""
 
-
-@dataclass
-class LauncherConfig:
     name: str = "local"
     workers: int = 1
     nodes: int = 1
-    # 0 picks a free port on loopback.
-    master_port: int = 0
-    # Ray only.
-    address: str = ""
-    cpus_per_worker: float = 1.0
-    gpus_per_worker: float = 0.0
-    placement_strategy: str = "PACK"
-    # -1 retries forever (spot); 0 fails on the first lost worker.
-    max_failures: int = -1
-    # Idle pre-imported worker processes kept per worker slot on each node of a joined
-    # cluster (not a private local Ray), so a restarted group starts in seconds
-    # (trainkit.launch.warm_pool); 0: off.
-    warm_standby: int = 1
-    # Seconds the pool waits after a (re)start took its processes before it starts new ones,
-    # so their imports do not compete with the group's restore and first steps.
-    warm_refill_s: float = 20.0
+
+    def check(self, cfg: Config) -> None:
+        positive("launcher.workers", self.workers)
+        positive("launcher.nodes", self.nodes)
+
+    @property
+    def world_size(self) -> int:
+        return self.workers * self.nodes
 
 
 @dataclass
@@ -120,16 +111,32 @@ class CheckpointConfig:
     io_threads: int = 2
     export_safetensors: bool = True
 
+    def check(self, cfg: Config) -> None:
+        positive("checkpoint.every_steps", self.every_steps, allow_zero=True)
+        positive("checkpoint.every_seconds", self.every_seconds, allow_zero=True)
+        positive("checkpoint.keep_last", self.keep_last)
+        positive("checkpoint.keep_every", self.keep_every, allow_zero=True)
+        positive("checkpoint.io_threads", self.io_threads)
+
 
 @dataclass
 class PreemptionConfig:
     signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGINT", "SIGUSR1"])
-    # Seconds the emergency checkpoint may take before the process gives up and exits.
+    # Seconds from a notice to the forced stop (AWS gives 120, GCP 30): the emergency save
+    # must fit. trainkit measures what a save takes and warns once when it does not fit.
     grace_seconds: float = 25.0
     # Metadata pollers are off unless an endpoint is given (tests use a loopback fake).
     aws_endpoint: str = ""
     gcp_endpoint: str = ""
     poll_seconds: float = 5.0
+
+    def check(self, cfg: Config) -> None:
+        positive("preemption.grace_seconds", self.grace_seconds)
+        positive("preemption.poll_seconds", self.poll_seconds)
+        valid = sorted(s.name for s in signal.Signals)
+        for name in self.signals:
+            if name not in valid:
+                raise ConfigError(f"preemption.signals: {name!r} is not a signal; e.g. SIGTERM, SIGINT, SIGUSR1")
 
 
 @dataclass
@@ -143,71 +150,22 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
-    strategy: StrategyConfig = field(default_factory=StrategyConfig)
-    launcher: LauncherConfig = field(default_factory=LauncherConfig)
+    strategy: StrategyOptions = field(default_factory=StrategyOptions)
+    launcher: LauncherOptions = field(default_factory=LauncherOptions)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     preemption: PreemptionConfig = field(default_factory=PreemptionConfig)
     # fsspec storage options per protocol, e.g. {"s3": {"endpoint_url": "http://127.0.0.1:9000"}}.
+    # Prefer environment variables or instance roles for credentials; values of credential-like
+    # keys are redacted wherever the config is written (trainkit.redact).
     storage: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-
-def _choice(key: str, value: str, valid: tuple[str, ...]) -> None:
-    if value not in valid:
-        raise ConfigError(f"{key}={value!r} is not valid; valid: {', '.join(valid)}")
-
-
-def _positive(key: str, value: float, allow_zero: bool = False) -> None:
-    if value < 0 or (value == 0 and not allow_zero):
-        raise ConfigError(f"{key}={value} must be {'>= 0' if allow_zero else '> 0'}")
-
-
-def validate(cfg: Config) -> Config:
-    """Checks that need no worker: names, ranges, and the combinations that cannot work."""
-    from trainkit.strategies import STRATEGIES
-    from trainkit.tasks import TASKS
-
-    if cfg.task:
-        task = TASKS.get(cfg.task, "task")
-        cfg.model = dataclasses.asdict(_build(task.model_config, cfg.model, "model"))
-    STRATEGIES.get(cfg.strategy.name, "strategy")
-    _choice("strategy.backend", cfg.strategy.backend, BACKENDS)
-    if cfg.strategy.zero_stage not in (1, 2, 3):
-        raise ConfigError(f"strategy.zero_stage={cfg.strategy.zero_stage} is not valid; valid: 1, 2, 3")
-    _choice("trainer.precision", cfg.trainer.precision, PRECISIONS)
-    _choice("trainer.progress", cfg.trainer.progress, PROGRESS)
-    _choice("optim.name", cfg.optim.name, OPTIMIZERS)
-    _choice("optim.schedule", cfg.optim.schedule, SCHEDULES)
-    _choice("launcher.name", cfg.launcher.name, ("local", "ray"))
-    _positive("trainer.max_steps", cfg.trainer.max_steps)
-    _positive("trainer.log_every", cfg.trainer.log_every)
-    _positive("trainer.grad_accum", cfg.trainer.grad_accum)
-    _positive("trainer.grad_clip", cfg.trainer.grad_clip, allow_zero=True)
-    _positive("trainer.threads", cfg.trainer.threads, allow_zero=True)
-    _positive("optim.lr", cfg.optim.lr)
-    _positive("data.batch_size", cfg.data.batch_size)
-    _positive("data.num_workers", cfg.data.num_workers, allow_zero=True)
-    _positive("data.shuffle_window", cfg.data.shuffle_window)
-    _positive("data.cache_bytes", cfg.data.cache_bytes)
-    _positive("launcher.workers", cfg.launcher.workers)
-    _positive("launcher.nodes", cfg.launcher.nodes)
-    _positive("launcher.warm_standby", cfg.launcher.warm_standby, allow_zero=True)
-    _positive("launcher.warm_refill_s", cfg.launcher.warm_refill_s, allow_zero=True)
-    _positive("checkpoint.every_steps", cfg.checkpoint.every_steps, allow_zero=True)
-    _positive("checkpoint.every_seconds", cfg.checkpoint.every_seconds, allow_zero=True)
-    _positive("checkpoint.keep_last", cfg.checkpoint.keep_last)
-    _positive("checkpoint.io_threads", cfg.checkpoint.io_threads)
-    if cfg.strategy.name == "single" and cfg.launcher.workers * cfg.launcher.nodes > 1:
-        raise ConfigError(
-            f"strategy=single runs one process but launcher.workers={cfg.launcher.workers}; "
-            "pick strategy=ddp, fsdp or deepspeed"
-        )
-    check_batch(cfg, cfg.launcher.workers * cfg.launcher.nodes)
-    if cfg.trainer.precision == "fp16" and cfg.strategy.name == "fsdp":
-        raise ConfigError("trainer.precision=fp16 with strategy=fsdp is not supported; use bf16")
-    return cfg
+    def sections(self) -> list[Any]:
+        """Every section that has a ``check``, in the order errors should be reported."""
+        return [self.strategy, self.launcher, self.trainer, self.data, self.optim, self.checkpoint,
+                self.preemption]
 
 
 def check_batch(cfg: Config, world: int) -> int:
@@ -221,68 +179,43 @@ def check_batch(cfg: Config, world: int) -> int:
     return micro
 
 
+def world_size(cfg: Config) -> int:
+    """The processes this config trains on: torchrun's (or Ray's) when set, else the launcher's."""
+    return expected_world_size(cfg.launcher.world_size)
+
+
+def resolve_strategy(name: str, world: int) -> str:
+    """``auto`` is ``single`` for one process and ``ddp`` for more; other names stand."""
+    if name != AUTO_STRATEGY:
+        return name
+    return "single" if world == 1 else "ddp"
+
+
 def load_config(data: typing.Mapping[str, Any]) -> Config:
     """Builds and validates a :class:`Config` from a plain (Hydra-composed) mapping."""
-    return validate(_build(Config, dict(data), ""))
+    data = dict(data)
+    launcher_raw = dict(data.pop("launcher", None) or {})
+    strategy_raw = dict(data.pop("strategy", None) or {})
+    cfg = build(Config, data, "")
+    launcher_name = str(launcher_raw.get("name", LauncherOptions.name))
+    launcher_cls = options_class(LAUNCHERS.get(launcher_name, "launcher"), LauncherOptions, "launcher")
+    cfg.launcher = build(launcher_cls, launcher_raw, "launcher")
+    name = resolve_strategy(str(strategy_raw.get("name", StrategyOptions.name)), world_size(cfg))
+    strategy_cls = options_class(STRATEGIES.get(name, "strategy"), StrategyOptions, "strategy")
+    cfg.strategy = build(strategy_cls, {**strategy_raw, "name": name}, "strategy")
+    return validate(cfg)
+
+
+def validate(cfg: Config) -> Config:
+    """Checks that need no worker: each section's own checks, then the task's model keys."""
+    if cfg.task:
+        task = TASKS.get(cfg.task, "task")
+        cfg.model = dataclasses.asdict(build(task.model_config, cfg.model, "model"))
+    for section in cfg.sections():
+        section.check(cfg)
+    check_batch(cfg, world_size(cfg))
+    return cfg
 
 
 def run_dir_default(recipe: str) -> str:
     return os.path.join(os.getcwd(), "runs", recipe or "run")
-
-
-def _build(cls: type, data: Any, prefix: str) -> Any:
-    if dataclasses.is_dataclass(data):
-        data = dataclasses.asdict(data)
-    if not isinstance(data, typing.Mapping):
-        raise ConfigError(f"{prefix or 'config'} must be a mapping, got {type(data).__name__}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = [k for k in data if k not in fields]
-    if unknown:
-        key = f"{prefix}.{unknown[0]}" if prefix else str(unknown[0])
-        raise ConfigError(f"unknown key {key!r}; valid keys here: {', '.join(fields)}")
-    values = {}
-    for name, value in data.items():
-        key = f"{prefix}.{name}" if prefix else name
-        values[name] = _coerce(hints[name], value, key)
-    return cls(**values)
-
-
-def _coerce(tp: Any, value: Any, key: str) -> Any:
-    if dataclasses.is_dataclass(tp):
-        return _build(tp, value, key)
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if value is None:
-            return None
-        return _coerce(args[0], value, key)
-    if origin is list:
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}={value!r} must be a list")
-        (item,) = typing.get_args(tp)
-        return [_coerce(item, v, f"{key}[{i}]") for i, v in enumerate(value)]
-    if origin is dict or tp is dict:
-        if not isinstance(value, typing.Mapping):
-            raise ConfigError(f"{key}={value!r} must be a mapping")
-        return {str(k): v for k, v in value.items()}
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{key}={value!r} must be true or false")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise ConfigError(f"{key}={value!r} must be an integer")
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        raise ConfigError(f"{key}={value!r} must be a number")
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise ConfigError(f"{key}={value!r} must be a string")
-    if tp is Any:
-        return value
-    raise TypeError(f"config type {tp!r} of {key} is not supported")
-

@@ -46,6 +46,12 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+def expected_world_size(launcher_world: int) -> int:
+    """The processes a run will have: the launcher's (torchrun's, Ray's) WORLD_SIZE once set,
+    else what the config's launcher will start."""
+    return int(os.environ.get("WORLD_SIZE", launcher_world))
+
+
 def pick_backend(requested: str) -> str:
     if requested != "auto":
         if requested == "nccl" and not torch.cuda.is_available():
@@ -159,22 +165,6 @@ def all_max(value: float, device: torch.device) -> float:
     t = torch.tensor([value], dtype=torch.float64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return float(t.item())
-
-
-def agree(stop: bool, save: bool, device: torch.device) -> tuple[bool, bool]:
-    """One collective per step: does any rank want to stop, or to save (clocks differ)?"""
-    if not dist.is_initialized():
-        return stop, save
-    t = torch.tensor([float(stop), float(save)], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t[0].item()), bool(t[1].item())
-
-
-# -- collectives on any group --------------------------------------------------------------
-# The checkpointers run their collectives on a gloo group of their own (async DCP deadlocks
-# on the training group while it trains, and the default group may be NCCL-only). Each of
-# these takes that group, and does what a single process would when no group is initialised,
-# so the same code runs with and without torch.distributed.
 
 
 def initialized() -> bool:

@@ -4,11 +4,34 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch import nn
 
-from trainkit.config import OptimConfig
+from trainkit.options import positive
+
+if TYPE_CHECKING:
+    from trainkit.config import Config
+
+
+@dataclass
+class OptimConfig:
+    name: Literal["adamw", "sgd"] = "adamw"
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    momentum: float = 0.9
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    schedule: Literal["constant", "cosine", "linear"] = "constant"
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0
+
+    def check(self, cfg: Config) -> None:
+        positive("optim.lr", self.lr)
+        positive("optim.warmup_steps", self.warmup_steps, allow_zero=True)
+
 
 
 def optimizer_factory(cfg: OptimConfig) -> Callable[[list[nn.Parameter]], torch.optim.Optimizer]:

@@ -30,13 +30,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from trainkit import distributed, storage
+from trainkit import distributed, rundir, storage
 from trainkit.config import Config, check_batch, load_config, run_dir_default
 from trainkit.errors import ConfigError, Preempted
 from trainkit.metrics import JsonlLog, Progress, format_summary
+from trainkit.metrics.window import LogWindow
+from trainkit.preemption.grace import GraceCheck
+from trainkit.redact import redact
 from trainkit.optim import optimizer_factory, scheduler
 from trainkit.strategies import STRATEGIES
-from trainkit.strategies.base import OptimizerArg
+from trainkit.strategies.base import OptimizerArg, StepSettings
 
 
 def seed_everything(seed: int) -> None:
@@ -61,7 +64,7 @@ class Run:
         self.micro_batch = check_batch(cfg, self.dist.world_size)
         # Same seed on every rank: identical initial weights without a broadcast.
         seed_everything(cfg.seed)
-        self.strategy = STRATEGIES.get(cfg.strategy.name, "strategy")(cfg, self.dist)
+        self.strategy = STRATEGIES.get(cfg.strategy.name, "strategy")(cfg.strategy, self.dist, StepSettings.of(cfg))
         self.run_dir = cfg.run_dir
         self.step = 0
         self.micro = 0
@@ -70,19 +73,22 @@ class Run:
         self.restored_step: int | None = None
         self._noted_commits = 0
         self._state: dict[str, Any] | None = None
-        self._loss_sum = torch.zeros((), dtype=torch.float64, device=self.dist.device)
-        self._loss_count = 0
+        self._window = LogWindow(self.dist.device)
         self._stepped = False
-        self._grad_norm: float | None = None
-        self._timers = {"data_wait_s": 0.0, "checkpoint_block_s": 0.0}
+        # The last step's pre-clip norm, a device tensor until a logging step reads it.
+        self._grad_norm: Any = None
         self._start = time.time()
         self._last_record: dict[str, Any] = {}
         main = self.dist.is_main
-        self.metrics = JsonlLog(self.run_dir, "metrics.jsonl") if main else None
-        self.events = JsonlLog(self.run_dir, "events.jsonl") if main else None
+        self.metrics = JsonlLog(self.run_dir, rundir.METRICS) if main else None
+        self.events = JsonlLog(self.run_dir, rundir.EVENTS) if main else None
         # Made by restore(), once the state tree is known: no tree, nothing to save.
         self.checkpointer: Any = None
-        from trainkit.preemption import PreemptionWatcher
+        self.save_policy: Any = None
+        from trainkit.preemption import PreemptionWatcher, StepAgreement
+
+        self.agreement = StepAgreement()
+        self._grace = GraceCheck(cfg.preemption.grace_seconds, self._event, self._print)
 
         p = cfg.preemption
         self.watcher = PreemptionWatcher(
@@ -94,12 +100,15 @@ class Run:
         if main and cfg.trainer.loggers:
             from trainkit.metrics.loggers import build_loggers
 
-            self.loggers = build_loggers(cfg.trainer.loggers, self.run_dir, cfg.trainer.logger_options)
+            self.loggers = build_loggers(cfg.trainer.loggers, self.run_dir, cfg.trainer.logger_options,
+                                         config=redact(cfg.to_dict()))
         self.attempt = 0
         if main:
-            self._write_config()
             assert self.events is not None
-            self.attempt = sum(1 for r in self.events.records() if r.get("event") == "start")
+            previous = self.events.records()
+            self.attempt = len(rundir.of(previous, rundir.START))
+            self._write_config()
+            self._grace.from_history(previous)
 
     # -- building blocks -------------------------------------------------------------------
     def optimizer(self) -> OptimizerArg:
@@ -153,7 +162,7 @@ class Run:
         Returns the step resumed from (None for a fresh run). ``extra`` takes more objects
         with ``state_dict``/``load_state_dict`` to save alongside.
         """
-        from trainkit.checkpoint import RNGState
+        from trainkit.checkpoint import RankLocal, RNGState
 
         state = self.strategy.checkpoint_state(model, optimizer)
         if self.scheduler is not None:
@@ -161,6 +170,7 @@ class Run:
         if data is not None:
             state["data"] = data
         state["trainer"] = _Counters(self)
+        state["log_window"] = RankLocal(self._window)
         state["rng"] = RNGState()
         state.update(extra)
         self._state = state
@@ -189,13 +199,13 @@ class Run:
             dropped = self.metrics.keep(lambda r: r.get("step", 0) <= step)
             reached = max((r.get("step", 0) for r in dropped), default=step)
             # Steps the previous attempt logged past this checkpoint (exact with log_every=1).
-            self._event("restore", step=step, recomputed_steps=max(0, reached - step))
+            self._event(rundir.RESTORE, step=step, recomputed_steps=max(0, reached - step))
             self._print(f"resumed from checkpoint at step {step}")
         return step
 
     def _wait_staged(self, *_: Any) -> None:
         if self.checkpointer is not None:
-            self._timers["checkpoint_block_s"] += self.checkpointer.staged()
+            self._window.timers["checkpoint_block_s"] += self.checkpointer.staged()
 
     def state_dict(self) -> dict[str, Any]:
         return {"step": self.step, "micro": self.micro}
@@ -217,18 +227,18 @@ class Run:
             seed_everything(self.cfg.seed + self.dist.rank)
         self._tokens_per_sample = tokens_per_sample
         self._mfu_per_sample = _mfu_scale(flops_per_sample, self.dist, self.cfg.trainer.precision)
-        self._event("start", attempt=self.attempt, step=self.step, world_size=self.dist.world_size,
+        self._event(rundir.START, attempt=self.attempt, step=self.step, world_size=self.dist.world_size,
                     strategy=self.cfg.strategy.name)
         self._data = data
         cfg = self.cfg.trainer
         self.progress = Progress(cfg.progress, cfg.max_steps, self.step, self.dist.is_main)
-        self._mark = (time.perf_counter(), self.step)
+        self._window.resume(self.step)
         it = iter(data)
         try:
             while self.step < cfg.max_steps:
                 t0 = time.perf_counter()
                 batch = next(it)
-                self._timers["data_wait_s"] += time.perf_counter() - t0
+                self._window.timers["data_wait_s"] += time.perf_counter() - t0
                 yield batch
                 if self._stepped:
                     self._stepped = False
@@ -241,8 +251,7 @@ class Run:
 
     def backward(self, loss: torch.Tensor) -> None:
         self.micro += 1
-        self._loss_sum += loss.detach().to(torch.float64)
-        self._loss_count += 1
+        self._window.add(loss)
         self.strategy.backward(loss, sync=self.micro % self.cfg.trainer.grad_accum == 0)
 
     def optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
@@ -263,25 +272,30 @@ class Run:
             self._log()
         else:
             self.progress.update(self.step, None)
-        due = self.checkpointer is not None and self.save_policy.due(self.step)
-        stop, due = distributed.agree(self.watcher.requested, due, self.dist.device)
-        if stop:
+        policy = self.save_policy
+        # Step-based saves are the same on every rank; only a timer needs the agreement.
+        by_step = policy is not None and policy.due_by_step(self.step)
+        by_time = policy is not None and policy.due_by_time()
+        decision = self.agreement.decide(self.watcher.requested, by_time)
+        if decision.stop:
             self._preempt()
+        due = by_step or decision.save
         if due and self.step < cfg.trainer.max_steps:
-            self.save_policy.mark_saved(self.step)  # ranks whose own clock was not due yet
+            policy.mark_saved(self.step)
             self.save(blocking=False)
 
-    def _log(self) -> None:
-        now = time.perf_counter()
-        t_mark, step_mark = self._mark
-        (loss,) = distributed.all_mean([float(self._loss_sum) / max(1, self._loss_count)], self.dist.device)
+    def _log(self, *, regular: bool = True) -> None:
+        """Writes a metrics record for the steps since the last regular one.
+
+        A record written off the regular steps (at a preemption stop) leaves the window open,
+        so the next regular record covers the same steps as in an uninterrupted run.
+        """
+        loss_sum, count, timers, elapsed, steps = self._window.read(self.step)
+        (loss,) = distributed.all_mean([loss_sum / max(1, count)], self.dist.device)
         mem = distributed.all_max(_memory_peak(self.dist.device), self.dist.device)
-        self._loss_sum.zero_()
-        self._loss_count = 0
-        steps = self.step - step_mark
-        elapsed = max(now - t_mark, 1e-9)
+        elapsed = max(elapsed, 1e-9)
         samples = steps * self.cfg.data.batch_size
-        per_step = {k: v / max(1, steps) for k, v in self._timers.items()}
+        per_step = {k: v / max(1, steps) for k, v in timers.items()}
         record: dict[str, Any] = {
             "step": self.step,
             "loss": loss,
@@ -303,9 +317,9 @@ class Run:
         if self._mfu_per_sample:
             record["mfu"] = record["samples_per_s"] * self._mfu_per_sample
         if self._grad_norm is not None:
-            record["grad_norm"] = self._grad_norm
-        self._timers = dict.fromkeys(self._timers, 0.0)
-        self._mark = (now, self.step)
+            record["grad_norm"] = float(self._grad_norm)
+        if regular:
+            self._window.reset(self.step)
         self._last_record = record
         if self.metrics is not None:
             self.metrics.write(record)
@@ -322,42 +336,48 @@ class Run:
             self.strategy.before_save(self.model)
         self.checkpointer.save(self.step, self._state, blocking=blocking)
         spent = time.perf_counter() - t0
-        self._timers["checkpoint_block_s"] += spent
-        self._event("checkpoint", step=self.step, blocking_s=spent, blocking=blocking)
+        self._window.timers["checkpoint_block_s"] += spent
+        self._grace.started(self.step, t0, blocking_s=spent if blocking else None)
+        self._event(rundir.CHECKPOINT, step=self.step, blocking_s=spent, blocking=blocking)
 
     def _note_commit(self) -> None:
         """Records each save once it is durable, with the training step by which it was. An
         async save commits a few steps after it was taken; a failure in between resumes from
         the save before it, so those steps are redone on top of the interval."""
-        commits = getattr(self.checkpointer, "commits", [])
+        commits = self.checkpointer.commits if self.checkpointer is not None else []
         for step in commits[self._noted_commits:]:
-            self._event("checkpoint_committed", step=step, at_step=self.step)
+            self._event(rundir.CHECKPOINT_COMMITTED, step=step, at_step=self.step)
+            self._grace.committed(step, self.step)
         self._noted_commits = len(commits)
 
     def _preempt(self) -> None:
         if self._last_record.get("step") != self.step:
-            self._log()  # so the record of useful time reaches the stop step
+            self._log(regular=False)  # so the record of useful time reaches the stop step
         reason = self.watcher.reason or "another rank was preempted"
         self._print(f"preemption ({reason}): saving at step {self.step}, then exiting with code 75")
+        self.agreement.drain()
         if self.checkpointer is not None and self._state is not None:
+            t0 = time.perf_counter()
             self.checkpointer.wait()
             if self.checkpointer.latest_step() != self.step:
                 self.save(blocking=True)
             self._note_commit()
-        self._event("preempted", step=self.step, reason=reason)
+            self._grace.emergency(self.step, time.perf_counter() - t0)
+        self._event(rundir.PREEMPTED, step=self.step, reason=reason)
         self._close()
         raise Preempted(f"preempted at step {self.step} ({reason}); relaunch to resume")
 
     # -- the end -------------------------------------------------------------------------
     def finish(self, **final: Any) -> dict[str, Any]:
         """Final checkpoint and export, ``summary.json``, the summary table; ends the run."""
+        self.agreement.drain()
         if self.checkpointer is not None and self._state is not None:
             self.checkpointer.wait()
             if self.checkpointer.latest_step() != self.step:
                 self.save(blocking=True)
             self._note_commit()
         if self.cfg.checkpoint.export_safetensors and self.model is not None:
-            self.strategy.export(self.model, storage.join(self.run_dir, "model.safetensors"))
+            self.strategy.export(self.model, rundir.path(self.run_dir, rundir.EXPORT))
         wall = time.time() - self._start
         summary: dict[str, Any] = {
             "run_dir": self.run_dir,
@@ -370,9 +390,8 @@ class Run:
         summary.update({k: self._last_record[k] for k in ("loss", "samples_per_s") if k in self._last_record})
         summary.update(final)
         if self.dist.is_main:
-            fs, path = storage.filesystem(storage.join(self.run_dir, "summary.json"))
-            storage.retry(lambda: fs.pipe(path, json.dumps(summary, indent=2).encode()), what=path)
-            self._event("finish", step=self.step)
+            _put(rundir.path(self.run_dir, rundir.SUMMARY), json.dumps(summary, indent=2))
+            self._event(rundir.FINISH, step=self.step)
             self._print(format_summary(summary))
         self._close()
         return summary
@@ -389,12 +408,12 @@ class Run:
         distributed.shutdown()
 
     # -- helpers -----------------------------------------------------------------------------
-    def _event(self, kind: str, **fields: Any) -> None:
+    def _event(self, kind: rundir.Event, **fields: Any) -> None:
         if self.events is not None:
-            self.events.write({"event": kind, "time": time.time(), **fields})
+            self.events.write(rundir.event(kind, time.time(), **fields))
             for logger in self.loggers:
                 if hasattr(logger, "event"):
-                    logger.event(kind, fields.get("step"), **{k: v for k, v in fields.items() if k != "step"})
+                    logger.event(kind.name, fields.get("step"), **{k: v for k, v in fields.items() if k != "step"})
 
     def _print(self, text: str) -> None:
         if self.dist.is_main:
@@ -405,11 +424,20 @@ class Run:
                 print(text, flush=True)
 
     def _write_config(self) -> None:
+        """The resolved config, credentials redacted: as ``config.yaml`` and as this attempt's."""
         from omegaconf import OmegaConf
 
-        text = OmegaConf.to_yaml(OmegaConf.create(self.cfg.to_dict()))
-        fs, path = storage.filesystem(storage.join(self.run_dir, "config.yaml"))
-        storage.retry(lambda: fs.pipe(path, text.encode()), what=path)
+        text = OmegaConf.to_yaml(OmegaConf.create(redact(self.cfg.to_dict())))
+        _put(rundir.path(self.run_dir, rundir.attempt_config(self.attempt)), text)
+        _put(rundir.path(self.run_dir, rundir.CONFIG), text)
+
+
+def _put(url: str, text: str) -> None:
+    fs, path = storage.filesystem(url)
+    parent = path.rsplit("/", 1)[0]
+    if storage.is_local(url):
+        fs.makedirs(parent, exist_ok=True)
+    storage.retry(lambda: fs.pipe(path, text.encode()), what=url)
 
 
 def _memory_peak(device: torch.device) -> float:

@@ -63,14 +63,15 @@ CHECKPOINT = Event("checkpoint", ("step", "blocking_s", "blocking"),
                    "a save was taken; training was blocked for ``blocking_s``")
 CHECKPOINT_COMMITTED = Event("checkpoint_committed", ("step", "at_step"),
                              "the save of ``step`` became durable while training was at ``at_step``")
-EMERGENCY_SAVE = Event("emergency_save", ("step", "seconds", "grace_seconds", "fits"),
-                       "the measured time an emergency save takes, against preemption.grace_seconds")
+GRACE_CHECK = Event("grace_check", ("step", "save_s", "grace_s", "fits", "source"),
+                    "what a save takes (``source``: startup from the last attempt's, save, "
+                    "emergency) against preemption.grace_seconds, the time from notice to forced stop")
 PREEMPTED = Event("preempted", ("step", "reason"),
                   "the ranks stopped at ``step`` after a notice; the process exits 75")
 FINISH = Event("finish", ("step",), "the run reached max_steps and wrote its summary")
 
 EVENTS_SCHEMA: dict[str, Event] = {
-    e.name: e for e in (START, RESTORE, CHECKPOINT, CHECKPOINT_COMMITTED, EMERGENCY_SAVE, PREEMPTED, FINISH)
+    e.name: e for e in (START, RESTORE, CHECKPOINT, CHECKPOINT_COMMITTED, GRACE_CHECK, PREEMPTED, FINISH)
 }
 # An attempt ends with one of these (a crash leaves none).
 TERMINAL = (PREEMPTED.name, FINISH.name)

@@ -43,7 +43,7 @@ def agree(a: dict) -> None:
     from trainkit import distributed
     from trainkit.checkpoint import Checkpointer
     from trainkit.errors import EXIT_PREEMPTED
-    from trainkit.preemption import PreemptionWatcher, agree_stop
+    from trainkit.preemption import PreemptionWatcher, StepAgreement
 
     with distributed.exit_guard():
         torch.set_num_threads(1)
@@ -51,6 +51,7 @@ def agree(a: dict) -> None:
         rank = dist.get_rank()
         w = PreemptionWatcher(signals=["SIGTERM"]).start()
         ck = Checkpointer(a["root"])
+        agreement = StepAgreement()
         counter = {"step": 0}
         weights = {"w": torch.zeros(4)}
         with open(os.path.join(a["out"], f"ready{rank}"), "w"):
@@ -61,7 +62,7 @@ def agree(a: dict) -> None:
             weights["w"] += 1
             counter["step"] = step
             time.sleep(0.02 * (1 + rank))  # ranks run at different speeds
-            if agree_stop(w):
+            if agreement.decide(w.requested, False).stop:
                 break
             if step > 5000:
                 sys.exit(3)

@@ -18,7 +18,7 @@ import pytest
 
 from trainkit.checkpoint import Checkpointer
 from trainkit.errors import EXIT_PREEMPTED
-from trainkit.preemption import PreemptionWatcher, agree_stop
+from trainkit.preemption import PreemptionWatcher, StepAgreement
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
@@ -152,9 +152,10 @@ def test_no_endpoint_no_poller_and_errors_are_survived():
 
 def test_request_first_reason_wins_and_agree_without_dist():
     w = PreemptionWatcher(signals=[])
-    assert not agree_stop(w)
+    agreement = StepAgreement()
+    assert agreement.lag == 0 and not agreement.decide(w.requested, False).stop
     assert w.request("ray drain") and not w.request("later")
-    assert w.requested and w.reason == "ray drain" and agree_stop(w)
+    assert w.requested and w.reason == "ray drain" and agreement.decide(w.requested, True).stop
 
 
 def _env(extra=None):

@@ -5,16 +5,14 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from trainkit import distributed
-
 
 class SavePolicy:
-    """``due(step)`` is True every ``every_steps`` steps or once ``every_seconds`` have passed
-    since the last save (or since construction). A True answer counts as a save: the timer
-    restarts. ``0`` disables either trigger.
+    """Every ``every_steps`` steps, or once ``every_seconds`` have passed since the last save
+    (or since construction); ``0`` disables either trigger.
 
-    Ranks must agree: clocks drift, so either use rank 0's answer (broadcast it) or call
-    :meth:`agreed`, which all-reduces (MAX) every rank's answer so all save together.
+    The step trigger is the same on every rank. The time trigger is not (clocks drift), so a
+    run asks it through the stop/save agreement (trainkit.preemption.StepAgreement), which
+    makes every rank save at the same step when any rank's clock is due.
     """
 
     def __init__(self, every_steps: int = 0, every_seconds: float = 0.0,
@@ -27,11 +25,10 @@ class SavePolicy:
         self._last_time = clock()
         self._last_step: int | None = None
 
-    def _check(self, step: int) -> bool:
-        if self._last_step is not None and step == self._last_step:
-            return False
-        if self.every_steps and step % self.every_steps == 0:
-            return True
+    def due_by_step(self, step: int) -> bool:
+        return bool(self.every_steps) and step % self.every_steps == 0 and step != self._last_step
+
+    def due_by_time(self) -> bool:
         return bool(self.every_seconds) and self.clock() - self._last_time >= self.every_seconds
 
     def mark_saved(self, step: int) -> None:
@@ -39,14 +36,9 @@ class SavePolicy:
         self._last_time = self.clock()
 
     def due(self, step: int) -> bool:
-        if self._check(step):
+        """Either trigger, counted as a save (the timer restarts): for one process or a loop
+        whose ranks share one answer."""
+        if step != self._last_step and (self.due_by_step(step) or self.due_by_time()):
             self.mark_saved(step)
             return True
         return False
-
-    def agreed(self, step: int, group=None) -> bool:
-        """``due`` agreed across ``group`` (any rank due → all save); collective."""
-        decision = bool(distributed.all_reduce_max(int(self._check(step)), group))
-        if decision:
-            self.mark_saved(step)
-        return decision

@@ -9,18 +9,22 @@ one is a clear :class:`~trainkit.errors.ConfigError`.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib
+import inspect
 import numbers
 import os
 import tempfile
 import time
 from collections.abc import Mapping
-from typing import Any, Protocol, runtime_checkable
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol, runtime_checkable
 
-from trainkit import storage
+from trainkit import rundir, storage
+from trainkit.components import LOGGERS
 from trainkit.errors import ConfigError
-from trainkit.registry import Registry
+from trainkit.options import build
 
 # Keys that describe a record rather than measure something.
 _SKIP = frozenset({"step", "time", "attempt"})
@@ -54,10 +58,43 @@ def _require(module: str, extra: str) -> Any:
         ) from exc
 
 
-LOGGERS: Registry[Any] = Registry("logger")
+@dataclass
+class LoggerOptions:
+    """Base of a logger's options (``trainer.logger_options.<name>``); a logger class names
+    its own as ``Options``. A plug-in without one is checked against its constructor."""
+
+    def check(self, key: str) -> None:
+        """Range checks; raise ConfigError naming ``key``."""
 
 
-@LOGGERS.register("tensorboard")
+@dataclass
+class TensorBoardOptions(LoggerOptions):
+    flush_seconds: float = 30.0
+    subdir: str = rundir.TENSORBOARD
+
+    def check(self, key: str) -> None:
+        if self.flush_seconds <= 0:
+            raise ConfigError(f"{key}.flush_seconds={self.flush_seconds} must be > 0")
+
+
+@dataclass
+class WandbOptions(LoggerOptions):
+    project: str | None = None
+    entity: str | None = None
+    name: str | None = None
+    group: str | None = None
+    notes: str | None = None
+    tags: list[str] = field(default_factory=list)
+    mode: Literal["online", "offline", "disabled"] | None = None
+
+
+@dataclass
+class MLflowOptions(LoggerOptions):
+    experiment: str | None = None
+    tracking_uri: str | None = None
+    run_name: str | None = None
+
+
 class TensorBoardLogger:
     """TensorBoard event files in ``run_dir/tensorboard/``.
 
@@ -67,7 +104,9 @@ class TensorBoardLogger:
     unique (time, host, pid), so a resumed attempt adds a file instead of replacing one.
     """
 
-    def __init__(self, run_dir: str, *, flush_seconds: float = 30.0, subdir: str = "tensorboard") -> None:
+    Options = TensorBoardOptions
+
+    def __init__(self, run_dir: str, *, flush_seconds: float = 30.0, subdir: str = rundir.TENSORBOARD) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
         self.url = storage.join(run_dir, subdir)
@@ -118,9 +157,13 @@ class TensorBoardLogger:
         self._writer = None
 
 
-@LOGGERS.register("wandb")
 class WandbLogger:
-    """Weights & Biases: ``wandb.init(project=…, **kwargs)``; needs ``pip install trainkit[wandb]``."""
+    """Weights & Biases: ``wandb.init(project=…, **kwargs)``; needs ``pip install trainkit[wandb]``.
+
+    ``config`` is the run's resolved config with credentials redacted (trainkit.redact).
+    """
+
+    Options = WandbOptions
 
     def __init__(self, project: str | None = None, *, run_dir: str | None = None, name: str | None = None,
                  config: Mapping[str, Any] | None = None, **kwargs: Any) -> None:
@@ -145,12 +188,13 @@ class WandbLogger:
             self._run = None
 
 
-@LOGGERS.register("mlflow")
 class MLflowLogger:
     """MLflow: logs to ``tracking_uri`` (default: MLflow's own), experiment ``experiment``.
 
     Needs ``pip install trainkit[mlflow]``.
     """
+
+    Options = MLflowOptions
 
     def __init__(self, experiment: str | None = None, *, tracking_uri: str | None = None,
                  run_name: str | None = None, run_dir: str | None = None,
@@ -178,28 +222,58 @@ class MLflowLogger:
             self._run = None
 
 
-def build_loggers(names: list[str] | tuple[str, ...], run_dir: str,
-                  options: Mapping[str, Mapping[str, Any]] | None = None) -> list[Logger]:
-    """One logger per name; ``options[name]`` are its keyword arguments.
+def logger_kwargs(name: str, options: Mapping[str, Any] | None) -> tuple[Any, dict[str, Any]]:
+    """The logger class for ``name`` and its checked keyword arguments."""
+    key = f"trainer.logger_options.{name}"
+    cls = LOGGERS.get(name, key="loggers")
+    opts_cls = getattr(cls, "Options", None)
+    given = dict(options or {})
+    if opts_cls is not None:
+        opts = build(opts_cls, given, key)
+        opts.check(key)
+        return cls, {k: v for k, v in dataclasses.asdict(opts).items() if v is not None}
+    params = _parameters(cls)
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    unknown = [k for k in given if k not in params]
+    if unknown and not takes_any:
+        raise ConfigError(f"unknown key '{key}.{unknown[0]}'; valid keys in {key}: {', '.join(params)}")
+    return cls, given
 
-    ``run_dir`` is passed to every logger that takes it. Unknown names raise a
-    :class:`ConfigError` listing the valid ones (or ``package.module:Class`` for your own).
+
+def check_logger_options(names: list[str] | tuple[str, ...], options: Mapping[str, Mapping[str, Any]]) -> None:
+    """Validates ``trainer.loggers`` and ``trainer.logger_options`` before anything starts."""
+    stray = [n for n in options if n not in names]
+    if stray:
+        raise ConfigError(f"trainer.logger_options.{stray[0]}: no such logger in trainer.loggers "
+                          f"({', '.join(names) or 'none'})")
+    for name in names:
+        logger_kwargs(name, options.get(name))
+
+
+def build_loggers(names: list[str] | tuple[str, ...], run_dir: str,
+                  options: Mapping[str, Mapping[str, Any]] | None = None,
+                  config: Mapping[str, Any] | None = None) -> list[Logger]:
+    """One logger per name; ``options[name]`` are its checked keyword arguments.
+
+    ``run_dir`` is passed to every logger that takes it, ``config`` (already redacted) to
+    every logger that takes a ``config``. Unknown names raise a :class:`ConfigError`
+    listing the valid ones (or ``package.module:Class`` for your own).
     """
     options = options or {}
     loggers: list[Logger] = []
     for name in names:
-        cls = LOGGERS.get(name, key="loggers")
-        kwargs = dict(options.get(name) or {})
-        if cls is TensorBoardLogger or "run_dir" in _parameters(cls):
+        cls, kwargs = logger_kwargs(name, options.get(name))
+        params = _parameters(cls)
+        if "run_dir" in params:
             kwargs.setdefault("run_dir", run_dir)
+        if config is not None and "config" in params:
+            kwargs.setdefault("config", dict(config))
         loggers.append(cls(**kwargs))
     return loggers
 
 
-def _parameters(cls: Any) -> set[str]:
-    import inspect
-
+def _parameters(cls: Any) -> dict[str, inspect.Parameter]:
     try:
-        return set(inspect.signature(cls).parameters)
+        return dict(inspect.signature(cls).parameters)
     except (TypeError, ValueError):
-        return set()
+        return {}

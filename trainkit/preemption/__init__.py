@@ -1,17 +1,20 @@
-"""Preemption: every notice (signal, AWS spot, GCP preemption, Ray drain) sets one flag.
+"""Preemption: every notice (signal, AWS spot, GCP preemption, Ray drain) sets one flag, and
+the ranks agree on the step at which they stop.
 
-    watcher = PreemptionWatcher(aws_endpoint=cfg.aws_metadata, gcp_endpoint=cfg.gcp_metadata).start()
+    watcher = PreemptionWatcher(aws_endpoint=..., gcp_endpoint=...).start()
+    agreement = StepAgreement()               # its own gloo group: create it on every rank
     for step in ...:
         train_step()
-        if agree_stop(watcher):        # a collective: every rank stops at the same step
+        if agreement.decide(watcher.requested, save=False).stop:   # every rank, every step
             ckpt.save(step, state, blocking=True)
-            raise Preempted(...)       # exit code 75: "preempted, resumable"
+            raise Preempted(...)              # exit code 75: "preempted, resumable"
 
 See docs/preemption.md.
 """
 
 from trainkit.errors import EXIT_PREEMPTED, Preempted
-from trainkit.preemption.watcher import (AWSSpotPoller, GCPPreemptionPoller, PreemptionWatcher, agree_stop,
-                                         request)
+from trainkit.preemption.agreement import Decision, StepAgreement
+from trainkit.preemption.watcher import AWSSpotPoller, GCPPreemptionPoller, PreemptionWatcher, request
 
-__all__ = ["AWSSpotPoller", "EXIT_PREEMPTED", "GCPPreemptionPoller", "Preempted", "PreemptionWatcher", "agree_stop", "request"]
+__all__ = ["AWSSpotPoller", "Decision", "EXIT_PREEMPTED", "GCPPreemptionPoller", "Preempted", "PreemptionWatcher",
+           "StepAgreement", "request"]

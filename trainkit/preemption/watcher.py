@@ -277,29 +277,3 @@ def request(reason: str) -> int:
     for watcher in watchers:
         watcher.request(reason)
     return len(watchers)
-
-
-def agree_stop(watcher: PreemptionWatcher | None, group=None) -> bool:
-    """Whether any rank of ``group`` has a stop request: all_reduce(MAX) of the local flag.
-
-    A collective: call it on every rank at the same step boundary, then every rank stops at
-    the same step. Works on gloo and NCCL groups (a CUDA tensor for NCCL); without
-    torch.distributed it returns the local flag. A rank that learns of the stop from a peer
-    gets its own flag set (reason ``"peer rank ..."``).
-    """
-    local = bool(watcher is not None and watcher.requested)
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
-        return local
-    import torch
-
-    device = "cpu"
-    if "nccl" in str(dist.get_backend(group)).lower() and torch.cuda.is_available():
-        device = f"cuda:{torch.cuda.current_device()}"
-    flag = torch.tensor([1 if local else 0], dtype=torch.int32, device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
-    agreed = bool(flag.item())
-    if agreed and not local and watcher is not None:
-        watcher.request("peer rank requested a stop (agreed at a step boundary)")
-    return agreed

@@ -10,13 +10,18 @@ from __future__ import annotations
 import contextlib
 import functools
 from collections.abc import Callable
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
 from torch import nn
 
-from trainkit.config import Config
 from trainkit.distributed import DistInfo
+from trainkit.errors import ConfigError
+from trainkit.options import Options
+
+if TYPE_CHECKING:
+    from trainkit.config import Config
 
 OptimizerArg = torch.optim.Optimizer | Callable[[list[nn.Parameter]], torch.optim.Optimizer]
 
@@ -64,29 +69,79 @@ def rebuild_optimizer(optimizer: OptimizerArg, old: list[nn.Parameter], new: lis
     return type(optimizer)(groups, **optimizer.defaults)
 
 
+@dataclass
+class StrategyOptions(Options):
+    """Options every strategy has; a strategy extends this with its own (``Strategy.Options``).
+
+    ``name: auto`` is resolved by the config before a strategy is built: ``single`` for one
+    process, ``ddp`` for more.
+    """
+
+    name: str = "auto"
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+
+    def check(self, cfg: Config) -> None:
+        from trainkit.distributed import expected_world_size
+
+        if self.name == "single" and expected_world_size(cfg.launcher.world_size) > 1:
+            raise ConfigError(
+                f"strategy=single runs one process but launcher.workers={cfg.launcher.workers}"
+                f"{f' x nodes={cfg.launcher.nodes}' if cfg.launcher.nodes > 1 else ''}; "
+                "pick strategy=auto, ddp, fsdp or deepspeed"
+            )
+
+
+@dataclass(frozen=True)
+class StepSettings:
+    """The parts of the trainer's config that change how a strategy runs a step."""
+
+    precision: str = "fp32"
+    grad_accum: int = 1
+    grad_clip: float = 0.0
+    activation_checkpointing: bool = False
+    compile: bool = False
+    # Samples per optimizer step over all ranks (DeepSpeed checks its own batch arithmetic).
+    global_batch: int = 1
+
+    @classmethod
+    def of(cls, cfg: Config) -> StepSettings:
+        t = cfg.trainer
+        return cls(t.precision, t.grad_accum, t.grad_clip, t.activation_checkpointing, t.compile,
+                   cfg.data.batch_size)
+
+
 class Strategy:
-    """Single-process training; the base the torch-native strategies extend."""
+    """Single-process training; the base the torch-native strategies extend.
 
-    name = "single"
+    A strategy gets its own options, the distributed context and the step settings, never
+    the whole config: what it may depend on is visible in its constructor.
+    """
 
-    def __init__(self, cfg: Config, dist: DistInfo) -> None:
-        self.cfg = cfg
+    Options: ClassVar[type[StrategyOptions]] = StrategyOptions
+
+    def __init__(self, options: StrategyOptions, dist: DistInfo, settings: StepSettings) -> None:
+        self.options = options
         self.dist = dist
-        self.precision = cfg.trainer.precision
-        self.grad_accum = cfg.trainer.grad_accum
+        self.settings = settings
+        self.precision = settings.precision
+        self.grad_accum = settings.grad_accum
         self.scaler = torch.amp.GradScaler(dist.device.type) if self.precision == "fp16" else None
         self.model: nn.Module | None = None
+
+    @property
+    def name(self) -> str:
+        return self.options.name
 
     # -- setup ---------------------------------------------------------------------------
     def setup(self, model: nn.Module, optimizer: OptimizerArg, units: list[nn.Module] | None = None
               ) -> tuple[nn.Module, torch.optim.Optimizer]:
         model = model.to(self.dist.device)
         units = default_units(model) if units is None else units
-        if self.cfg.trainer.activation_checkpointing:
+        if self.settings.activation_checkpointing:
             checkpoint_activations(units)
         old = list(model.parameters())
         model = self.wrap(model, units)
-        if self.cfg.trainer.compile:
+        if self.settings.compile:
             model.compile()
         new = list(model.parameters())
         if isinstance(optimizer, torch.optim.Optimizer) and all(a is b for a, b in zip(old, new)):
@@ -116,15 +171,16 @@ class Strategy:
         with self.no_sync(sync):
             loss.backward()
 
-    def optimizer_step(self, optimizer: torch.optim.Optimizer) -> float | None:
-        """Unscales, clips and applies gradients; returns the pre-clip global norm when clipping."""
+    def optimizer_step(self, optimizer: torch.optim.Optimizer) -> torch.Tensor | float | None:
+        """Unscales, clips and applies gradients; returns the pre-clip global norm when clipping,
+        as a device tensor: reading it would make the host wait for the step."""
         norm = None
         if self.scaler is not None:
             self.scaler.unscale_(optimizer)
-        if self.cfg.trainer.grad_clip > 0:
+        if self.settings.grad_clip > 0:
             assert self.model is not None
-            total = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.trainer.grad_clip)
-            norm = float(total.full_tensor() if hasattr(total, "full_tensor") else total)
+            total = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.settings.grad_clip)
+            norm = total.full_tensor() if hasattr(total, "full_tensor") else total
         if self.scaler is not None:
             self.scaler.step(optimizer)
             self.scaler.update()

@@ -3,21 +3,30 @@
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from trainkit.strategies.base import Strategy
+from trainkit.strategies.base import Strategy, StrategyOptions
+
+
+@dataclass
+class DDPOptions(StrategyOptions):
+    name: str = "ddp"
+    # Needed when some parameters get no gradient in a step (DDP would wait for them).
+    find_unused_parameters: bool = False
 
 
 class DDPStrategy(Strategy):
-    name = "ddp"
+    Options = DDPOptions
+    options: DDPOptions
 
     def wrap(self, model: nn.Module, units: list[nn.Module]) -> nn.Module:
         ids = [self.dist.device.index] if self.dist.device.type == "cuda" else None
         return DistributedDataParallel(
-            model, device_ids=ids, find_unused_parameters=self.cfg.strategy.find_unused_parameters
+            model, device_ids=ids, find_unused_parameters=self.options.find_unused_parameters
         )
 
     def no_sync(self, sync: bool) -> contextlib.AbstractContextManager[Any]:

@@ -9,16 +9,24 @@ JIT-builds its fused optimizers.
 from __future__ import annotations
 
 import os
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
-from trainkit.strategies.base import OptimizerArg, Strategy, default_units
+from trainkit.strategies.base import OptimizerArg, Strategy, StrategyOptions, default_units
+
+
+@dataclass
+class DeepSpeedOptions(StrategyOptions):
+    name: str = "deepspeed"
+    zero_stage: Literal[1, 2, 3] = 2
 
 
 class DeepSpeedStrategy(Strategy):
-    name = "deepspeed"
+    Options = DeepSpeedOptions
+    options: DeepSpeedOptions
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -27,16 +35,16 @@ class DeepSpeedStrategy(Strategy):
         self.base_optimizer: torch.optim.Optimizer | None = None
 
     def ds_config(self) -> dict[str, Any]:
-        cfg = self.cfg
+        s = self.settings
         world = self.dist.world_size
         return {
-            "train_batch_size": cfg.data.batch_size,
-            "train_micro_batch_size_per_gpu": cfg.data.batch_size // (world * cfg.trainer.grad_accum),
-            "gradient_accumulation_steps": cfg.trainer.grad_accum,
-            "gradient_clipping": cfg.trainer.grad_clip,
-            "zero_optimization": {"stage": cfg.strategy.zero_stage},
-            "bf16": {"enabled": cfg.trainer.precision == "bf16"},
-            "fp16": {"enabled": cfg.trainer.precision == "fp16", "initial_scale_power": 16},
+            "train_batch_size": s.global_batch,
+            "train_micro_batch_size_per_gpu": s.global_batch // (world * s.grad_accum),
+            "gradient_accumulation_steps": s.grad_accum,
+            "gradient_clipping": s.grad_clip,
+            "zero_optimization": {"stage": self.options.zero_stage},
+            "bf16": {"enabled": s.precision == "bf16"},
+            "fp16": {"enabled": s.precision == "fp16", "initial_scale_power": 16},
             "zero_allow_untested_optimizer": True,
             "steps_per_print": 2**31 - 1,
             "wall_clock_breakdown": False,
@@ -50,7 +58,7 @@ class DeepSpeedStrategy(Strategy):
             "TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/trainkit/torch_extensions")
         )
         model = model.to(self.dist.device)
-        if self.cfg.trainer.activation_checkpointing:
+        if self.settings.activation_checkpointing:
             from trainkit.strategies.base import checkpoint_activations
 
             checkpoint_activations(default_units(model) if units is None else units)
@@ -60,7 +68,7 @@ class DeepSpeedStrategy(Strategy):
         engine, ds_optimizer, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, config=self.ds_config()
         )
-        if self.cfg.trainer.compile:
+        if self.settings.compile:
             engine.compile()
         self.model = engine
         return engine, ds_optimizer
@@ -70,7 +78,7 @@ class DeepSpeedStrategy(Strategy):
 
     def optimizer_step(self, optimizer: torch.optim.Optimizer) -> float | None:
         self.model.step()
-        if self.cfg.trainer.grad_clip > 0:
+        if self.settings.grad_clip > 0:
             norm = self.model.get_global_grad_norm()
             return None if norm is None else float(norm)
         return None
@@ -84,7 +92,7 @@ class DeepSpeedStrategy(Strategy):
         return self.base_optimizer
 
     def checkpoint_state(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-        # The engine saves model, optimizer and loss scaler itself; see EngineCheckpointer.
+        # The engine saves model, optimizer and loss scaler itself; see DeepSpeedCheckpointer.
         return {}
 
     def before_save(self, model: nn.Module) -> None:
@@ -106,40 +114,8 @@ class DeepSpeedStrategy(Strategy):
                 storage.retry(lambda: fs.pipe(path, blob), what=url)
 
     def checkpointer(self, root: str, **options: Any) -> Any:
+        """A :class:`~trainkit.checkpoint.DeepSpeedCheckpointer` of this engine; an option it
+        does not know is a TypeError, not ignored."""
         from trainkit.checkpoint import DeepSpeedCheckpointer
 
-        async_save = options.pop("async_save", True)
-        options.pop("overlap_staging", None)  # DeepSpeed writes its files itself, synchronously
-        options.pop("io_threads", None)
-        return EngineCheckpointer(DeepSpeedCheckpointer(root, async_upload=async_save, **options), self.model)
-
-
-class EngineCheckpointer:
-    """The Checkpointer interface over DeepSpeed's engine checkpoints plus the rest of the tree."""
-
-    def __init__(self, inner: Any, engine: Any) -> None:
-        self.inner = inner
-        self.engine = engine
-
-    def save(self, step: int, state: dict[str, Any], *, blocking: bool = False) -> None:
-        self.inner.save(step, self.engine, state, blocking=blocking)
-
-    def load(self, state: dict[str, Any], step: int | None = None) -> int | None:
-        return self.inner.load(self.engine, state, step)
-
-    def wait(self) -> None:
-        self.inner.wait()
-
-    def staged(self) -> float:
-        """DeepSpeed's local write is done when ``save`` returns: nothing to wait for."""
-        return 0.0
-
-    def latest_step(self) -> int | None:
-        return self.inner.latest_step()
-
-    @property
-    def commits(self) -> list[int]:
-        return self.inner.commits
-
-    def close(self) -> None:
-        self.inner.close()
+        return DeepSpeedCheckpointer(root, self.model, **options)

@@ -1,0 +1,67 @@
+"""The one stop/save agreement: every rank stops, and saves on a timer, at the same step.
+
+A notice reaches one rank (a signal, a metadata poll, a drain) and a time-based save is due
+by each rank's own clock, so ranks must agree before acting. The agreement runs on its own
+CPU (gloo) group and never waits for the training device: the flags a rank raises after
+step ``s`` are all-reduced (MAX) in the background while step ``s+1`` runs, and read at the
+boundary after it. Every rank therefore acts on the same decision at the same step ``s+1``,
+one step after the earliest flag, deterministically, with no host-device synchronisation.
+
+Step-based saves (``every_steps``) need no agreement: every rank computes them alike.
+One process has no peers: its own flags count at once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from trainkit import distributed
+
+
+@dataclass(frozen=True)
+class Decision:
+    stop: bool = False
+    save: bool = False
+
+
+class StepAgreement:
+    """``decide(stop, save)`` at every step boundary, on every rank, in the same order.
+
+    Returns the decision that applies at this boundary: the MAX over ranks of the flags
+    each raised at the previous boundary. A rank that learns of a stop only from a peer is
+    told so by ``Decision.stop`` (the caller records the reason).
+    """
+
+    def __init__(self) -> None:
+        self._group = distributed.new_gloo_group() if distributed.initialized() else None
+        self._pending: tuple[Any, torch.Tensor] | None = None
+
+    @property
+    def lag(self) -> int:
+        """Steps between a flag and the boundary that acts on it."""
+        return 0 if self._group is None else 1
+
+    def decide(self, stop: bool, save: bool) -> Decision:
+        if self._group is None:
+            return Decision(stop, save)
+        decision = self._collect()
+        flags = torch.tensor([int(stop), int(save)], dtype=torch.int32)
+        work = dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self._group, async_op=True)
+        self._pending = (work, flags)
+        return decision
+
+    def _collect(self) -> Decision:
+        if self._pending is None:
+            return Decision()
+        work, flags = self._pending
+        self._pending = None
+        work.wait()
+        return Decision(bool(flags[0]), bool(flags[1]))
+
+    def drain(self) -> None:
+        """Waits for the collective in flight (all ranks call it), e.g. before leaving the group."""
+        self._collect()
