@@ -144,10 +144,10 @@ def ds_train(a: dict) -> None:
     torch.manual_seed(1000 + rank)
     meta = {"step": 0}
     state = {"rng": RNGState(), "meta": meta}
-    ck = DeepSpeedCheckpointer(a["root"], keep_last=2)
+    ck = DeepSpeedCheckpointer(a["root"], engine, keep_last=2)
     step = 0
     if a.get("load"):
-        step = ck.load(engine, state) or 0
+        step = ck.load(state) or 0
         assert meta["step"] == step
     out = Path(a["out"])
     out.mkdir(parents=True, exist_ok=True)
@@ -158,7 +158,7 @@ def ds_train(a: dict) -> None:
         engine.step()
         meta["step"] = step
         if step in a.get("save_at", []):
-            ck.save(step, engine, state)
+            ck.save(step, state)
     ck.close()
     if rank == 0:
         from safetensors.torch import save_file

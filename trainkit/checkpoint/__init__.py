@@ -1,22 +1,28 @@
 """Checkpoints that survive a kill at any instant, on any fsspec URL.
 
-* :class:`Checkpointer` — sharded (torch.distributed.checkpoint), async, manifest-committed,
-  retention, resharding on load, torn checkpoints skipped.
+* :class:`CheckpointerProtocol` — what a training loop (``trainkit.Run``) needs from a
+  checkpointer; both below implement it, ``Strategy.checkpointer()`` picks one.
+* :class:`DCPCheckpointer` (also ``Checkpointer``) — sharded (torch.distributed.checkpoint),
+  async, manifest-committed, retention, resharding on load, torn checkpoints skipped.
 * :class:`DeepSpeedCheckpointer` — the same commit protocol around DeepSpeed's own engine.
+* :class:`CheckpointMismatch` — a checkpoint that does not fit the state being loaded.
 * :class:`ModelOptimState`, :class:`RNGState`, :class:`RankLocal`, :func:`rng_state`,
   :func:`set_rng_state` — pieces of the state tree.
 * :func:`export_safetensors`, :func:`load_for_export` — unsharded weights for serving.
 * :class:`SavePolicy` — every N steps / T seconds.
 """
 
-from trainkit.checkpoint.checkpointer import Checkpointer, CheckpointMismatch
+from trainkit.checkpoint._tree import CheckpointMismatch
+from trainkit.checkpoint.checkpointer import Checkpointer, DCPCheckpointer
 from trainkit.checkpoint.deepspeed import DeepSpeedCheckpointer  # imports deepspeed only when used
 from trainkit.checkpoint.export import export_safetensors, load_for_export
 from trainkit.checkpoint.policy import SavePolicy
+from trainkit.checkpoint.protocol import CheckpointerProtocol
 from trainkit.checkpoint.state import ModelOptimState, RankLocal, RNGState, rng_state, set_rng_state
 
 
 __all__ = [
-    "Checkpointer", "CheckpointMismatch", "DeepSpeedCheckpointer", "ModelOptimState", "RNGState", "RankLocal",
-    "SavePolicy", "export_safetensors", "load_for_export", "rng_state", "set_rng_state",
+    "CheckpointMismatch", "Checkpointer", "CheckpointerProtocol", "DCPCheckpointer", "DeepSpeedCheckpointer",
+    "ModelOptimState", "RNGState", "RankLocal", "SavePolicy", "export_safetensors", "load_for_export", "rng_state",
+    "set_rng_state",
 ]

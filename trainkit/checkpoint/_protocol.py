@@ -14,21 +14,14 @@ import warnings
 from collections.abc import Callable
 from typing import Any
 
+import torch
+
 from trainkit import distributed
 from trainkit.checkpoint._store import MANIFEST, CheckpointStore, step_name
+from trainkit.checkpoint._tree import rank_json_name, read_rank_state
 from trainkit.errors import StorageError
 
 log = logging.getLogger("trainkit.checkpoint")
-
-RANK_FILE_FORMAT = "trainkit-rank-state/1"
-
-
-def rank_json_name(rank: int) -> str:
-    return f"rank_{rank:05d}.json"
-
-
-def rank_tensors_name(rank: int) -> str:
-    return f"rank_{rank:05d}.safetensors"
 
 
 def agree(problem: str | None, group) -> str | None:
@@ -91,6 +84,20 @@ def manifest_agreed(store: CheckpointStore, group, step: int, kind: str
             problem = str(exc)
     man, problem = distributed.broadcast_object((man, problem), group)
     return (None, problem) if problem else (man, None)
+
+
+def rank_state_agreed(store: CheckpointStore, group, step: int, manifest: dict[str, Any], *, verify: bool
+                      ) -> tuple[dict[str, Any] | None, dict[str, torch.Tensor], str | None]:
+    """This rank's JSON document and rank-local tensors (rank r reads rank r % the saved world
+    size, so a resized run finds one); (doc, tensors, None) on every rank, or the agreed problem."""
+    doc, tensors, problem = None, {}, None
+    src = distributed.rank(group) % int(manifest.get("world_size") or 1)
+    try:
+        doc, tensors = read_rank_state(store, step, manifest, src, verify=verify)
+    except Exception as exc:  # noqa: BLE001 - agreed below
+        problem = f"rank state {rank_json_name(src)}: {type(exc).__name__}: {exc}"
+    problem = agree(problem, group)
+    return (None, {}, problem) if problem else (doc, tensors, None)
 
 
 def load_newest(store: CheckpointStore, group, step: int | None,

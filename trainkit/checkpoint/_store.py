@@ -100,9 +100,6 @@ class CheckpointStore:
     def _url(self, path: str) -> str:
         return storage.join(self.root, path[len(self.root_path):]) if path.startswith(self.root_path) else path
 
-    def _retry(self, fn, path: str):
-        return storage.retry(fn, what=self._url(path))
-
     # -- listing -------------------------------------------------------------------------
     def invalidate(self, path: str | None = None) -> None:
         try:
@@ -121,7 +118,7 @@ class CheckpointStore:
                 return []
 
         out: dict[int, str] = {}
-        for p in self._retry(ls, self.root_path):
+        for p in storage.retry(ls, what=self.root):
             m = _STEP_RE.match(p.rstrip("/").rsplit("/", 1)[-1])
             if m:
                 out[int(m.group(1))] = p.rstrip("/")
@@ -139,7 +136,7 @@ class CheckpointStore:
                 return []
 
         steps = []
-        for p in self._retry(glob, pattern):
+        for p in storage.retry(glob, what=self._url(pattern)):
             m = _STEP_RE.match(p.rstrip("/").rsplit("/", 2)[-2])
             if m:
                 steps.append(int(m.group(1)))
@@ -148,14 +145,14 @@ class CheckpointStore:
     def is_committed(self, step: int) -> bool:
         path = self.file_path(step, MANIFEST)
         self.invalidate(self.step_path(step))
-        return bool(self._retry(lambda: self.fs.exists(path), path))
+        return bool(storage.retry(lambda: self.fs.exists(path), what=self._url(path)))
 
     # -- manifests -----------------------------------------------------------------------
     def read_manifest(self, step: int) -> dict[str, Any]:
         """The parsed manifest; ValueError when it is malformed, FileNotFoundError when absent."""
         path = self.file_path(step, MANIFEST)
         try:
-            raw = self._retry(lambda: self.fs.cat_file(path), path)
+            raw = storage.retry(lambda: self.fs.cat_file(path), what=self._url(path))
         except StorageError as exc:
             if isinstance(exc.__cause__, FileNotFoundError):
                 raise FileNotFoundError(path) from exc
@@ -189,14 +186,37 @@ class CheckpointStore:
                 self.fs.pipe_file(tmp, data)
                 self.fs.mv(tmp, path)
 
-            self._retry(put, path)
+            storage.retry(put, what=self._url(path))
         else:
-            self._retry(lambda: self.fs.pipe_file(path, data), path)
+            storage.retry(lambda: self.fs.pipe_file(path, data), what=self._url(path))
+
+    def read(self, step: int, name: str, record: dict[str, Any] | None = None) -> bytes:
+        """One whole file of the step; checked against its manifest ``record`` when given."""
+        path = self.file_path(step, name)
+        data = storage.retry(lambda: self.fs.cat_file(path), what=self._url(path))
+        if record is not None:
+            check_record(name, data, record)
+        return data
+
+    def upload(self, step: int, name: str, local: str) -> None:
+        """A local file into the step directory (the directory is made first on local stores)."""
+        path = self.file_path(step, name)
+
+        def put() -> None:
+            if self.local:
+                self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+            self.fs.put_file(local, path)
+
+        storage.retry(put, what=self._url(path))
+
+    def download(self, step: int, name: str, local: str) -> None:
+        path = self.file_path(step, name)
+        storage.retry(lambda: self.fs.get_file(path, local), what=self._url(path))
 
     def list_sizes(self, step: int) -> dict[str, int]:
         sp = self.step_path(step)
         self.invalidate(sp)
-        entries = self._retry(lambda: self.fs.ls(sp, detail=True), sp)
+        entries = storage.retry(lambda: self.fs.ls(sp, detail=True), what=self._url(sp))
         out = {}
         for e in entries:
             if e.get("type") == "directory":
@@ -220,7 +240,7 @@ class CheckpointStore:
         for name in sorted(set(listed) - set(files) - {MANIFEST}):
             p = self.file_path(step, name)
             try:
-                self._retry(lambda p=p: self.fs.rm_file(p), p)
+                storage.retry(lambda p=p: self.fs.rm_file(p), what=self._url(p))
             except StorageError as exc:
                 log.warning("could not remove stale %s: %s", p, exc)
         manifest = {
@@ -250,7 +270,7 @@ class CheckpointStore:
         """De-commits a corrupt step: its manifest becomes ``manifest.corrupt.json``."""
         src, dst = self.file_path(step, MANIFEST), self.file_path(step, CORRUPT_MANIFEST)
         try:
-            self._retry(lambda: self.fs.mv(src, dst), src)
+            storage.retry(lambda: self.fs.mv(src, dst), what=self._url(src))
             log.warning("checkpoint %s de-committed (manifest renamed to %s)", self.step_url(step), CORRUPT_MANIFEST)
         except StorageError as exc:
             log.warning("could not de-commit %s: %s", self.step_url(step), exc)
@@ -266,7 +286,7 @@ class CheckpointStore:
             except FileNotFoundError:
                 pass
 
-        self._retry(rm_manifest, man)  # de-commit first: a half-deleted step is uncommitted
+        storage.retry(rm_manifest, what=self._url(man))  # de-commit first: a half-deleted step is uncommitted
 
         def rm_dir():
             try:
@@ -274,7 +294,7 @@ class CheckpointStore:
             except FileNotFoundError:
                 pass
 
-        self._retry(rm_dir, sp)
+        storage.retry(rm_dir, what=self._url(sp))
         self.invalidate(sp)
 
     def apply_retention(self, keep_last: int, keep_every: int) -> list[int]:

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import logging
-import random
 import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as futures_wait
 from datetime import timedelta
@@ -17,16 +16,15 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from torch.distributed.checkpoint.state_dict_saver import AsyncSaveResponse
-from torch.distributed.checkpoint.stateful import Stateful
 
-from trainkit import storage
-from trainkit import distributed
+from trainkit import distributed, storage
 from trainkit.checkpoint import _codec
 from trainkit.checkpoint._dcp_io import METADATA_FILE, SafeFsspecReader, TrackedFsspecWriter, safe_load_metadata
-from trainkit.checkpoint._protocol import (RANK_FILE_FORMAT, agree, commit_collectively, load_newest,
-                                           manifest_agreed, rank_json_name, rank_tensors_name)
-from trainkit.checkpoint._store import CheckpointStore, check_record, record_of, step_name
-from trainkit.checkpoint.state import RankLocal
+from trainkit.checkpoint._protocol import (agree, commit_collectively, load_newest, manifest_agreed,
+                                           rank_state_agreed)
+from trainkit.checkpoint._store import CheckpointStore, step_name
+from trainkit.checkpoint._tree import (CheckpointMismatch, RankState, rank_json_name, rank_tensors_name, restore,
+                                       split_state)
 from trainkit.errors import StorageError
 
 log = logging.getLogger("trainkit.checkpoint")
@@ -53,20 +51,41 @@ def _quiet_dcp() -> None:
             unheard.setLevel(logging.WARNING)
 
 
-def _is_transient(exc: BaseException) -> bool:
-    if isinstance(exc, CheckpointException):
-        fails = [e for e, _tb in exc.failures.values()] if exc.failures else []
-        return bool(fails) and all(_is_transient(e) for e in fails)
-    if isinstance(exc, StorageError):
-        return exc.__cause__ is not None and storage.is_transient(exc.__cause__)
-    return storage.is_transient(exc)
+class _DCPFailure(ExceptionGroup):
+    """DCP's CheckpointException as an exception group of every rank's failure.
+
+    CheckpointException is a BaseException, which :func:`trainkit.storage.retry` rightly
+    does not catch; as a group it is retried when every rank's failure is transient, and
+    since every rank sees the same group, all ranks decide alike.
+    """
+
+    def __str__(self) -> str:
+        return self.message
 
 
 def _short(exc: BaseException) -> str:
     if isinstance(exc, CheckpointException):
         parts = [f"rank {r}: {type(e).__name__}: {e}" for r, (e, _tb) in sorted(exc.failures.items())]
         return "; ".join(parts) or "CheckpointException"
+    if isinstance(exc, _DCPFailure):
+        return exc.message
     return f"{type(exc).__name__}: {exc}"
+
+
+def _dcp(call: Callable[[], Any]) -> Any:
+    """``call()``, a DCP save or load, with a CheckpointException turned into a _DCPFailure."""
+    try:
+        return call()
+    except CheckpointException as exc:
+        fails = [e for e, _tb in (exc.failures or {}).values()]
+        if fails and all(isinstance(e, Exception) for e in fails):
+            raise _DCPFailure(_short(exc), fails) from None
+        raise RuntimeError(_short(exc)) from None
+
+
+def _cause(exc: StorageError) -> BaseException:
+    """What :func:`trainkit.storage.retry` gave up on."""
+    return exc.__cause__ if exc.__cause__ is not None else exc
 
 
 class _KeepStager(DefaultStager):
@@ -87,12 +106,11 @@ class _KeepStager(DefaultStager):
         return self.staged.result() if isinstance(self.staged, Future) else self.staged
 
 
-class CheckpointMismatch(StorageError):
-    """The checkpoint does not fit the state being loaded (a changed model or state tree)."""
-
-
-class Checkpointer:
-    """Saves and loads the training-state tree under ``root`` (an fsspec URL).
+class DCPCheckpointer:
+    """Saves and loads the training-state tree under ``root`` (an fsspec URL), sharded with
+    torch.distributed.checkpoint; the :class:`~trainkit.checkpoint.CheckpointerProtocol`
+    of the torch-native strategies. ``Checkpointer`` is the same class, by the name the
+    docs use.
 
     Every rank constructs it (in the same order relative to other ``new_group`` calls) and
     calls :meth:`save` / :meth:`load` with the same steps. See docs/checkpoints.md.
@@ -102,7 +120,8 @@ class Checkpointer:
     caller must call :meth:`staged` before it changes any saved tensor (``trainkit.Run``
     does so from an optimizer step pre-hook; :class:`ModelOptimState` snapshots module
     buffers, which change during forward). Off by default for direct use.
-    ``io_threads``: files each rank writes (and reads) in parallel.
+    ``io_threads``: files each rank writes (and reads) in parallel. ``save_attempts``: how
+    often a whole DCP save (or load) is tried when the store fails transiently.
     """
 
     def __init__(self, root: str, *, keep_last: int = 2, keep_every: int = 0, async_save: bool = True,
@@ -158,17 +177,6 @@ class Checkpointer:
         url = self.store.step_url(step)
         return SafeFsspecReader(url, storage.storage_options(url), expected=expected, threads=self.io_threads)
 
-    @staticmethod
-    def _split_state(state: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-        """({name: state_dict} for sharded entries, {name: state_dict} for rank-local ones)."""
-        shared, local = {}, {}
-        for k, v in state.items():
-            if not isinstance(k, str):
-                raise TypeError(f"state keys must be str, got {k!r}")
-            sd = v.state_dict() if isinstance(v, Stateful) else v
-            (local if isinstance(v, RankLocal) else shared)[k] = sd
-        return shared, local
-
     def _already_committed(self, step: int) -> bool:
         """Whether ``step`` is committed; asks the store only when it could be."""
         if self._newest_committed is None:
@@ -199,18 +207,9 @@ class Checkpointer:
             log.info("checkpoint step %d already committed under %s; not saving it again", step, self.root)
             self.last_blocking_s = time.perf_counter() - t0
             return
-        shared, local = self._split_state(state)
+        shared, local = split_state(state)
         json_tree, tensors = _codec.split(shared)
-        local_tree, local_tensors = _codec.split(local)
-        rank_blob = _codec.dumps({
-            "format": RANK_FILE_FORMAT, "step": step, "rank": self.rank, "world_size": self.world_size,
-            "state": json_tree, "local": local_tree,
-        })
-        local_st = None
-        if local_tensors:
-            from safetensors.torch import save as st_save
-
-            local_st = st_save({k: t.detach().to("cpu", copy=True).contiguous() for k, t in local_tensors.items()})
+        rank_state = RankState.encode(step, self.rank, self.world_size, json_tree, local)
 
         writer = self._writer(step)
         if self.async_save:
@@ -224,12 +223,12 @@ class Checkpointer:
                 upload, self._staging = resp, None
             if self._executor is None:
                 self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="trainkit-ckpt")
-            self._pending = self._executor.submit(self._finish, step, t0, writer, upload, rank_blob, local_st)
+            self._pending = self._executor.submit(self._finish, step, t0, writer, upload, rank_state)
             self.last_blocking_s = time.perf_counter() - t0
             if blocking:
                 self.wait()
         else:
-            self._finish(step, t0, writer, None, rank_blob, local_st, tensors)
+            self._finish(step, t0, writer, None, rank_state, tensors)
             self.last_blocking_s = time.perf_counter() - t0
 
     def staged(self) -> float:
@@ -242,40 +241,40 @@ class Checkpointer:
         futures_wait([fut])
         return time.perf_counter() - t0
 
-    def _finish(self, step, t0, writer, upload: Future | None, rank_blob: bytes, local_st: bytes | None,
+    def _finish(self, step, t0, writer, upload: Future | None, rank_state: RankState,
                 tensors: dict[str, Any] | None = None) -> None:
         """Runs on every rank (background thread when async): finish the DCP write with
         retries, write the rank files, then agree and commit on rank 0."""
         err: str | None = None
         records: dict[str, dict[str, Any]] = {}
+        url = self.store.step_url(step)
+        tries = 0
+
+        def write() -> None:
+            """The first try waits for the async upload; a retry saves the kept host copy
+            again, through a fresh writer (its records start empty)."""
+            nonlocal tries, writer
+            tries += 1
+            if upload is not None and tries == 1:
+                _dcp(upload.result)
+                return
+            if tries > 1:
+                writer = self._writer(step)
+            sd = self._stager.result() if upload is not None else tensors
+            _dcp(lambda: dcp.save(sd, storage_writer=writer, process_group=self._group,
+                                  no_dist=not distributed.initialized()))
+
+        def retrying(attempt: int, exc: BaseException) -> None:
+            log.warning("checkpoint step %d: transient store error (attempt %d/%d), retrying: %s",
+                        step, attempt, self.save_attempts, _short(exc)[:300])
+
         try:
-            attempt = 0
-            while True:
-                try:
-                    if upload is not None and attempt == 0:
-                        upload.result()
-                    else:
-                        sd = self._stager.result() if upload is not None else tensors
-                        dcp.save(sd, storage_writer=writer, process_group=self._group, no_dist=not distributed.initialized())
-                    break
-                except (Exception, CheckpointException) as exc:  # noqa: BLE001
-                    attempt += 1
-                    # CheckpointException carries every rank's failure: all ranks decide alike
-                    if attempt >= self.save_attempts or not _is_transient(exc):
-                        raise StorageError(f"{self.store.step_url(step)}: DCP save failed: {_short(exc)}") from None
-                    log.warning("checkpoint step %d: transient store error (attempt %d/%d), retrying: %s",
-                                step, attempt, self.save_attempts, _short(exc)[:300])
-                    time.sleep(random.uniform(0, min(5.0, 0.2 * 2**attempt)))
-                    writer = self._writer(step)
+            try:
+                storage.retry(write, what=url, attempts=self.save_attempts, base_delay=0.4, on_retry=retrying)
+            except StorageError as exc:
+                raise StorageError(f"{url}: DCP save failed: {_short(_cause(exc))}") from None
             records.update(writer.records)
-            r = self.rank
-            name = rank_json_name(r)
-            self.store.put_bytes(self.store.file_path(step, name), rank_blob)
-            records[name] = record_of(rank_blob)
-            if local_st is not None:
-                name = rank_tensors_name(r)
-                self.store.put_bytes(self.store.file_path(step, name), local_st)
-                records[name] = record_of(local_st)
+            records.update(rank_state.write(self.store, step, self.rank))
         except Exception as exc:  # noqa: BLE001 - reported collectively below
             err = f"rank {self.rank}: {exc}" if isinstance(exc, StorageError) else f"rank {self.rank}: {_short(exc)}"
         def committed() -> None:
@@ -324,14 +323,6 @@ class Checkpointer:
             self.last_loaded_step = loaded
         return loaded
 
-    def _cat_checked(self, step: int, name: str, man: dict[str, Any]) -> bytes:
-        """One whole small file of the step, checked against its manifest record."""
-        path = self.store.file_path(step, name)
-        data = self.store._retry(lambda: self.store.fs.cat_file(path), path)
-        if self.verify == "checksum":
-            check_record(name, data, man["files"][name])
-        return data
-
     def _try_load(self, step: int, state: dict[str, Any]) -> str | None:
         g, r = self._group, self.rank
         # 1. the manifest (rank 0) and a listing check
@@ -342,14 +333,15 @@ class Checkpointer:
         md_info, problem = None, None
         if r == 0:
             try:
-                md = safe_load_metadata(self._cat_checked(step, METADATA_FILE, man))
+                record = man["files"][METADATA_FILE] if self.verify == "checksum" else None
+                md = safe_load_metadata(self.store.read(step, METADATA_FILE, record))
                 md_info = {k: tuple(v.size) for k, v in md.state_dict_metadata.items() if hasattr(v, "size")}
             except Exception as exc:  # noqa: BLE001
                 problem = f"DCP metadata unreadable: {_short(exc)}"
         md_info, problem = distributed.broadcast_object((md_info, problem), g)
         if problem:
             return problem
-        shared, local = self._split_state(state)
+        shared, _ = split_state(state)
         _, tensors = _codec.split(shared)
         missing = sorted(k for k in tensors if k not in md_info)
         wrong = sorted(k for k in tensors if k in md_info and tuple(tensors[k].shape) != md_info[k])
@@ -362,62 +354,24 @@ class Checkpointer:
         if mismatch:
             raise CheckpointMismatch(mismatch)
         # 3. this rank's JSON (rank r % old world size after a resize)
-        rank_doc, local_t, problem = None, {}, None
-        src = r % int(man.get("world_size") or 1)
-        try:
-            rank_doc = _codec.loads(self._cat_checked(step, rank_json_name(src), man))
-            if rank_doc.get("format") != RANK_FILE_FORMAT:
-                raise ValueError(f"{rank_json_name(src)}: unknown format")
-            if rank_tensors_name(src) in man["files"]:
-                from safetensors.torch import load as st_load
-
-                local_t = st_load(self._cat_checked(step, rank_tensors_name(src), man))
-        except Exception as exc:  # noqa: BLE001
-            problem = f"rank state {rank_json_name(src)}: {_short(exc)}"
-        problem = agree(problem, g)
+        rank_doc, local_t, problem = rank_state_agreed(self.store, g, step, man, verify=self.verify == "checksum")
         if problem:
             return problem
         # 4. the tensors, in place, resharded by DCP to the current layout; every data file
         #    read is checked against the manifest in the same pass
         expected = man["files"] if self.verify == "checksum" else None
-        attempt = 0
-        while True:
-            try:
-                dcp.load(tensors, storage_reader=self._reader(step, expected), process_group=g,
-                         no_dist=not distributed.initialized())
-                break
-            except (Exception, CheckpointException) as exc:  # noqa: BLE001
-                attempt += 1
-                if attempt < self.save_attempts and _is_transient(exc):
-                    time.sleep(random.uniform(0, min(5.0, 0.2 * 2**attempt)))
-                    continue
-                # CheckpointException is the same on every rank; anything else: agree
-                problem = f"DCP load failed: {_short(exc)[:2000]}"
-                break
+        try:
+            storage.retry(lambda: _dcp(lambda: dcp.load(tensors, storage_reader=self._reader(step, expected),
+                                                        process_group=g, no_dist=not distributed.initialized())),
+                          what=self.store.step_url(step), attempts=self.save_attempts, base_delay=0.4)
+        except StorageError as exc:
+            # a DCP failure is the same on every rank; anything else: agree
+            problem = f"DCP load failed: {_short(_cause(exc))[:2000]}"
         problem = agree(problem, g)
         if problem:
             return problem
-        # 5. put the JSON values back around the loaded tensors and hand them over
-        def tensor_of(key: str) -> torch.Tensor:
-            if key not in tensors:
-                raise CheckpointMismatch(f"checkpoint step {step} has tensor {key!r} that the state lacks")
-            return tensors[key]
-
-        def local_tensor(key: str) -> torch.Tensor:
-            return local_t[key]
-
-        saved = _codec.decode(rank_doc["state"], tensor_of)
-        saved_local = _codec.decode(rank_doc.get("local") or {}, local_tensor)
-        for k, v in state.items():
-            src_tree = saved_local if isinstance(v, RankLocal) else saved
-            if k not in src_tree:
-                raise CheckpointMismatch(f"checkpoint step {step} has no entry {k!r}; it has {sorted(src_tree)}")
-            if isinstance(v, Stateful):
-                v.load_state_dict(src_tree[k])
-            elif isinstance(v, dict) and isinstance(src_tree[k], dict):
-                v.update(src_tree[k])
-            else:
-                state[k] = src_tree[k]
+        # 5. put the JSON values back around the loaded tensors
+        restore(state, rank_doc, step, tensors=tensors, local_tensors=local_t)
         return None
 
     # -- lifecycle -----------------------------------------------------------------------
@@ -437,14 +391,16 @@ class Checkpointer:
                 self._stager.close()
                 self._stager = None
 
-    def __enter__(self) -> "Checkpointer":
+    def __enter__(self) -> DCPCheckpointer:
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
 
     def __repr__(self) -> str:
-        return f"Checkpointer({self.root!r}, keep_last={self.keep_last}, keep_every={self.keep_every})"
+        return f"{type(self).__name__}({self.root!r}, keep_last={self.keep_last}, keep_every={self.keep_every})"
 
 
-__all__ = ["Checkpointer", "CheckpointMismatch", "rank_json_name", "rank_tensors_name", "step_name"]
+Checkpointer = DCPCheckpointer
+
+__all__ = ["Checkpointer", "CheckpointMismatch", "DCPCheckpointer", "rank_json_name", "rank_tensors_name", "step_name"]
