@@ -19,13 +19,13 @@ def main(argv: list[str]) -> int:
         print("usage: python -m trainkit.tasks write RECIPE URL [key=value ...]", file=sys.stderr)
         return 2
     from trainkit.launch.compose import compose_config
-    from trainkit.launch.prepare import write_task_data
     from trainkit.tasks import TASKS
+    from trainkit.tasks.base import write_data
 
     try:
         cfg = compose_config([f"recipe={argv[1]}", *argv[3:]])
         storage.configure(cfg.storage)
-        for url in write_task_data(TASKS.get(cfg.task, "task"), cfg.model, argv[2]):
+        for url in write_data(TASKS.get(cfg.task, "task"), cfg.model, argv[2]):
             print(url)
     except TrainkitError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -10,6 +10,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from trainkit import storage
+from trainkit.data import write_shards
+
 Batch = dict[str, torch.Tensor]
 
 
@@ -40,3 +43,12 @@ def store_root() -> str:
 
 def default_url(task: Task, model_cfg: Any, split: str = "train") -> str:
     return f"file://{os.path.join(store_root(), task.dataset(model_cfg), split)}"
+
+
+def write_data(task: Task, model_cfg: Any, base_url: str) -> list[str]:
+    """Writes each split of the task's data set as shards under ``base_url/<split>``; returns their URLs."""
+    urls = []
+    for split, samples in task.samples(model_cfg):
+        urls.append(storage.join(base_url, split))
+        write_shards(samples, urls[-1], shard_bytes=1 << 20)
+    return urls
