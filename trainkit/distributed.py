@@ -208,16 +208,6 @@ def broadcast_object(obj, group=None):
     return box[0]
 
 
-def all_reduce_max(value: int, group=None) -> int:
-    if not initialized():
-        return int(value)
-    t = torch.tensor([int(value)], dtype=torch.int64)
-    if group is None and dist.get_backend() == "nccl":  # the default group may be NCCL-only
-        t = t.cuda()
-    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
-    return int(t.item())
-
-
 def group_barrier(group=None) -> None:
     if initialized():
         dist.barrier(group=group)

@@ -284,7 +284,7 @@ def test_save_policy_steps_and_seconds():
     assert not p.due(11)
     now[0] = 20.5
     assert p.due(12) and not p.due(13)
-    assert p.agreed(15)  # not distributed: the local answer
+    assert p.due_by_step(15) and not p.due_by_time()  # the two triggers, asked apart
     assert not SavePolicy().due(100)
 
 
