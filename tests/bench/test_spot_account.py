@@ -126,3 +126,17 @@ def test_metrics_tail_keeps_records_a_restore_drops(tmp_path):
     tail.poll()
     assert len(tail.records) == 10 + 7 and tail.latest_attempt == 1
     assert len(tail.stop()) == 17
+
+
+def test_markdown_section_names_both_commits_and_has_the_tables(scenario):
+    from trainkit.bench import report
+    from trainkit.bench.spot import PACKAGES, markdown
+
+    final, seen, events, fired = scenario
+    result = account(final, seen, events, fired, T0, T0 + 53)
+    result.update(exit_code=0, history_problems=[], not_fired=[], run_dir="r", launch_log="l")
+    info = {**report.machine(PACKAGES), "git_commit": "abc"}
+    text = markdown(result, "python -m trainkit.bench spot --minutes 1", info, [0.5, 0.4, 0.3], "def")
+    assert "abc at start, def at end" in text and "ray " in text and "at end: [0.5, 0.4, 0.3]" in text
+    assert "| restarts (end of attempt -> next start) |" in text and "| kill (planned 20 s)" in text
+    assert '"run_dir"' not in text

@@ -258,17 +258,16 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
              f"steady-state goodput {_f(result['steady_goodput'], '.1%')}: the same steps at the median step time "
              f"({result['median_step_s'] * 1000:.1f} ms) over the wall time; below goodput when steps ran slower "
              "than usual (a save in the background, a node booting, other load)",
-             "", "| where the wall time went | s | share |", "|---|---:|---:|",
-             f"| useful step time | {result['useful_s']:.1f} | {result['useful_s'] / result['wall_s']:.1%} |"]
-    for key, name in SPLIT_NAMES.items():
-        value = result["split"][key]
-        lines.append(f"| {name} | {value:.1f} | {value / result['wall_s']:.1%} |")
-    lines += ["", "| event | fired at s | notice -> stop s | -> first resumed step s | steps recomputed | "
-              "recompute s | emergency save s | restart s | cost s |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for e in result["events"]:
-        lines.append(f"| {e['kind']} (planned {_f(e['planned_s'], 'g')} s) | {e['fired_s']:.1f} | "
-                     f"{_f(e['notice_to_stop_s'])} | {_f(e['to_first_step_s'])} | {_f(e['recomputed_steps'], 'd')} | "
-                     f"{e['recompute_s']:.1f} | {e['emergency_save_s']:.1f} | {e['restart_s']:.1f} | {e['cost_s']:.1f} |")
+             ""]
+    split = [["useful step time", f"{result['useful_s']:.1f}", f"{result['useful_s'] / result['wall_s']:.1%}"]]
+    split += [[name, f"{result['split'][key]:.1f}", f"{result['split'][key] / result['wall_s']:.1%}"]
+              for key, name in SPLIT_NAMES.items()]
+    lines += [report.table(["where the wall time went", "s", "share"], split), ""]
+    events = [[f"{e['kind']} (planned {_f(e['planned_s'], 'g')} s)", f"{e['fired_s']:.1f}", _f(e["notice_to_stop_s"]),
+               _f(e["to_first_step_s"]), _f(e["recomputed_steps"], "d"), f"{e['recompute_s']:.1f}",
+               f"{e['emergency_save_s']:.1f}", f"{e['restart_s']:.1f}", f"{e['cost_s']:.1f}"] for e in result["events"]]
+    lines.append(report.table(["event", "fired at s", "notice -> stop s", "-> first resumed step s", "steps recomputed",
+                               "recompute s", "emergency save s", "restart s", "cost s"], events))
     if result["not_fired"]:
         lines.append(f"\nnot fired (the job ended first): {', '.join(result['not_fired'])}")
     if result["unscheduled_restarts"]:
