@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from trainkit.config import Config
+from trainkit.config import Config, LauncherOptions
 from trainkit.errors import EXIT_PREEMPTED, TrainkitError
 
 EXIT_FAILED = 1
@@ -61,7 +61,7 @@ class Launcher(abc.ABC):
     explanation in :class:`JobResult`; the caller prints that line, once.
     """
 
-    Options: ClassVar[type[Any]]
+    Options: ClassVar[type[LauncherOptions]] = LauncherOptions
 
     @abc.abstractmethod
     def run(self, cfg: Config) -> JobResult:
