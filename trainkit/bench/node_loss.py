@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from trainkit import rundir
+from trainkit.bench import report
 from trainkit.bench.loopback import LoopbackCluster
 
 DEFAULT = [
@@ -35,6 +36,7 @@ DEFAULT = [
 
 
 def node_loss_recovery(overrides: list[str] = (), workers: int = 2, timeout: float = 600) -> dict[str, Any]:
+    info = report.machine(("torch", "ray"))
     cluster = LoopbackCluster(workers)
     run_dir = Path(tempfile.mkdtemp(prefix="trainkit-bench-nodeloss-")) / "run"
     try:
@@ -67,6 +69,8 @@ def node_loss_recovery(overrides: list[str] = (), workers: int = 2, timeout: flo
             "restored_step": restores[0]["step"] if restores else None,
             "workers": workers,
             "run_dir": str(run_dir),
+            "machine": info,
+            "load_avg_end": report.load_avg(),
         }
     finally:
         cluster.shutdown()

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from trainkit.bench import report
 from trainkit.config import Config
 
 
@@ -51,6 +52,7 @@ def trainkit_loop(batches: list[Any], width: int, depth: int, run_dir: str) -> f
     from trainkit.run import Run
 
     cfg = Config(run_dir=run_dir)
+    cfg.strategy.name = "single"
     cfg.trainer.max_steps = len(batches)
     cfg.trainer.log_every = 10
     cfg.trainer.progress = "off"
@@ -84,6 +86,7 @@ def main(argv: list[str]) -> None:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    info = report.machine()
     batches = _batches(args.steps, args.batch, args.width)
     plain_loop(batches[:20], args.width, args.depth)  # warm-up: allocator, kernels
     plain, ours = [], []
@@ -98,3 +101,5 @@ def main(argv: list[str]) -> None:
     print(f"plain PyTorch step:  {statistics.median(plain) * 1e3:.3f} ms (median)")
     print(f"trainkit step:       {statistics.median(ours) * 1e3:.3f} ms (median)")
     print(f"ratio trainkit/plain: {statistics.median(ratios):.4f} (per round: {', '.join(f'{r:.3f}' for r in ratios)})")
+    print(f"machine: {report.describe(info)}; commit {report.commits(info['git_commit'], report.git_commit())}; "
+          f"load average {info['load_avg']} at start, {report.load_avg()} at end")
