@@ -33,6 +33,11 @@ def configure(options: Mapping[str, Mapping[str, Any]]) -> None:
     _STORAGE_OPTIONS.update({k: dict(v) for k, v in options.items()})
 
 
+def configured() -> dict[str, dict[str, Any]]:
+    """A copy of what :func:`configure` set, e.g. to put it back after changing it."""
+    return {k: dict(v) for k, v in _STORAGE_OPTIONS.items()}
+
+
 def protocol(url: str) -> str:
     return url.split("://", 1)[0] if "://" in url else "file"
 

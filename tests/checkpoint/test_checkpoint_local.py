@@ -367,3 +367,33 @@ def test_saves_do_not_feed_torchs_unheard_debug_loggers(tmp_path):
     finally:
         lg.setLevel(level)
         lg.handlers[:] = handlers
+
+
+def test_both_checkpointers_implement_the_protocol(tmp_path):
+    """Run holds a CheckpointerProtocol: each implementation accepts every parameter the
+    protocol names, the same way and with the same default; DeepSpeed's refuses options it
+    does not have instead of dropping them."""
+    import inspect
+
+    from trainkit.checkpoint import CheckpointerProtocol, DCPCheckpointer, DeepSpeedCheckpointer
+
+    assert Checkpointer is DCPCheckpointer
+    methods = [n for n in ("save", "staged", "wait", "load", "latest_step", "close")
+               if callable(getattr(CheckpointerProtocol, n))]
+    assert len(methods) == 6
+    for impl in (DCPCheckpointer, DeepSpeedCheckpointer):
+        for name in methods:
+            want = inspect.signature(getattr(CheckpointerProtocol, name)).parameters
+            got = inspect.signature(getattr(impl, name)).parameters
+            for p in want.values():
+                assert p.name in got, (impl, name, p.name)
+                assert (got[p.name].kind, got[p.name].default) == (p.kind, p.default), (impl, name, p.name)
+    with DCPCheckpointer(str(tmp_path / "dcp")) as ck:
+        assert isinstance(ck, CheckpointerProtocol)
+    ds = DeepSpeedCheckpointer(str(tmp_path / "ds"), None, io_threads=4, overlap_staging=True)
+    assert isinstance(ds, CheckpointerProtocol) and ds.staged() == 0.0 and ds.latest_step() is None
+    ds.close()
+    with pytest.raises(TypeError, match="verify"):
+        DeepSpeedCheckpointer(str(tmp_path / "ds"), None, verify="size")
+    with pytest.raises(ValueError, match="io_threads"):
+        DeepSpeedCheckpointer(str(tmp_path / "ds"), None, io_threads=0)

@@ -21,7 +21,7 @@ from trainkit.errors import StorageError
 @pytest.fixture
 def store_options():
     """storage.configure for one test, restored afterwards."""
-    saved = {k: dict(v) for k, v in storage._STORAGE_OPTIONS.items()}
+    saved = storage.configured()
     yield storage.configure
     storage.configure(saved)
 
@@ -104,6 +104,55 @@ def test_save_retries_beyond_the_client(s3_server, s3_url, fault_proxy, store_op
         assert ck.steps() == [1]
     assert proxy.counts["reset"] == 8
     assert "transient store error" in caplog.text
+
+
+def test_shipped_retries_save_and_load_through_faults(s3_server, s3_url, fault_proxy, store_options):
+    """As shipped (botocore's and s3fs's own retries, then trainkit's): every save commits
+    and every load is exact through 503s and resets on saves and loads alike."""
+    proxy = fault_proxy(p_503=0.1, p_reset=0.05, seed=5)
+    store_options({"s3": s3_server.options_for(proxy.endpoint)})
+    model, opt = make()
+    seed_all(0)
+    snaps = {}
+    with Checkpointer(s3_url, keep_last=3) as ck:
+        for s in range(1, 4):
+            step(model, opt)
+            ck.save(s, state_of(model, opt, {"step": s}), blocking=True)
+            snaps[s] = snapshot(model, opt)
+        assert ck.commits == [1, 2, 3]
+    reader = Checkpointer(s3_url)
+    for s in (3, 1):
+        model2, opt2 = make(seed=11)
+        meta = {"step": -1}
+        assert reader.load(state_of(model2, opt2, meta), step=s) == s
+        assert meta["step"] == s and same(snaps[s], snapshot(model2, opt2))
+    reader.close()
+    assert proxy.counts["503"] > 0 and proxy.counts["reset"] > 0, proxy.counts
+
+
+def test_a_permanent_error_is_not_retried_and_names_the_step(s3_server, s3_url, fault_proxy, store_options):
+    """A data file whose bytes changed (same size, so the listing check passes) fails the
+    load in the reader's checksum: permanent, so the load gives up after one pass, not after
+    every attempt, with a StorageError naming the step's URL."""
+    proxy = fault_proxy()
+    store_options({"s3": s3_server.options_for(proxy.endpoint)})
+    model, opt = make()
+    with Checkpointer(s3_url) as ck:
+        ck.save(1, state_of(model, opt, {"step": 1}), blocking=True)
+    before = proxy.counts["requests"]
+    with Checkpointer(s3_url) as ck:
+        assert ck.load(state_of(*make(seed=3), {"step": -1}), step=1) == 1
+    clean = proxy.counts["requests"] - before
+    fs, path = s3_server.filesystem(skip_instance_cache=True), s3_url.removeprefix("s3://")
+    data = sorted(fs.glob(f"{path}/step_000000001/*.distcp"), key=fs.size)[-1]
+    blob = bytearray(fs.cat_file(data))
+    blob[len(blob) // 2] ^= 0xFF
+    fs.pipe_file(data, bytes(blob))
+    before = proxy.counts["requests"]
+    with Checkpointer(s3_url) as ck:
+        with pytest.raises(StorageError, match=rf"{s3_url}/step_000000001 skipped: .*checksum mismatch"):
+            ck.load(state_of(*make(seed=3), {"step": -1}), step=1)
+    assert proxy.counts["requests"] - before < 2 * clean, (clean, proxy.counts)
 
 
 def test_sigkill_mid_save_leaves_previous_loadable(s3_server, s3_url, fault_proxy, store_options, tmp_path):

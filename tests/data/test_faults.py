@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import pytest
 
+import errno
+
 from data_helpers import check_sample, expected_sequence, make_samples, run_loaders
+from trainkit import storage
 from trainkit.data import Stream, write_shards
 from trainkit.errors import StorageError
 from trainkit.testing import fail_first
@@ -14,15 +17,15 @@ from trainkit.testing import fail_first
 NO_CLIENT_RETRIES = {"config_kwargs": {"retries": {"max_attempts": 1}}}
 
 
-@pytest.fixture(autouse=True)
-def _no_s3fs_retries(monkeypatch):
+@pytest.fixture
+def no_s3fs_retries(monkeypatch):
     """s3fs retries SlowDown itself (5 times, ~2 s); a class attribute, not an option."""
     import s3fs
 
     monkeypatch.setattr(s3fs.S3FileSystem, "retries", 1)
 
 
-def test_s3_faults_exactly_once(s3_url, fault_proxy, storage_options, tmp_path):
+def test_s3_faults_exactly_once(s3_url, fault_proxy, storage_options, tmp_path, no_s3fs_retries):
     def faults(n, method, path):  # about one request in four fails, every kind occurs
         return "503" if n % 7 == 1 else "reset" if n % 11 == 3 else "reset_mid" if n % 13 == 5 else None
 
@@ -39,7 +42,7 @@ def test_s3_faults_exactly_once(s3_url, fault_proxy, storage_options, tmp_path):
     assert proxy.counts["503"] > 0 and proxy.counts["reset"] > 0 and proxy.counts["reset_mid"] > 0, proxy.counts
 
 
-def test_gcs_faults(gcs_server, gcs_url, fault_proxy, storage_options, tmp_path):
+def test_gcs_faults(gcs_server, gcs_url, fault_proxy, storage_options, tmp_path, no_s3fs_retries):
     storage_options({"gs": gcs_server.storage_options})
     write_shards(make_samples(48), gcs_url, shard_bytes=1500)
     proxy = fault_proxy(gcs_server.endpoint, p_503=0.15, p_reset=0.1, latency=0.01, methods=["GET"], seed=3)
@@ -50,7 +53,7 @@ def test_gcs_faults(gcs_server, gcs_url, fault_proxy, storage_options, tmp_path)
     assert proxy.injected > 0
 
 
-def test_persistent_failure_names_the_shard(s3_url, fault_proxy, storage_options, tmp_path):
+def test_persistent_failure_names_the_shard(s3_url, fault_proxy, storage_options, tmp_path, no_s3fs_retries):
     write_shards(make_samples(20), s3_url, shard_bytes=1000)
     proxy = fault_proxy()
     storage_options({"s3": {"endpoint_url": proxy.endpoint, **NO_CLIENT_RETRIES}})
@@ -61,3 +64,54 @@ def test_persistent_failure_names_the_shard(s3_url, fault_proxy, storage_options
     assert proxy.counts["503"] >= 8  # every attempt was made
     proxy.clear()
     check_sample(stream[0], 0)  # and nothing bad was cached
+
+
+def test_shipped_retries_write_and_read_through_faults(s3_url, fault_proxy, storage_options, tmp_path):
+    """As shipped: s3fs's and botocore's own retries, then trainkit's storage.retry around
+    them. Writing and reading a dataset through 503s and resets on every kind of request
+    loses nothing and raises nothing."""
+    proxy = fault_proxy(p_503=0.15, p_reset=0.1, seed=11)
+    storage_options({"s3": {"endpoint_url": proxy.endpoint}})
+    write_shards(make_samples(60), s3_url, shard_bytes=1500, workers=3)
+    stream = Stream(s3_url, cache_dir=str(tmp_path), shuffle_window=2, prefetch=2)
+    for i, s in enumerate(stream.get_many(range(60))):
+        check_sample(s, i)
+    assert proxy.counts["503"] > 0 and proxy.counts["reset"] > 0, proxy.counts
+
+
+def test_a_permanent_error_is_not_retried_and_names_the_url(s3_server, fault_proxy, storage_options):
+    """A missing dataset is permanent: one StorageError naming the index's URL, after the
+    few requests one attempt takes, not eight attempts' worth."""
+    proxy = fault_proxy()
+    storage_options({"s3": {"endpoint_url": proxy.endpoint}})
+    url = f"{s3_server.bucket('trainkit-test')}/never-written"
+    with pytest.raises(StorageError, match=rf"{url}/index.json"):
+        Stream(url)
+    assert 0 < proxy.counts["requests"] <= 2, proxy.counts
+
+
+def test_what_storage_retry_repeats():
+    """The one classifier: store errors by errno, HTTP status or message; trainkit's own
+    StorageError by its cause; a group of failures (one per rank) only when all are."""
+    slowdown = OSError(errno.EBUSY, "Please reduce your request rate.")
+    assert storage.is_transient(slowdown) and storage.is_transient(ConnectionResetError())
+    assert not storage.is_transient(FileNotFoundError("s3://b/k")) and not storage.is_transient(ValueError("bad"))
+    wrapped = StorageError("s3://b/k: OSError")
+    wrapped.__cause__ = slowdown
+    assert storage.is_transient(wrapped) and not storage.is_transient(StorageError("s3://b/k: connection"))
+    assert storage.is_transient(ExceptionGroup("ranks", [slowdown, TimeoutError()]))
+    assert not storage.is_transient(ExceptionGroup("ranks", [slowdown, PermissionError()]))
+
+    failures, heard, pauses = [TimeoutError("t"), slowdown], [], []
+
+    def flaky():
+        if failures:
+            raise failures.pop(0)
+        return "ok"
+
+    assert storage.retry(flaky, what="s3://b/k", sleep=pauses.append,
+                         on_retry=lambda n, exc: heard.append((n, type(exc)))) == "ok"
+    assert heard == [(1, TimeoutError), (2, OSError)] and len(pauses) == 2
+    with pytest.raises(StorageError, match=r"^s3://b/k: PermissionError: no") as info:
+        storage.retry(lambda: (_ for _ in ()).throw(PermissionError("no")), what="s3://b/k", sleep=pauses.append)
+    assert isinstance(info.value.__cause__, PermissionError) and len(pauses) == 2
