@@ -17,7 +17,7 @@ NODE_ARGS: dict[str, Any] = {"num_cpus": 1, "node_ip_address": "127.0.0.1", "obj
 
 def loopback_env() -> None:
     """Process-wide settings before Ray starts: 127.0.0.1 only, no token auth, no usage stats."""
-    from trainkit.launch.ray_launcher import pin_loopback
+    from trainkit.launch.ray.session import pin_loopback
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -77,10 +77,10 @@ class LoopbackCluster:
             raise RuntimeError(f"Ray refused to drain node {node.node_id[:8]}: {why}")
 
     def warm_pids(self) -> list[int]:
-        """PIDs of idle warm standby processes (:mod:`trainkit.launch.warm_pool`), any job."""
+        """PIDs of idle warm standby processes (:mod:`trainkit.launch.ray.warm_pool`), any job."""
         from ray._raylet import GcsClient
 
-        from trainkit.launch.warm_pool import NAMESPACE, idle_processes
+        from trainkit.launch.ray.warm_pool import NAMESPACE, idle_processes
 
         client, ns = GcsClient(address=self.address), NAMESPACE.encode()
         keys = client.internal_kv_keys(b"", ns)

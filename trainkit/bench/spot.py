@@ -43,7 +43,7 @@ from trainkit.bench import report
 from trainkit.bench.loopback import LoopbackCluster
 from trainkit.bench.spot_account import account, history_problems
 from trainkit.bench.spot_schedule import SpotEvent, format_schedule, make_schedule, parse_schedule
-from trainkit.launch.ray_launcher import SPOT_SYSTEM_CONFIG
+from trainkit.launch.ray.session import SPOT_SYSTEM_CONFIG
 
 # The resnet recipe as it ships (~33 ms a step on 2 CPU workers), logging every step so
 # each step's time is on record, and a time-based checkpoint policy. The interval is the
