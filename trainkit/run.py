@@ -87,7 +87,6 @@ class Run:
         self.save_policy: Any = None
         from trainkit.preemption import PreemptionWatcher, StepAgreement
 
-        self.agreement = StepAgreement()
         self._grace = GraceCheck(cfg.preemption.grace_seconds, self._event, self._print)
 
         p = cfg.preemption
@@ -96,6 +95,7 @@ class Run:
             poll_seconds=p.poll_seconds,
         )
         self.watcher.start()
+        self.agreement = StepAgreement(self.watcher)
         self.loggers: list[Any] = []
         if main and cfg.trainer.loggers:
             from trainkit.metrics.loggers import build_loggers

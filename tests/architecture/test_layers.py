@@ -22,6 +22,8 @@ LAYERS = {
 
 def layer(module: str) -> int:
     """The layer of ``trainkit.<module>`` (``module`` without the ``trainkit.`` prefix)."""
+    if module.rsplit(".", 1)[-1] == "__main__":
+        return 4  # a CLI entry point: nothing imports it, so it may use any layer
     head = module.split(".", 1)[0]
     for level, names in LAYERS.items():
         if head in names:

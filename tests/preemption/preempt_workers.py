@@ -51,7 +51,7 @@ def agree(a: dict) -> None:
         rank = dist.get_rank()
         w = PreemptionWatcher(signals=["SIGTERM"]).start()
         ck = Checkpointer(a["root"])
-        agreement = StepAgreement()
+        agreement = StepAgreement(w)
         counter = {"step": 0}
         weights = {"w": torch.zeros(4)}
         with open(os.path.join(a["out"], f"ready{rank}"), "w"):

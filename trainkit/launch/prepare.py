@@ -14,7 +14,7 @@ from trainkit import storage
 from trainkit.config import Config
 from trainkit.errors import StorageError
 from trainkit.tasks import TASKS
-from trainkit.tasks.base import Task, default_url, store_root
+from trainkit.tasks.base import Task, default_url, store_root, write_data
 
 
 def check_store(url: str, what: str) -> None:
@@ -47,17 +47,6 @@ def prepare(cfg: Config) -> None:
     prepare_embedded(task, cfg.model)
 
 
-def write_task_data(task: Task, model_cfg: dict[str, Any], base_url: str) -> list[str]:
-    """Writes each split of the task's data set as shards under ``base_url/<split>``."""
-    from trainkit.data import write_shards
-
-    urls = []
-    for split, samples in task.samples(model_cfg):
-        urls.append(storage.join(base_url, split))
-        write_shards(samples, urls[-1], shard_bytes=1 << 20)
-    return urls
-
-
 def prepare_embedded(task: Task, model_cfg: dict[str, Any]) -> str:
     """Writes the task's data set into the embedded store unless it is already there."""
     url = default_url(task, model_cfg)
@@ -67,5 +56,5 @@ def prepare_embedded(task: Task, model_cfg: dict[str, Any]) -> str:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not os.path.exists(os.path.join(storage.local_path(url), "index.json")):
             print(f"preparing {task.dataset(model_cfg)} in the embedded store {root}", flush=True)
-            write_task_data(task, model_cfg, url.rsplit("/", 1)[0])
+            write_data(task, model_cfg, url.rsplit("/", 1)[0])
     return url

@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from trainkit import distributed
+from trainkit.preemption.watcher import PreemptionWatcher
 
 
 @dataclass(frozen=True)
@@ -32,13 +33,15 @@ class StepAgreement:
     """``decide(stop, save)`` at every step boundary, on every rank, in the same order.
 
     Returns the decision that applies at this boundary: the MAX over ranks of the flags
-    each raised at the previous boundary. A rank that learns of a stop only from a peer is
-    told so by ``Decision.stop`` (the caller records the reason).
+    each raised at the previous boundary. A rank that learns of a stop only from a peer
+    gets it recorded in ``watcher`` (reason ``"peer rank ..."``) when one is given.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, watcher: PreemptionWatcher | None = None) -> None:
         self._group = distributed.new_gloo_group() if distributed.initialized() else None
         self._pending: tuple[Any, torch.Tensor] | None = None
+        # Told when a stop comes from a peer, so every rank can say why it stopped.
+        self._watcher = watcher
 
     @property
     def lag(self) -> int:
@@ -60,7 +63,10 @@ class StepAgreement:
         work, flags = self._pending
         self._pending = None
         work.wait()
-        return Decision(bool(flags[0]), bool(flags[1]))
+        decision = Decision(bool(flags[0]), bool(flags[1]))
+        if decision.stop and self._watcher is not None and not self._watcher.requested:
+            self._watcher.request("peer rank requested a stop (agreed at a step boundary)")
+        return decision
 
     def drain(self) -> None:
         """Waits for the collective in flight (all ranks call it), e.g. before leaving the group."""
