@@ -12,13 +12,15 @@ so a new event or file is added here once and every tool sees the same schema::
         summary.json             written when the run finishes
         model.safetensors        the exported weights
         tensorboard/             TensorBoard event files
-        checkpoints/step_<9+ digits>/...   see trainkit.checkpoint (manifest-last commits)
+        report/                  python -m trainkit.report's tables and plots
+        checkpoints/step_<9+ digits>/manifest.json   written last: the commit point
         checkpoints/latest       the last committed step (a hint; manifests are the truth)
 """
 
 from __future__ import annotations
 
 import json
+import re
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -32,12 +34,23 @@ EVENTS = "events.jsonl"
 SUMMARY = "summary.json"
 EXPORT = "model.safetensors"
 TENSORBOARD = "tensorboard"
+REPORT = "report"
 CHECKPOINTS = "checkpoints"
+# Inside CHECKPOINTS (trainkit.checkpoint keeps the commit protocol; these are its names).
+MANIFEST = "manifest.json"
+LATEST = "latest"
+STEP_PREFIX = "step_"
+STEP_RE = re.compile(rf"^{STEP_PREFIX}(\d{{9,}})$")
 
 
 def path(run_dir: str, name: str) -> str:
     """The URL of ``name`` (one of the constants above) inside ``run_dir``."""
     return storage.join(run_dir, name)
+
+
+def step_dir(step: int) -> str:
+    """A checkpoint's directory name inside ``checkpoints/``."""
+    return f"{STEP_PREFIX}{step:09d}"
 
 
 def attempt_config(attempt: int) -> str:

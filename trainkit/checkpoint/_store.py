@@ -17,25 +17,19 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import time
 import zlib
 from typing import Any
 
 from trainkit import storage
 from trainkit.errors import StorageError
+from trainkit.rundir import LATEST, MANIFEST, STEP_RE, step_dir
 
 log = logging.getLogger("trainkit.checkpoint")
 
 FORMAT = "trainkit-checkpoint/1"
-MANIFEST = "manifest.json"
 CORRUPT_MANIFEST = "manifest.corrupt.json"
-LATEST = "latest"
-_STEP_RE = re.compile(r"^step_(\d{9,})$")
-
-
-def step_name(step: int) -> str:
-    return f"step_{step:09d}"
+step_name = step_dir
 
 
 class Crc32:
@@ -119,7 +113,7 @@ class CheckpointStore:
 
         out: dict[int, str] = {}
         for p in storage.retry(ls, what=self.root):
-            m = _STEP_RE.match(p.rstrip("/").rsplit("/", 1)[-1])
+            m = STEP_RE.match(p.rstrip("/").rsplit("/", 1)[-1])
             if m:
                 out[int(m.group(1))] = p.rstrip("/")
         return out
@@ -137,7 +131,7 @@ class CheckpointStore:
 
         steps = []
         for p in storage.retry(glob, what=self._url(pattern)):
-            m = _STEP_RE.match(p.rstrip("/").rsplit("/", 2)[-2])
+            m = STEP_RE.match(p.rstrip("/").rsplit("/", 2)[-2])
             if m:
                 steps.append(int(m.group(1)))
         return sorted(set(steps))
