@@ -66,6 +66,15 @@ def local_path(url: str) -> str:
     return url.split("://", 1)[1] if "://" in url else url
 
 
+class Failures(Exception):
+    """Several failures of one operation, e.g. one per rank of a DCP save that every rank
+    sees alike. (Python 3.10, which trainkit supports, has no ExceptionGroup.)"""
+
+    def __init__(self, message: str, errors: list[BaseException]) -> None:
+        super().__init__(message)
+        self.errors = list(errors)
+
+
 _TRANSIENT_ERRNOS = {errno.EBUSY, errno.EAGAIN, errno.ETIMEDOUT, errno.ECONNRESET, errno.ECONNABORTED,
                      errno.ECONNREFUSED, errno.EPIPE}
 _TRANSIENT_HTTP = {408, 429, 500, 502, 503, 504}
@@ -77,11 +86,11 @@ def is_transient(exc: BaseException) -> bool:
     s3fs turns 503 SlowDown into ``OSError(EBUSY, "Please reduce your request rate.")`` and
     gcsfs keeps the HTTP status in ``.code``, so the errno and the status are checked before
     the message. A :class:`StorageError` is trainkit's own wrapping: it is as transient as
-    its cause. An exception group (one failure per rank, e.g. a DCP save) is transient only
-    when every failure in it is: repeating it cannot help a rank that failed for good.
+    its cause. :class:`Failures` (one per rank, e.g. a DCP save) are transient only when every
+    one is: repeating the operation cannot help a rank that failed for good.
     """
-    if isinstance(exc, BaseExceptionGroup):
-        return all(is_transient(e) for e in exc.exceptions)
+    if isinstance(exc, Failures):
+        return bool(exc.errors) and all(is_transient(e) for e in exc.errors)
     if isinstance(exc, StorageError):
         return exc.__cause__ is not None and is_transient(exc.__cause__)
     if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):

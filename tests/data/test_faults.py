@@ -92,15 +92,16 @@ def test_a_permanent_error_is_not_retried_and_names_the_url(s3_server, fault_pro
 
 def test_what_storage_retry_repeats():
     """The one classifier: store errors by errno, HTTP status or message; trainkit's own
-    StorageError by its cause; a group of failures (one per rank) only when all are."""
+    StorageError by its cause; Failures (one per rank) only when all are."""
     slowdown = OSError(errno.EBUSY, "Please reduce your request rate.")
     assert storage.is_transient(slowdown) and storage.is_transient(ConnectionResetError())
     assert not storage.is_transient(FileNotFoundError("s3://b/k")) and not storage.is_transient(ValueError("bad"))
     wrapped = StorageError("s3://b/k: OSError")
     wrapped.__cause__ = slowdown
     assert storage.is_transient(wrapped) and not storage.is_transient(StorageError("s3://b/k: connection"))
-    assert storage.is_transient(ExceptionGroup("ranks", [slowdown, TimeoutError()]))
-    assert not storage.is_transient(ExceptionGroup("ranks", [slowdown, PermissionError()]))
+    assert storage.is_transient(storage.Failures("ranks", [slowdown, TimeoutError()]))
+    assert not storage.is_transient(storage.Failures("ranks", [slowdown, PermissionError()]))
+    assert not storage.is_transient(storage.Failures("ranks", []))
 
     failures, heard, pauses = [TimeoutError("t"), slowdown], [], []
 

@@ -51,36 +51,26 @@ def _quiet_dcp() -> None:
             unheard.setLevel(logging.WARNING)
 
 
-class _DCPFailure(ExceptionGroup):
-    """DCP's CheckpointException as an exception group of every rank's failure.
-
-    CheckpointException is a BaseException, which :func:`trainkit.storage.retry` rightly
-    does not catch; as a group it is retried when every rank's failure is transient, and
-    since every rank sees the same group, all ranks decide alike.
-    """
-
-    def __str__(self) -> str:
-        return self.message
-
-
 def _short(exc: BaseException) -> str:
     if isinstance(exc, CheckpointException):
         parts = [f"rank {r}: {type(e).__name__}: {e}" for r, (e, _tb) in sorted(exc.failures.items())]
         return "; ".join(parts) or "CheckpointException"
-    if isinstance(exc, _DCPFailure):
-        return exc.message
+    if isinstance(exc, storage.Failures):
+        return str(exc)
     return f"{type(exc).__name__}: {exc}"
 
 
 def _dcp(call: Callable[[], Any]) -> Any:
-    """``call()``, a DCP save or load, with a CheckpointException turned into a _DCPFailure."""
+    """``call()``, a DCP save or load, with its CheckpointException as :class:`storage.Failures`.
+
+    CheckpointException is a BaseException, which :func:`trainkit.storage.retry` rightly
+    does not catch; as Failures it is retried when every rank's failure is transient, and
+    since every rank sees the same failures, all ranks decide alike.
+    """
     try:
         return call()
     except CheckpointException as exc:
-        fails = [e for e, _tb in (exc.failures or {}).values()]
-        if fails and all(isinstance(e, Exception) for e in fails):
-            raise _DCPFailure(_short(exc), fails) from None
-        raise RuntimeError(_short(exc)) from None
+        raise storage.Failures(_short(exc), [e for e, _tb in (exc.failures or {}).values()]) from None
 
 
 def _cause(exc: StorageError) -> BaseException:
