@@ -159,7 +159,7 @@ def run(args: argparse.Namespace | list[str] | None = None) -> dict[str, Any]:
     from trainkit.testing.faultproxy import ProxyProcess
 
     info = report.machine()
-    saved_options = dict(storage._STORAGE_OPTIONS)
+    saved_options = storage.configured()
     server = proxy = None
     work = tempfile.mkdtemp(prefix="trainkit-bench-data-")
     try:

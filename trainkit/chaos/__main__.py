@@ -60,8 +60,8 @@ def saving_now(run_dir: str) -> bool:
     """A checkpoint directory without its manifest: a save is being written."""
     fs, path = storage.filesystem(rundir.path(run_dir, rundir.CHECKPOINTS))
     try:
-        entries = [e for e in fs.ls(path, detail=False) if os.path.basename(e.rstrip("/")).startswith("step_")]
-        return any(not fs.exists(f"{e.rstrip('/')}/manifest.json") for e in entries)
+        entries = [e for e in fs.ls(path, detail=False) if rundir.STEP_RE.match(os.path.basename(e.rstrip("/")))]
+        return any(not fs.exists(f"{e.rstrip('/')}/{rundir.MANIFEST}") for e in entries)
     except FileNotFoundError:
         return False
 

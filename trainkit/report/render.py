@@ -6,7 +6,7 @@ import json
 import os
 from typing import Any
 
-from trainkit import storage
+from trainkit import rundir, storage
 from trainkit.report import plots
 from trainkit.report.goodput import covered_steps, final_metrics, goodput, mean_samples_per_s
 from trainkit.report.load import RunLog, load_run, run_name
@@ -18,7 +18,7 @@ def default_out(run_dirs: list[str]) -> str:
     """``RUN_DIR/report`` for one local run; ``./report-<name>`` for a remote one; ``./report-compare``."""
     if len(run_dirs) == 1:
         url = run_dirs[0]
-        return storage.join(url, "report") if storage.is_local(url) else f"report-{run_name(url)}"
+        return rundir.path(url, rundir.REPORT) if storage.is_local(url) else f"report-{run_name(url)}"
     return "report-compare"
 
 
