@@ -145,9 +145,9 @@ def _leave() -> None:
     os._exit(_EXIT_CODE)
 
 
-def barrier() -> None:
+def barrier(group=None) -> None:
     if dist.is_initialized():
-        dist.barrier()
+        dist.barrier(group=group)
 
 
 def all_mean(values: list[float], device: torch.device) -> list[float]:
@@ -207,7 +207,3 @@ def broadcast_object(obj, group=None):
     dist.broadcast_object_list(box, group=group, group_src=0)
     return box[0]
 
-
-def group_barrier(group=None) -> None:
-    if initialized():
-        dist.barrier(group=group)

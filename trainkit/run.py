@@ -34,6 +34,7 @@ from trainkit import distributed, rundir, storage
 from trainkit.config import Config, check_batch, load_config, run_dir_default
 from trainkit.errors import ConfigError, Preempted
 from trainkit.metrics import JsonlLog, Progress, format_summary
+from trainkit.checkpoint.protocol import CheckpointerProtocol
 from trainkit.metrics.window import LogWindow
 from trainkit.preemption.grace import GraceCheck
 from trainkit.redact import redact
@@ -52,7 +53,9 @@ class Run:
     def __init__(self, cfg: Config | Mapping[str, Any] | None = None) -> None:
         if cfg is None:
             cfg = Config()
-        self.cfg = cfg if isinstance(cfg, Config) else load_config(cfg)
+        # Validated again even when built in code: names resolve to their components' options
+        # (``strategy.name = "fsdp"`` on a fresh Config), and ``auto`` to this world size.
+        self.cfg = load_config(cfg.to_dict() if isinstance(cfg, Config) else cfg)
         cfg = self.cfg
         if not cfg.run_dir:
             cfg.run_dir = run_dir_default(cfg.recipe)
@@ -83,7 +86,7 @@ class Run:
         self.metrics = JsonlLog(self.run_dir, rundir.METRICS) if main else None
         self.events = JsonlLog(self.run_dir, rundir.EVENTS) if main else None
         # Made by restore(), once the state tree is known: no tree, nothing to save.
-        self.checkpointer: Any = None
+        self.checkpointer: CheckpointerProtocol | None = None
         self.save_policy: Any = None
         from trainkit.preemption import PreemptionWatcher, StepAgreement
 

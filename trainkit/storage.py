@@ -138,3 +138,16 @@ def retry(
                 on_retry(attempt + 1, exc)
             sleep(random.uniform(0, min(max_delay, base_delay * 2**attempt)))
     raise AssertionError("unreachable")
+
+
+def balance(items: list[T], bins: int, size: Callable[[T], int]) -> list[list[T]]:
+    """``items`` in at most ``bins`` groups of about equal total ``size`` (largest first into the
+    lightest group): how a writer with ``bins`` threads spreads its bytes over files. Empty
+    groups are dropped; no items give one empty group."""
+    groups: list[list[T]] = [[] for _ in range(max(1, min(bins, len(items))))]
+    sizes = [0] * len(groups)
+    for item in sorted(items, key=size, reverse=True):
+        i = sizes.index(min(sizes))
+        groups[i].append(item)
+        sizes[i] += size(item)
+    return [g for g in groups if g] or [[]]

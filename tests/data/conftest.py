@@ -26,7 +26,7 @@ def memory_url():
 @pytest.fixture
 def storage_options():
     """Sets trainkit.storage per-protocol options for one test; restores them after."""
-    saved = dict(storage._STORAGE_OPTIONS)
+    saved = storage.configured()
 
     def set_(options):
         storage.configure({**saved, **options})

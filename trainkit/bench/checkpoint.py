@@ -95,17 +95,6 @@ def _nbytes(ts: list[torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in ts)
 
 
-def _split(ts: list[torch.Tensor], n: int) -> list[list[torch.Tensor]]:
-    """``n`` groups of about equal bytes (largest first into the lightest group)."""
-    groups: list[list[torch.Tensor]] = [[] for _ in range(max(1, n))]
-    sizes = [0] * len(groups)
-    for t in sorted(ts, key=lambda t: -t.numel() * t.element_size()):
-        i = sizes.index(min(sizes))
-        groups[i].append(t)
-        sizes[i] += t.numel() * t.element_size()
-    return [g for g in groups if g]
-
-
 def _view(t: torch.Tensor) -> memoryview:
     return memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy())
 
@@ -117,7 +106,7 @@ def raw_put(url: str, ts: list[torch.Tensor], files: int, *, fsync: bool = False
     Returns (seconds, paths)."""
     fs, root = storage.filesystem(url)
     fs.makedirs(root, exist_ok=True)
-    groups = _split(ts, files)
+    groups = storage.balance(ts, files, lambda t: t.numel() * t.element_size())
     paths = [f"{root.rstrip('/')}/raw_{i:03d}.bin" for i in range(len(groups))]
 
     def put(i: int) -> None:
@@ -183,7 +172,7 @@ def _plain_dcp(url: str, state: dict[str, Any], local: bool, *, load: bool) -> f
     import warnings
 
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter
+    from trainkit._compat import FsspecReader, FsspecWriter
 
     opts = storage.storage_options(url)
     sd = {k: v.state_dict() for k, v in state.items()}

@@ -31,14 +31,14 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
-from torch.distributed.checkpoint._fsspec_filesystem import FileSystem, FsspecReader, FsspecWriter
-from torch.distributed.checkpoint.filesystem import _StorageInfo
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorStorageMetadata
 from torch.distributed.checkpoint.planner import (LoadItemType, LoadPlan, LoadPlanner, ReadItem, SavePlan,
                                                   SavePlanner, WriteItem, WriteItemType)
 from torch.distributed.checkpoint.storage import WriteResult
 from torch.futures import Future
 
+from trainkit import storage
+from trainkit._compat import FileSystem, FsspecReader, FsspecWriter, StorageInfo
 from trainkit.checkpoint._store import Crc32
 
 METADATA_FILE = ".metadata"
@@ -137,17 +137,6 @@ def _item_bytes(item: WriteItem) -> int:
     return n * torch.empty((), dtype=td.properties.dtype).element_size()
 
 
-def _balance(items: list[WriteItem], bins: int) -> list[list[WriteItem]]:
-    """Items into ``bins`` groups of about equal bytes (largest first into the lightest)."""
-    groups: list[list[WriteItem]] = [[] for _ in range(max(1, min(bins, len(items))))]
-    sizes = [0] * len(groups)
-    for item in sorted(items, key=_item_bytes, reverse=True):
-        i = sizes.index(min(sizes))
-        groups[i].append(item)
-        sizes[i] += _item_bytes(item)
-    return [g for g in groups if g] or [[]]
-
-
 class TrackedFsspecWriter(FsspecWriter):
     def __init__(self, url: str, storage_options: dict[str, Any], *, sync_files: bool, thread_count: int = 1) -> None:
         super().__init__(url, sync_files=sync_files, thread_count=thread_count, overwrite=True, **storage_options)
@@ -162,7 +151,7 @@ class TrackedFsspecWriter(FsspecWriter):
             if item.type == WriteItemType.BYTE_IO:
                 raise ValueError(f"{item.index.fqn}: trainkit stores no byte objects in DCP (they go to JSON)")
         prefix = plan.storage_data.prefix
-        jobs = [(f"{prefix}{i}{DATA_SUFFIX}", group) for i, group in enumerate(_balance(plan.items, self.thread_count))]
+        jobs = [(f"{prefix}{i}{DATA_SUFFIX}", group) for i, group in enumerate(storage.balance(plan.items, self.thread_count, _item_bytes))]
         if len(jobs) == 1:
             results = [self._write_file(*jobs[0], planner)]
         else:
@@ -182,7 +171,7 @@ class TrackedFsspecWriter(FsspecWriter):
                 while view:
                     view = view[stream.write(view):]
                 results.append(WriteResult(index=item.index, size_in_bytes=n,
-                                           storage_data=_StorageInfo(name, offset, n, transform_descriptors=[RAW])))
+                                           storage_data=StorageInfo(name, offset, n, transform_descriptors=[RAW])))
             stream.flush()
             if self.sync_files:
                 os.fsync(stream.fileno())

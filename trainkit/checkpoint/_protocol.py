@@ -127,7 +127,7 @@ def load_newest(store: CheckpointStore, group, step: int | None,
         _warn(msg)
         if distributed.rank(group) == 0:
             store.quarantine(s)
-        distributed.group_barrier(group)
+        distributed.barrier(group)
     return None, committed
 
 

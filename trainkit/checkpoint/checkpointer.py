@@ -42,11 +42,10 @@ def _quiet_dcp() -> None:
     warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized",
                             category=UserWarning)
     warnings.filterwarnings("ignore", message="Detected an existing checkpoint in", category=UserWarning)
-    from torch.distributed import c10d_logger
-    from torch.distributed.checkpoint import logger as dcp_logger
+    from trainkit._compat import dcp_debug_loggers
 
-    for unheard in (getattr(dcp_logger, "_dcp_logger", None), getattr(c10d_logger, "_c10d_logger", None)):
-        if (isinstance(unheard, logging.Logger) and unheard.level <= logging.DEBUG
+    for unheard in dcp_debug_loggers():
+        if (unheard.level <= logging.DEBUG
                 and all(isinstance(h, logging.NullHandler) for h in unheard.handlers)):
             unheard.setLevel(logging.WARNING)
 

@@ -21,6 +21,7 @@ from trainkit.errors import ConfigError
 from trainkit.options import Options
 
 if TYPE_CHECKING:
+    from trainkit.checkpoint.protocol import CheckpointerProtocol
     from trainkit.config import Config
 
 OptimizerArg = torch.optim.Optimizer | Callable[[list[nn.Parameter]], torch.optim.Optimizer]
@@ -213,7 +214,7 @@ class Strategy:
         for buffer in model.buffers():
             dist.broadcast(buffer.data if not hasattr(buffer, "to_local") else buffer.to_local(), 0)
 
-    def checkpointer(self, root: str, **options: Any) -> Any:
+    def checkpointer(self, root: str, **options: Any) -> CheckpointerProtocol:
         """Saves and loads the state tree under ``root`` (sharded DCP for torch-native strategies)."""
         from trainkit.checkpoint import Checkpointer
 

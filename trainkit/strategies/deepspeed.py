@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import nn
 
 from trainkit.strategies.base import OptimizerArg, Strategy, StrategyOptions, default_units
+
+if TYPE_CHECKING:
+    from trainkit.checkpoint.protocol import CheckpointerProtocol
 
 
 @dataclass
@@ -113,7 +116,7 @@ class DeepSpeedStrategy(Strategy):
                 fs, path = storage.filesystem(url)
                 storage.retry(lambda: fs.pipe(path, blob), what=url)
 
-    def checkpointer(self, root: str, **options: Any) -> Any:
+    def checkpointer(self, root: str, **options: Any) -> CheckpointerProtocol:
         """A :class:`~trainkit.checkpoint.DeepSpeedCheckpointer` of this engine; an option it
         does not know is a TypeError, not ignored."""
         from trainkit.checkpoint import DeepSpeedCheckpointer

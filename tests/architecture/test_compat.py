@@ -1,0 +1,30 @@
+"""Each private name trainkit._compat takes from a dependency still exists and behaves as
+trainkit uses it: an upgrade that moves one fails here, by name."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+from torch.distributed.checkpoint import StorageReader, StorageWriter
+
+from trainkit import _compat
+
+
+def test_fsspec_storage_classes_are_dcp_storage_layers(tmp_path):
+    assert issubclass(_compat.FsspecWriter, StorageWriter) and issubclass(_compat.FsspecReader, StorageReader)
+    writer = _compat.FsspecWriter(f"file://{tmp_path}/ckpt", thread_count=2)
+    assert isinstance(writer.fs, _compat.FileSystem)
+    assert _compat.FsspecReader(f"file://{tmp_path}/ckpt") is not None
+
+
+def test_storage_info_fields_as_written():
+    fields = [f.name for f in dataclasses.fields(_compat.StorageInfo)]
+    assert fields[:3] == ["relative_path", "offset", "length"] and "transform_descriptors" in fields
+    info = _compat.StorageInfo("f", 3, 4, transform_descriptors=["raw"])
+    assert (info.relative_path, info.offset, info.length) == ("f", 3, 4)
+
+
+def test_dcp_debug_loggers_are_found():
+    loggers = _compat.dcp_debug_loggers()
+    assert len(loggers) == 2 and all(isinstance(lg, logging.Logger) for lg in loggers)

@@ -1,0 +1,31 @@
+"""Every name trainkit takes from a dependency that the dependency does not export publicly.
+
+Each entry here is used because no public equivalent exists (said per entry), and
+``tests/architecture/test_compat.py`` checks that each still exists and behaves as used, so
+an upgrade that moves one fails in CI with the name, not at a user's checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+
+# torch.distributed.checkpoint's fsspec storage classes: DCP's own reader and writer for
+# object stores, not re-exported from torch.distributed.checkpoint (torch 2.13).
+from torch.distributed.checkpoint._fsspec_filesystem import FileSystem, FsspecReader, FsspecWriter
+
+# The per-item location DCP's planners store in a checkpoint's metadata; a storage layer that
+# writes its own files must produce it (no public constructor).
+from torch.distributed.checkpoint.filesystem import _StorageInfo as StorageInfo
+
+
+def dcp_debug_loggers() -> list[logging.Logger]:
+    """DCP's and c10d's module loggers, which log every save at DEBUG even when nobody
+    listens; trainkit quiets them only then (no public switch exists)."""
+    from torch.distributed import c10d_logger
+    from torch.distributed.checkpoint import logger as dcp_logger
+
+    found = [getattr(dcp_logger, "_dcp_logger", None), getattr(c10d_logger, "_c10d_logger", None)]
+    return [lg for lg in found if isinstance(lg, logging.Logger)]
+
+
+__all__ = ["FileSystem", "FsspecReader", "FsspecWriter", "StorageInfo", "dcp_debug_loggers"]
