@@ -45,3 +45,21 @@ def metrics(run_dir: str | Path) -> list[dict[str, Any]]:
 
 def losses(run_dir: str | Path) -> list[float]:
     return [r["loss"] for r in metrics(run_dir)]
+
+
+def launch_here(*args: str) -> subprocess.CompletedProcess[str]:
+    """The CLI in this process, for commands that start no worker (``--cfg``, ``--help``, bad
+    input): the same code path as :func:`launch` without paying an interpreter start each."""
+    import contextlib
+    import io
+
+    from trainkit.launch.__main__ import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            main(list(args))
+            code = 0
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+    return subprocess.CompletedProcess(["trainkit.launch", *args], code, out.getvalue(), err.getvalue())

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from launching import launch
+from launching import launch, launch_here
 
 
 @pytest.mark.parametrize(
@@ -20,7 +20,7 @@ from launching import launch
     ],
 )
 def test_bad_input_exits_2_with_one_line(tmp_path, overrides, expected):
-    result = launch(*overrides, f"run_dir={tmp_path}/run", timeout=60)
+    result = launch_here(*overrides, f"run_dir={tmp_path}/run")
     assert result.returncode == 2, result.stderr
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, result.stderr
@@ -35,6 +35,15 @@ def test_missing_dataset_url_is_named(tmp_path):
 
 
 def test_cfg_prints_resolved_config(tmp_path):
-    result = launch("recipe=gpt", "strategy=fsdp", "trainer.max_steps=7", "--cfg", timeout=60)
+    result = launch_here("recipe=gpt", "strategy=fsdp", "trainer.max_steps=7", "--cfg")
     assert result.returncode == 0, result.stderr
     assert "max_steps: 7" in result.stdout and "name: fsdp" in result.stdout
+
+
+def test_bad_input_in_a_fresh_process_exits_2_with_one_line(tmp_path):
+    """The same path as a user's shell: an interpreter of its own, nothing started."""
+    result = launch("recipe=resnet", "trainer.max_step=5", f"run_dir={tmp_path}/run", timeout=60)
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert "unknown key 'trainer.max_step'" in result.stderr and not (tmp_path / "run").exists()

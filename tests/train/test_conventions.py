@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from launching import RESNET_TINY, ROOT, launch, metrics
+from launching import RESNET_TINY, ROOT, launch, launch_here, metrics
 from trainkit import rundir
 
 
@@ -25,7 +25,7 @@ def _one_line(result) -> str:
 
 @pytest.mark.parametrize(("workers", "expected"), [(1, "single"), (2, "ddp")])
 def test_strategy_auto_follows_the_world_size(workers, expected):
-    result = launch("recipe=resnet", f"launcher.workers={workers}", "--cfg", "job", timeout=60)
+    result = launch_here("recipe=resnet", f"launcher.workers={workers}", "--cfg", "job")
     assert result.returncode == 0, result.stderr
     strategy = result.stdout.split("strategy:", 1)[1]
     assert f"name: {expected}" in strategy.split("launcher:", 1)[0]
@@ -39,13 +39,13 @@ def test_auto_with_two_workers_trains(tmp_path):
 
 
 def test_hydra_flags():
-    job = launch("recipe=gpt", "--cfg", "job", timeout=60)
+    job = launch_here("recipe=gpt", "--cfg", "job")
     assert job.returncode == 0 and "task: gpt" in job.stdout and "hydra:" not in job.stdout
-    hydra = launch("recipe=gpt", "--cfg", "hydra", timeout=60)
+    hydra = launch_here("recipe=gpt", "--cfg", "hydra")
     assert hydra.returncode == 0 and hydra.stdout.startswith("hydra:") and "task: gpt" not in hydra.stdout
-    both = launch("recipe=gpt", "--cfg", "all", timeout=60)
+    both = launch_here("recipe=gpt", "--cfg", "all")
     assert both.returncode == 0 and "task: gpt" in both.stdout and "hydra:" in both.stdout
-    helped = launch("--help", timeout=60)
+    helped = launch_here("--help")
     assert helped.returncode == 0, helped.stderr
     assert "strategy: auto, ddp, deepspeed, fsdp, single" in helped.stdout
     assert "recipe: gpt, resnet" in helped.stdout and "launcher: local, ray" in helped.stdout
@@ -58,7 +58,7 @@ def test_hydra_flags():
     (["strategy=ddp", "strategy.zero_stage=3"], "unknown key 'strategy.zero_stage'; valid keys in strategy: name, backend, find_unused_parameters"),
 ])
 def test_hydra_mistakes_are_one_line(tmp_path, args, expected):
-    result = launch("recipe=resnet", *args, f"run_dir={tmp_path}/run", timeout=60)
+    result = launch_here("recipe=resnet", *args, f"run_dir={tmp_path}/run")
     assert result.returncode == 2
     assert expected in _one_line(result)
     assert not (tmp_path / "run").exists()
@@ -68,7 +68,7 @@ def test_credentials_never_land_in_the_run(tmp_path):
     key, secret = "AKIAPLANTEDKEY0001", "planted-secret-value-9876"
     creds = [f"storage.s3.key={key}", f"storage.s3.secret={secret}",
              f'storage.az.connection_string="AccountKey={secret}x"']
-    shown = launch("recipe=resnet", *creds, "--cfg", "job", timeout=60)
+    shown = launch_here("recipe=resnet", *creds, "--cfg", "job")
     assert shown.returncode == 0, shown.stderr
     assert secret not in shown.stdout and key not in shown.stdout and "<redacted>" in shown.stdout
     assert "credential-like values are shown as <redacted>" in shown.stdout
