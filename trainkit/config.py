@@ -17,6 +17,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from trainkit import storage
 from trainkit.components import AUTO_STRATEGY, LAUNCHERS, STRATEGIES, TASKS
 from trainkit.distributed import expected_world_size
 from trainkit.errors import ConfigError
@@ -213,6 +214,7 @@ def validate(cfg: Config) -> Config:
         cfg.model = dataclasses.asdict(build(task.model_config, cfg.model, "model"))
     for section in cfg.sections():
         section.check(cfg)
+    storage.check_options(cfg.storage)
     check_batch(cfg, world_size(cfg))
     return cfg
 

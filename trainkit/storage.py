@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 import fsspec
 from fsspec.core import url_to_fs
 
-from trainkit.errors import StorageError
+from trainkit.errors import ConfigError, StorageError
 
 T = TypeVar("T")
 
@@ -36,6 +36,23 @@ def configure(options: Mapping[str, Mapping[str, Any]]) -> None:
 def configured() -> dict[str, dict[str, Any]]:
     """A copy of what :func:`configure` set, e.g. to put it back after changing it."""
     return {k: dict(v) for k, v in _STORAGE_OPTIONS.items()}
+
+
+def check_options(options: Mapping[str, Any]) -> None:
+    """``storage.<protocol>.*``: each protocol is one fsspec knows, each value a mapping.
+
+    The option names themselves are the filesystem's keyword arguments; s3fs, gcsfs and adlfs
+    take ``**kwargs`` and pass them on, so they are checked by the filesystem when it is made
+    (``prepare`` makes it before any worker starts).
+    """
+    from fsspec.registry import known_implementations, registry
+
+    for proto, opts in options.items():
+        if proto not in known_implementations and proto not in registry:
+            raise ConfigError(f"storage.{proto}: no fsspec filesystem for protocol {proto!r}; "
+                              f"e.g. {', '.join(('s3', 'gs', 'az', 'file', 'memory'))}")
+        if not isinstance(opts, Mapping):
+            raise ConfigError(f"storage.{proto}={opts!r} must be a mapping of filesystem options")
 
 
 def protocol(url: str) -> str:

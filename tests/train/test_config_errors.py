@@ -17,6 +17,7 @@ from launching import launch, launch_here
         (["model.widht=8"], "unknown key 'model.widht'; valid keys in model: width"),
         (["trainer.precision=fp8"], "trainer.precision='fp8' is not valid; valid: fp32, bf16, fp16"),
         (["strategy=single", "launcher.workers=2"], "strategy=single runs one process"),
+        (["storage.s4.key=x"], "storage.s4: no fsspec filesystem for protocol 's4'"),
     ],
 )
 def test_bad_input_exits_2_with_one_line(tmp_path, overrides, expected):
