@@ -31,14 +31,14 @@ import torch
 from torch import nn
 
 from trainkit import distributed, rundir, storage
+from trainkit.checkpoint.protocol import CheckpointerProtocol
 from trainkit.config import Config, check_batch, load_config, run_dir_default
 from trainkit.errors import ConfigError, Preempted
 from trainkit.metrics import JsonlLog, Progress, format_summary
-from trainkit.checkpoint.protocol import CheckpointerProtocol
 from trainkit.metrics.window import LogWindow
+from trainkit.optim import optimizer_factory, scheduler
 from trainkit.preemption.grace import GraceCheck
 from trainkit.redact import redact
-from trainkit.optim import optimizer_factory, scheduler
 from trainkit.strategies import STRATEGIES
 from trainkit.strategies.base import OptimizerArg, StepSettings
 
@@ -340,7 +340,7 @@ class Run:
         self.checkpointer.save(self.step, self._state, blocking=blocking)
         spent = time.perf_counter() - t0
         self._window.timers["checkpoint_block_s"] += spent
-        self._grace.started(self.step, t0, blocking_s=spent if blocking else None)
+        self._grace.started(self.step, t0)
         self._event(rundir.CHECKPOINT, step=self.step, blocking_s=spent, blocking=blocking)
 
     def _note_commit(self) -> None:
@@ -478,13 +478,9 @@ class _Counters:
 
 def _single_process_group(cfg: Config) -> distributed.DistInfo:
     import os
-    import socket
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     os.environ.update(
-        {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "WORLD_SIZE": "1",
+        {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(distributed.free_port()), "RANK": "0", "WORLD_SIZE": "1",
          "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"}
     )
     info = distributed.init(cfg.strategy.backend, threads=cfg.trainer.threads)

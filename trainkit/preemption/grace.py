@@ -30,7 +30,7 @@ class GraceCheck:
             last = past[-1]
             self.check(int(last.get("step", 0)), float(last["save_s"]), "startup")
 
-    def started(self, step: int, t0: float, *, blocking_s: float | None = None) -> None:
+    def started(self, step: int, t0: float) -> None:
         self._started[step] = t0
 
     def committed(self, step: int, at_step: int) -> None:
