@@ -9,6 +9,7 @@ so a new event or file is added here once and every tool sees the same schema::
         configs/attempt-N.yaml   every attempt's resolved config
         metrics.jsonl            one record per logged step
         events.jsonl             one record per event below
+        *.jsonl.parts/           on object stores: a log's sealed parts (read_jsonl joins them)
         summary.json             written when the run finishes
         model.safetensors        the exported weights
         tensorboard/             TensorBoard event files
@@ -136,9 +137,50 @@ def read_bytes(url: str) -> bytes | None:
     return storage.retry(get, what=url)
 
 
+def parts_of(url: str) -> str:
+    """Where a JSON-lines log on an object store keeps its sealed parts: ``<url>.parts/``,
+    ``000000.jsonl``, ``000001.jsonl``, ... in order; ``url`` itself holds the records after
+    the last part (see :class:`trainkit.metrics.JsonlLog`)."""
+    return f"{url}.parts"
+
+
+def part_name(seq: int) -> str:
+    return f"{seq:06d}.jsonl"
+
+
+def list_parts(url: str) -> list[str]:
+    """The URLs of the sealed parts of the log at ``url``, in order ([] when there are none)."""
+    fs, p = storage.filesystem(parts_of(url))
+
+    def ls() -> list[str]:
+        try:
+            fs.invalidate_cache(p)
+            return fs.ls(p, detail=False)
+        except FileNotFoundError:
+            return []
+
+    names = sorted(n.rstrip("/").rsplit("/", 1)[-1] for n in storage.retry(ls, what=parts_of(url)))
+    return [storage.join(parts_of(url), n) for n in names if n.endswith(".jsonl")]
+
+
+def read_log(url: str) -> bytes | None:
+    """The whole JSON-lines log at ``url``: its sealed parts, then the open tail (None when
+    there is neither). A part sealed while this reads is noticed (the listing is taken
+    again after the tail) and the read repeated, so no record is missed or read twice."""
+    for _ in range(10):
+        parts = list_parts(url)
+        tail = read_bytes(url)
+        if list_parts(url) == parts:
+            break
+    if not parts:
+        return tail
+    chunks = [read_bytes(p) or b"" for p in parts]
+    return b"".join(chunks) + (tail or b"")
+
+
 def read_jsonl(url: str, *, warn: bool = False) -> list[dict[str, Any]]:
-    """The records of the JSON-lines file at ``url`` ([] when absent)."""
-    data = read_bytes(url)
+    """The records of the JSON-lines log at ``url``, sealed parts included ([] when absent)."""
+    data = read_log(url)
     return [] if data is None else parse_jsonl(data.decode("utf-8", "replace"), url, warn=warn)
 
 
