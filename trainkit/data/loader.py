@@ -11,6 +11,11 @@ With ``num_workers > 0``, DataLoader worker ``w`` produces micro-batches ``k`` w
 order, and the main process counts what it yielded, so ``state_dict()`` is exact whatever
 the workers had prefetched. Resuming with other ``world_size`` / ``num_workers`` is exact
 as long as the state was taken at an optimizer-step boundary (all ranks then agree on it).
+
+With a CUDA ``device``, batches are pinned as they are collated (the DataLoader's pin thread
+with workers) and copied to the device one ahead on a side stream
+(:mod:`trainkit.data.prefetch`); the position still counts what was handed out, not what was
+copied ahead. On any other device nothing changes.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from trainkit.data.prefetch import pin, to_device
 from trainkit.data.stream import Stream
 from trainkit.errors import ConfigError
 
@@ -113,6 +119,7 @@ class Loader:
         transform: Callable[[dict], dict] | None = None,
         collate: Callable[[list[dict]], Any] = default_collate,
         prefetch_factor: int = 2,
+        device: torch.device | str | None = None,
     ) -> None:
         if world_size < 1 or not 0 <= rank < world_size:
             raise ConfigError(f"rank {rank} is not in [0, world_size={world_size})")
@@ -134,6 +141,7 @@ class Loader:
         self.num_workers = num_workers
         self.transform, self.collate = transform, collate
         self.prefetch_factor = prefetch_factor
+        self.device = None if device is None else torch.device(device)
         self._start = 0  # global position where the current iterator began
         self._yielded = 0  # micro-batches the current iterator has handed out
         self._generation = 0  # bumped by __iter__/load_state_dict: older iterators stop
@@ -184,11 +192,17 @@ class Loader:
         self._start, self._yielded = start, 0
         self._generation += 1
         ds = self._dataset(start)
+        cuda = self.device is not None and self.device.type == "cuda"
         if self.num_workers == 0:
             source: Any = iter(ds)
+            if cuda:
+                source = map(pin, source)
         else:
             source = iter(DataLoader(ds, batch_size=None, num_workers=self.num_workers, collate_fn=_identity,
-                                     prefetch_factor=self.prefetch_factor, persistent_workers=False))
+                                     prefetch_factor=self.prefetch_factor, persistent_workers=False,
+                                     pin_memory=cuda))
+        if cuda:
+            source = to_device(source, self.device)
         return self._count(source, self._generation)
 
     def _count(self, source, generation: int) -> Iterator[Any]:
