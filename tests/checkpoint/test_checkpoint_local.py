@@ -7,6 +7,7 @@ import os
 import pickle
 import random
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -46,6 +47,17 @@ def same(a: dict, b: dict) -> bool:
 
 def state_of(model, opt, meta):
     return {"app": ModelOptimState(model, opt), "meta": meta, "rng": RNGState()}
+
+
+RAW1 = Path(__file__).resolve().parent / "data" / "raw1"
+
+
+def raw1_copy(tmp_path) -> Path:
+    """A copy of checkpoints written by trainkit before the safetensors shards
+    (trainkit-raw/1, by data/make_raw1.py at commit 2dfb1ef): steps 1 and 2 of ``make()``."""
+    root = tmp_path / "raw1"
+    shutil.copytree(RAW1 / "checkpoints", root)
+    return root
 
 
 def seed_all(s: int) -> None:
@@ -125,10 +137,10 @@ def test_torn_checkpoint_is_skipped(tmp_path, damage):
     if damage == "no_manifest":
         (d2 / "manifest.json").unlink()
     elif damage == "truncate_shard":
-        shard = d2 / "__0_0.distcp"
+        shard = d2 / "__0_0.safetensors"
         shard.write_bytes(shard.read_bytes()[:100])
     elif damage == "flip_byte":
-        _flip_byte(d2 / "__0_0.distcp")
+        _flip_byte(d2 / "__0_0.safetensors")
     elif damage == "bad_manifest":
         (d2 / "manifest.json").write_text('{"format": "trainkit-checkpoint/1", "st')
     elif damage == "drop_rank_json":
@@ -150,7 +162,7 @@ def test_torn_checkpoint_is_skipped(tmp_path, damage):
 def test_explicit_corrupt_step_raises(tmp_path):
     root = tmp_path / "ck"
     _two_checkpoints(str(root))
-    _flip_byte(root / "step_000000002" / "__0_0.distcp")
+    _flip_byte(root / "step_000000002" / "__0_0.safetensors")
     model, opt = make()
     with pytest.raises(StorageError, match="checksum"):
         Checkpointer(str(root)).load(state_of(model, opt, {"step": 0}), step=2)
@@ -159,8 +171,10 @@ def test_explicit_corrupt_step_raises(tmp_path):
 def test_same_size_garbage_is_caught_by_checksums_not_by_sizes(tmp_path):
     root = tmp_path / "ck"
     snaps = _two_checkpoints(str(root))
-    shard = root / "step_000000002" / "__0_0.distcp"
-    shard.write_bytes(b"\x00" * shard.stat().st_size)  # same size, garbage content
+    shard = root / "step_000000002" / "__0_0.safetensors"
+    data = shard.read_bytes()
+    start = 8 + int.from_bytes(data[:8], "little")  # the safetensors header stays readable
+    shard.write_bytes(data[:start] + b"\x00" * (len(data) - start))  # same size, garbage tensors
     model, opt = make(seed=3)
     assert Checkpointer(str(root), verify="size").load(state_of(model, opt, {"step": 0}), step=2) == 2
     assert not same(snaps[2], snapshot(model, opt))  # sizes say nothing about content
@@ -170,14 +184,15 @@ def test_same_size_garbage_is_caught_by_checksums_not_by_sizes(tmp_path):
 
 
 def test_malicious_metadata_is_never_unpickled(tmp_path):
+    """New checkpoints hold no pickle at all; a trainkit-raw/1 one still has DCP's pickled
+    .metadata, which is read through an allow-list."""
     class Evil:
         def __reduce__(self):
             return (os.system, ("touch " + str(tmp_path / "pwned"),))
 
     with pytest.raises(pickle.UnpicklingError):
         safe_load_metadata(pickle.dumps(Evil()))
-    root = tmp_path / "ck"
-    _two_checkpoints(str(root))
+    root = raw1_copy(tmp_path)
     # an attacker who can write the bucket can also fix up the manifest's checksums
     d2 = root / "step_000000002"
     evil = pickle.dumps(Evil())
@@ -293,7 +308,7 @@ def test_a_failed_file_in_any_writer_thread_fails_the_save(tmp_path):
     checkpoint with items missing, whichever of the two threads meets the bad file."""
     root = tmp_path / "ck"
     model, opt = make()
-    for blocked in ("__0_0.distcp", "__0_1.distcp"):
+    for blocked in ("__0_0.safetensors", "__0_1.safetensors"):
         step_dir = root / "step_000000001"
         shutil.rmtree(step_dir, ignore_errors=True)
         (step_dir / blocked).mkdir(parents=True)  # a directory where the data file must go
@@ -330,12 +345,13 @@ def test_overlapped_staging_holds_the_state_of_the_save_step(tmp_path):
 
 
 def test_torch_stock_reader_refuses_raw_shards_instead_of_misreading(tmp_path):
+    """A trainkit-raw/1 checkpoint (the first format) tags its items, so torch's pickle-based
+    reader refuses them instead of misreading raw bytes."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.api import CheckpointException
 
-    root = tmp_path / "ck"
-    _two_checkpoints(str(root))
+    root = raw1_copy(tmp_path)
     model, opt = make(seed=5)
     sd = {"app": {"model": model.state_dict()}}
     with pytest.raises(CheckpointException) as info:

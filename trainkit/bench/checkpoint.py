@@ -60,6 +60,7 @@ import torch
 
 from trainkit import rundir, storage
 from trainkit.bench import report
+from trainkit.checkpoint._dcp_io import is_data_file
 
 MB = 1e6
 GB = 1e9
@@ -303,7 +304,7 @@ def bench_save_load(root: str, state_gb: float = 1.0, repeats: int = 3, *, batch
             ck.wait()
             add("async_total_s", ck.last_save_s)
             fs, p = storage.filesystem(ck.store.step_url(step))
-            data_files = max(1, sum(1 for f in fs.ls(p, detail=False) if f.endswith(".distcp")))
+            data_files = max(1, sum(1 for f in fs.ls(p, detail=False) if is_data_file(f.rsplit("/", 1)[-1])))
             after, paths = raw_fresh("b", data_files)
             add("raw_put_s", (before + after) / 2)
             add("save_vs_raw", (before + after) / 2 / ck.last_save_s)

@@ -9,20 +9,23 @@
 * :class:`ModelOptimState`, :class:`RNGState`, :class:`RankLocal`, :func:`rng_state`,
   :func:`set_rng_state` — pieces of the state tree.
 * :func:`export_safetensors`, :func:`load_for_export` — unsharded weights for serving.
+* :func:`dcp_reader`, :func:`locate` — a committed checkpoint on any URL, for ``dcp.load``
+  and tools (every shard is a safetensors file; docs/checkpoints.md).
 * :class:`SavePolicy` — every N steps / T seconds.
 """
 
 from trainkit.checkpoint._tree import CheckpointMismatch
 from trainkit.checkpoint.checkpointer import Checkpointer, DCPCheckpointer
 from trainkit.checkpoint.deepspeed import DeepSpeedCheckpointer  # imports deepspeed only when used
-from trainkit.checkpoint.export import export_safetensors, load_for_export
+from trainkit.checkpoint.export import export_safetensors
 from trainkit.checkpoint.policy import SavePolicy
 from trainkit.checkpoint.protocol import CheckpointerProtocol
+from trainkit.checkpoint.read import dcp_reader, load_for_export, locate
 from trainkit.checkpoint.state import ModelOptimState, RankLocal, RNGState, rng_state, set_rng_state
 
 
 __all__ = [
     "CheckpointMismatch", "Checkpointer", "CheckpointerProtocol", "DCPCheckpointer", "DeepSpeedCheckpointer",
-    "ModelOptimState", "RNGState", "RankLocal", "SavePolicy", "export_safetensors", "load_for_export", "rng_state",
+    "ModelOptimState", "RNGState", "RankLocal", "SavePolicy", "dcp_reader", "export_safetensors", "load_for_export", "locate", "rng_state",
     "set_rng_state",
 ]

@@ -19,7 +19,8 @@ from torch.distributed.checkpoint.state_dict_saver import AsyncSaveResponse
 
 from trainkit import distributed, storage
 from trainkit.checkpoint import _codec
-from trainkit.checkpoint._dcp_io import METADATA_FILE, SafeFsspecReader, TrackedFsspecWriter, safe_load_metadata
+from trainkit.checkpoint._dcp_io import (METADATA_FILE, SAFETENSORS, SafeFsspecReader, TrackedFsspecWriter,
+                                         read_metadata, shard_format)
 from trainkit.checkpoint._protocol import (agree, commit_collectively, load_newest, manifest_agreed,
                                            rank_state_agreed)
 from trainkit.checkpoint._store import CheckpointStore, step_name
@@ -162,9 +163,11 @@ class DCPCheckpointer:
         return TrackedFsspecWriter(url, storage.storage_options(url), sync_files=self.store.local,
                                    thread_count=self.io_threads)
 
-    def _reader(self, step: int, expected: dict[str, dict[str, Any]] | None) -> SafeFsspecReader:
+    def _reader(self, step: int, expected: dict[str, dict[str, Any]] | None, metadata, shards: str
+                ) -> SafeFsspecReader:
         url = self.store.step_url(step)
-        return SafeFsspecReader(url, storage.storage_options(url), expected=expected, threads=self.io_threads)
+        return SafeFsspecReader(url, storage.storage_options(url), expected=expected, threads=self.io_threads,
+                                metadata=metadata, shards=shards)
 
     def _already_committed(self, step: int) -> bool:
         """Whether ``step`` is committed; asks the store only when it could be."""
@@ -273,7 +276,7 @@ class DCPCheckpointer:
             log.info("checkpoint step %d committed under %s (%.2fs)", step, self.root, self.last_save_s)
 
         commit_collectively(self.store, self._group, step, records, err, keep_last=self.keep_last,
-                            keep_every=self.keep_every, extra={"kind": "dcp"}, on_commit=committed)
+                            keep_every=self.keep_every, extra={"kind": "dcp", "shards": SAFETENSORS}, on_commit=committed)
 
     def wait(self) -> None:
         """Blocks until the in-flight save is committed; raises its error if it failed."""
@@ -318,18 +321,22 @@ class DCPCheckpointer:
         man, problem = manifest_agreed(self.store, g, step, "dcp")
         if problem:
             return problem
-        # 2. DCP metadata (checked, safely unpickled) and the structure of the state
-        md_info, problem = None, None
+        # 2. the DCP metadata (the shard headers; a raw/1 checkpoint's .metadata, checked and
+        #    safely unpickled) and the structure of the state
+        shards = shard_format(man, self.store.step_url(step))
+        md, problem = None, None
         if r == 0:
             try:
-                record = man["files"][METADATA_FILE] if self.verify == "checksum" else None
-                md = safe_load_metadata(self.store.read(step, METADATA_FILE, record))
-                md_info = {k: tuple(v.size) for k, v in md.state_dict_metadata.items() if hasattr(v, "size")}
+                record = man["files"].get(METADATA_FILE) if self.verify == "checksum" else None
+                md, _ = read_metadata(self.store.fs, self.store.step_path(step), man["files"],
+                                      what=self.store.step_url(step), shards=shards, metadata_record=record,
+                                      threads=self.io_threads)
             except Exception as exc:  # noqa: BLE001
                 problem = f"DCP metadata unreadable: {_short(exc)}"
-        md_info, problem = distributed.broadcast_object((md_info, problem), g)
+        md, problem = distributed.broadcast_object((md, problem), g)
         if problem:
             return problem
+        md_info = {k: tuple(v.size) for k, v in md.state_dict_metadata.items() if hasattr(v, "size")}
         shared, _ = split_state(state)
         _, tensors = _codec.split(shared)
         missing = sorted(k for k in tensors if k not in md_info)
@@ -350,7 +357,7 @@ class DCPCheckpointer:
         #    read is checked against the manifest in the same pass
         expected = man["files"] if self.verify == "checksum" else None
         try:
-            storage.retry(lambda: _dcp(lambda: dcp.load(tensors, storage_reader=self._reader(step, expected),
+            storage.retry(lambda: _dcp(lambda: dcp.load(tensors, storage_reader=self._reader(step, expected, md, shards),
                                                         process_group=g, no_dist=not distributed.initialized())),
                           what=self.store.step_url(step), attempts=self.save_attempts, base_delay=0.4)
         except StorageError as exc:

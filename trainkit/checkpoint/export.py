@@ -1,17 +1,19 @@
-"""Unsharded exports for serving: safetensors from a live model, tensors from a checkpoint."""
+"""Unsharded exports: safetensors from a live model (all ranks), and a committed checkpoint
+as Hugging Face safetensors, a torch file or an Accelerate state directory (one process)."""
 
 from __future__ import annotations
 
+import io
+import json
 import logging
+from typing import Any
 
 import torch
-import torch.distributed.checkpoint as dcp
 
 from trainkit import storage
 from trainkit import distributed
-from trainkit.checkpoint._dcp_io import METADATA_FILE, SafeFsspecReader, safe_load_metadata
-from trainkit.checkpoint._store import MANIFEST, CheckpointStore
-from trainkit.errors import StorageError
+from trainkit.errors import ConfigError, StorageError
+from trainkit.rundir import EXPORT as EXPORT_FILE
 
 log = logging.getLogger("trainkit.checkpoint")
 
@@ -64,39 +66,148 @@ def export_safetensors(model: torch.nn.Module, url: str, *, metadata: dict[str, 
     return url
 
 
-def _resolve_step_url(ckpt_url: str) -> str:
-    store = CheckpointStore(ckpt_url)
-    fs, path = store.fs, store.root_path
-    store.invalidate(path)
-    if storage.retry(lambda: fs.exists(f"{path}/{MANIFEST}") or fs.exists(f"{path}/{METADATA_FILE}"),
-                     what=ckpt_url):
-        return store.root
-    step = store.valid_latest()
-    if step is None:
-        raise StorageError(f"{ckpt_url}: no committed checkpoint")
-    return store.step_url(step)
+# -- exports of a committed checkpoint, in one process ------------------------------------
+
+EXPORT_FORMATS = ("safetensors", "torch", "accelerate")
+INDEX = "model.safetensors.index.json"
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20,
+          "GIB": 2**30, "TIB": 2**40}
 
 
-def load_for_export(ckpt_url: str, prefix: str = "") -> dict[str, torch.Tensor]:
-    """All tensors of a sharded DCP checkpoint, unsharded, in this one process.
+def parse_size(text: str) -> int:
+    """``"5GB"``, ``"500MiB"``, ``"1000000"`` → bytes (as Hugging Face's ``max_shard_size``)."""
+    num = text.strip().upper().rstrip("S")
+    unit = num.lstrip("0123456789.")
+    try:
+        value = float(num[: len(num) - len(unit)]) * _UNITS[unit.strip()]
+    except (KeyError, ValueError):
+        raise ConfigError(f"--max-shard-size: {text!r} is not a size (e.g. 5GB, 500MB, 2GiB)") from None
+    if value < 1:
+        raise ConfigError(f"--max-shard-size: {text!r} must be at least 1 byte")
+    return int(value)
 
-    ``ckpt_url`` is a step directory or a checkpointer root (then its newest committed
-    step). ``prefix`` keeps only keys starting with it and strips it: ``"app.model."`` gives
-    the plain model weights of ``state["app"] = ModelOptimState(...)``; ``""`` gives every
-    tensor (optimizer state included). Needs no process group; reads the metadata with the
-    allow-list unpickler and tensors with ``weights_only=True``.
-    """
-    from trainkit.checkpoint.checkpointer import _quiet_dcp
 
-    _quiet_dcp()
-    step_url = _resolve_step_url(ckpt_url)
-    fs, path = storage.filesystem(step_url)
-    raw = storage.retry(lambda: fs.cat_file(f"{path.rstrip('/')}/{METADATA_FILE}"), what=f"{step_url}/{METADATA_FILE}")
-    md = safe_load_metadata(raw)
-    sd: dict[str, torch.Tensor] = {}
-    for k, v in md.state_dict_metadata.items():
-        if not hasattr(v, "size") or not k.startswith(prefix):
-            continue
-        sd[k] = torch.empty(tuple(v.size), dtype=v.properties.dtype)
-    dcp.load(sd, storage_reader=SafeFsspecReader(step_url, storage.storage_options(step_url)), no_dist=True)
-    return {k[len(prefix):]: t for k, t in sd.items()}
+def _put(url: str, data: bytes) -> None:
+    fs, path = storage.filesystem(url)
+
+    def put() -> None:
+        parent = path.rsplit("/", 1)[0]
+        if storage.is_local(url) and parent:
+            fs.makedirs(parent, exist_ok=True)
+        fs.pipe_file(path, data)
+
+    storage.retry(put, what=url)
+
+
+def write_hf_safetensors(sd: dict[str, torch.Tensor], out: str, *, max_shard_size: int | None = None,
+                         metadata: dict[str, str] | None = None) -> list[str]:
+    """Hugging Face's layout: ``model.safetensors``, or ``model-0000i-of-0000n.safetensors``
+    shards of at most ``max_shard_size`` bytes (a larger tensor gets a shard of its own) plus
+    ``model.safetensors.index.json``. Returns the URLs written."""
+    from safetensors.torch import save as st_save
+
+    sd = _dedup_storage(sd)
+    groups: list[list[str]] = [[]]
+    used = 0
+    for key, t in sd.items():
+        n = t.numel() * t.element_size()
+        if max_shard_size and groups[-1] and used + n > max_shard_size:
+            groups.append([])
+            used = 0
+        groups[-1].append(key)
+        used += n
+    meta = {"format": "pt", **(metadata or {})}
+    if len(groups) == 1:
+        url = storage.join(out, EXPORT_FILE)
+        _put(url, st_save(sd, metadata=meta))
+        return [url]
+    written, weight_map = [], {}
+    for i, keys in enumerate(groups, 1):
+        name = f"model-{i:05d}-of-{len(groups):05d}.safetensors"
+        url = storage.join(out, name)
+        _put(url, st_save({k: sd[k] for k in keys}, metadata=meta))
+        weight_map.update(dict.fromkeys(keys, name))
+        written.append(url)
+    total = sum(t.numel() * t.element_size() for t in sd.values())
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    url = storage.join(out, INDEX)
+    _put(url, json.dumps(index, indent=2).encode())
+    return [*written, url]
+
+
+def _model_optim_entry(tree: dict[str, Any], prefix: str | None) -> str:
+    """The state entry holding ``{"model": ..., "optim": ...}`` (ModelOptimState's form)."""
+    if prefix is not None:
+        if prefix not in tree:
+            raise ConfigError(f"--entry {prefix!r}: the checkpoint's entries are {sorted(tree)}")
+        return prefix
+    found = [k for k, v in tree.items() if isinstance(v, dict) and isinstance(v.get("model"), dict)]
+    if len(found) != 1:
+        raise ConfigError(f"cannot tell which entry is the model (entries with a 'model': {found}); "
+                          f"name one with --entry (entries: {sorted(tree)})")
+    return found[0]
+
+
+def checkpoint_tree(url: str, step: int | None = None) -> tuple[Any, dict[str, Any]]:
+    """(the located step, its full shared state tree with every tensor unsharded), as the
+    state entries' ``state_dict()`` returned them at the save, in one process."""
+    from trainkit.checkpoint import _codec
+    from trainkit.checkpoint._tree import read_rank_state
+    from trainkit.checkpoint.read import load_for_export, locate
+
+    loc = locate(url, step)
+    if loc.kind != "dcp":
+        raise StorageError(f"{loc.url}: a {loc.kind} checkpoint; export reads DCP checkpoints only")
+    tensors = load_for_export(loc.url)
+    doc, _ = read_rank_state(loc.store, loc.step, loc.manifest, 0)
+    return loc, _codec.decode(doc["state"], lambda key: tensors[key])
+
+
+def _indexed_optimizer(osd: dict[str, Any]) -> dict[str, Any]:
+    """An optimizer state dict keyed by parameter name (``get_optimizer_state_dict``) as
+    ``torch.optim.Optimizer.state_dict()`` keys it: parameters numbered in group order."""
+    ids: dict[str, int] = {}
+    groups = []
+    for g in osd.get("param_groups", []):
+        groups.append({**g, "params": [ids.setdefault(p, len(ids)) for p in g["params"]]})
+    return {"state": {ids[k]: v for k, v in osd.get("state", {}).items() if k in ids}, "param_groups": groups}
+
+
+def export_checkpoint(url: str, out: str, to: str, *, step: int | None = None, max_shard_size: int | None = None,
+                      entry: str | None = None) -> list[str]:
+    """Writes a committed checkpoint's model (and, where the format holds one, its optimizer
+    and LR scheduler) to ``out`` with no process group; returns the URLs written.
+
+    ``safetensors``: Hugging Face's layout (model only). ``torch``: ``checkpoint.pt``, a
+    ``torch.save`` of ``{"model": state_dict, "optimizer": state_dict keyed by parameter
+    name}`` (``torch.load(weights_only=True)`` reads it). ``accelerate``: what
+    ``Accelerator.save_state`` writes for one model and optimizer (``model.safetensors``,
+    ``optimizer.bin``, ``scheduler.bin`` when the run had one), so ``load_state`` resumes an
+    Accelerate loop from it; ``max_shard_size`` applies to ``safetensors`` only (Accelerate
+    reads one unsharded model file)."""
+    if to not in EXPORT_FORMATS:
+        raise ConfigError(f"--to {to!r}: unknown format; choose one of {', '.join(EXPORT_FORMATS)}")
+    loc, tree = checkpoint_tree(url, step)
+    name = _model_optim_entry(tree, entry)
+    model, optim = tree[name]["model"], tree[name].get("optim")
+    meta = {"trainkit_checkpoint": loc.url}
+    if to == "safetensors":
+        return write_hf_safetensors(model, out, max_shard_size=max_shard_size, metadata=meta)
+    buf = io.BytesIO()
+    if to == "torch":
+        torch.save({"model": model, "optimizer": optim}, buf)
+        url_pt = storage.join(out, "checkpoint.pt")
+        _put(url_pt, buf.getvalue())
+        return [url_pt]
+    written = write_hf_safetensors(model, out, metadata=meta)  # load_state reads one model.safetensors
+    if optim is not None:
+        torch.save(_indexed_optimizer(optim), buf)
+        written.append(storage.join(out, "optimizer.bin"))
+        _put(written[-1], buf.getvalue())
+    sched = tree.get("scheduler")
+    if isinstance(sched, dict):
+        buf = io.BytesIO()
+        torch.save(sched, buf)
+        written.append(storage.join(out, "scheduler.bin"))
+        _put(written[-1], buf.getvalue())
+    return written
