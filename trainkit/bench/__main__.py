@@ -1,4 +1,4 @@
-"""``python -m trainkit.bench step|data|checkpoint|node-loss|spot [options]``."""
+"""``python -m trainkit.bench step|data|checkpoint|node-loss|spot|scale [options]``."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ BENCHES = {
     "checkpoint": "trainkit.bench.checkpoint",
     "node-loss": "trainkit.bench.node_loss",
     "spot": "trainkit.bench.spot",
+    "scale": "trainkit.bench.scale",
 }
 
 

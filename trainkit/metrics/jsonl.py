@@ -2,11 +2,12 @@
 
 Object stores cannot append. For a remote ``run_dir`` the log is kept in a local mirror and
 uploaded on flush (every few seconds), and it is rolled: once the mirror holds
-``part_bytes``, its records are sealed into ``<name>.parts/NNNNNN.jsonl`` and ``<name>``
-starts again empty. An upload therefore costs at most ``part_bytes`` however long the run
-is; re-uploading the whole file instead grows every upload with the run (a month of
-metrics is ~100 MB, put again every 10 s). Readers join the parts and the tail
-(:func:`trainkit.rundir.read_jsonl`).
+``part_bytes`` (1 MiB), its records are sealed into ``<name>.parts/NNNNNN.jsonl`` and
+``<name>`` starts again empty. An upload therefore costs at most ``part_bytes`` however long
+the run is; re-uploading the whole file made every upload grow with the run (a month of
+metrics at one record per 10 s is ~110 MB, put again every 10 s: ~14 TB over the month,
+docs/benchmarks/scale-2026-12-01.md). Readers join the parts and the tail
+(:func:`trainkit.rundir.read_jsonl`); a month is ~110 parts.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Any
 
 from trainkit import rundir, storage
 
-PART_BYTES = 8 << 20
+PART_BYTES = 1 << 20
 
 
 class JsonlLog:
