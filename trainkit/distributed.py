@@ -150,21 +150,20 @@ def barrier(group=None) -> None:
         dist.barrier(group=group)
 
 
-def all_mean(values: list[float], device: torch.device) -> list[float]:
-    """Averages a few scalars over ranks in one collective."""
+def mean_and_max(means: torch.Tensor, maxes: torch.Tensor) -> tuple[list[float], list[float]]:
+    """Averages ``means`` and takes the maximum of ``maxes`` over ranks (1-d float64 tensors on
+    the training device): one collective, then one device-to-host transfer."""
+    both = torch.cat([means, maxes])
     if not dist.is_initialized():
-        return values
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return (t / dist.get_world_size()).tolist()
-
-
-def all_max(value: float, device: torch.device) -> float:
-    if not dist.is_initialized():
-        return value
-    t = torch.tensor([value], dtype=torch.float64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return float(t.item())
+        rows = [both.tolist()]
+    else:
+        parts = [torch.empty_like(both) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, both)
+        rows = torch.stack(parts).tolist()
+    n = means.numel()
+    mean = [sum(r[i] for r in rows) / len(rows) for i in range(n)]
+    peak = [max(r[n + i] for r in rows) for i in range(maxes.numel())]
+    return mean, peak
 
 
 def initialized() -> bool:

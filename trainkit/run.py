@@ -145,6 +145,7 @@ class Run:
             seed=self.cfg.seed,
             num_workers=self.cfg.data.num_workers,
             transform=transform,
+            device=self.dist.device,
         )
 
     def stream(self, url: str) -> Any:
@@ -294,8 +295,13 @@ class Run:
         so the next regular record covers the same steps as in an uninterrupted run.
         """
         loss_sum, count, timers, elapsed, steps = self._window.read(self.step)
-        (loss,) = distributed.all_mean([loss_sum / max(1, count)], self.dist.device)
-        mem = distributed.all_max(_memory_peak(self.dist.device), self.dist.device)
+        device = self.dist.device
+        # Everything a record reads from the device, in one collective and one transfer.
+        norm = self._grad_norm
+        norm = torch.as_tensor(-1.0 if norm is None else norm, device=device).to(torch.float64).reshape(1)
+        # The norm is the same on every rank: its maximum is it, exactly.
+        peaks = torch.cat([torch.tensor([_memory_peak(device)], dtype=torch.float64, device=device), norm])
+        (loss,), (mem, grad_norm) = distributed.mean_and_max((loss_sum / max(1, count)).reshape(1), peaks)
         elapsed = max(elapsed, 1e-9)
         samples = steps * self.cfg.data.batch_size
         per_step = {k: v / max(1, steps) for k, v in timers.items()}
@@ -320,7 +326,7 @@ class Run:
         if self._mfu_per_sample:
             record["mfu"] = record["samples_per_s"] * self._mfu_per_sample
         if self._grad_norm is not None:
-            record["grad_norm"] = float(self._grad_norm)
+            record["grad_norm"] = grad_norm
         if regular:
             self._window.reset(self.step)
         self._last_record = record

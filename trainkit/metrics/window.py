@@ -41,9 +41,10 @@ class LogWindow:
     def elapsed(self) -> float:
         return self._carried_s + time.perf_counter() - self._t0
 
-    def read(self, step: int) -> tuple[float, int, dict[str, float], float, int]:
-        """(loss sum, losses, timers, seconds, optimizer steps) of the window up to ``step``."""
-        return float(self.loss_sum), self.count, dict(self.timers), self.elapsed(), step - self.since_step
+    def read(self, step: int) -> tuple[torch.Tensor, int, dict[str, float], float, int]:
+        """(loss sum as a device tensor, losses, timers, seconds, optimizer steps) of the window
+        up to ``step``."""
+        return self.loss_sum.clone(), self.count, dict(self.timers), self.elapsed(), step - self.since_step
 
     def reset(self, step: int) -> None:
         self.loss_sum.zero_()
