@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
-import json
 import math
 import os
 import pickle
@@ -739,13 +738,6 @@ def goodput_section(raw: dict[str, Any]) -> str:
 def _fit_linear(xs: list[float], ys: list[float]) -> tuple[float, float]:
     a, b = np.polyfit(np.asarray(xs, float), np.asarray(ys, float), 1)
     return float(a), float(b)
-
-
-def _order_of(xs: list[float], ys: list[float]) -> float:
-    """The exponent k of y ~ x^k between the two largest x (a growth order, measured)."""
-    if len(xs) < 2 or ys[-2] <= 0 or ys[-1] <= 0:
-        return float("nan")
-    return math.log(ys[-1] / ys[-2]) / math.log(xs[-1] / xs[-2])
 
 
 def run(argv: list[str] | None = None) -> None:
