@@ -28,4 +28,10 @@ def dcp_debug_loggers() -> list[logging.Logger]:
     return [lg for lg in found if isinstance(lg, logging.Logger)]
 
 
-__all__ = ["FileSystem", "FsspecReader", "FsspecWriter", "StorageInfo", "dcp_debug_loggers"]
+def staging_stream(stager) -> object | None:
+    """DCP ``DefaultStager``'s copy stream (None off an accelerator or without async staging):
+    the checkpointer orders it after the training stream, and torch 2.13 exposes no way to."""
+    return stager._staging_stream
+
+
+__all__ = ["FileSystem", "FsspecReader", "FsspecWriter", "StorageInfo", "dcp_debug_loggers", "staging_stream"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 
+import torch
 from torch.distributed.checkpoint import StorageReader, StorageWriter
 
 from trainkit import _compat
@@ -28,3 +29,15 @@ def test_storage_info_fields_as_written():
 def test_dcp_debug_loggers_are_found():
     loggers = _compat.dcp_debug_loggers()
     assert len(loggers) == 2 and all(isinstance(lg, logging.Logger) for lg in loggers)
+
+
+def test_default_stager_keeps_its_copy_stream_where_read():
+    from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+
+    stager = DefaultStager(StagingOptions(use_pinned_memory=False, use_shared_memory=False, use_async_staging=True,
+                                          use_non_blocking_copy=False))
+    try:
+        stream = _compat.staging_stream(stager)  # AttributeError here when torch renames it
+        assert stream is None if not torch.accelerator.is_available() else isinstance(stream, torch.Stream)
+    finally:
+        stager.close()

@@ -124,6 +124,25 @@ def train(a: dict) -> None:
         dist.destroy_process_group()
 
 
+def warm(a: dict) -> None:
+    """Warm-starts a model built apart from the source (weights moved off) and dumps it."""
+    from trainkit.checkpoint.warm import warm_start
+
+    strategy = a["strategy"]
+    init_dist(strategy)
+    model, opt = build(strategy)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    print(warm_start(model, opt, a["source"], load_optimizer=a.get("load_optimizer", False)), flush=True)
+    out = Path(a["out"])
+    out.mkdir(parents=True, exist_ok=True)
+    dump(model, opt, {}, out / f"{a['tag']}_warm.safetensors")
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def ds_train(a: dict) -> None:
     """DeepSpeed ZeRO-2 on gloo: train, save/load through DeepSpeedCheckpointer."""
     import deepspeed

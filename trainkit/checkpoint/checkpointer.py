@@ -84,11 +84,20 @@ class _KeepStager(DefaultStager):
 
     def __init__(self, overlap: bool) -> None:
         cuda = torch.cuda.is_available()
+        # Non-blocking copies on CUDA also without overlap: queued into the pinned buffers and
+        # waited for once per save, not once per tensor.
         super().__init__(StagingOptions(use_pinned_memory=cuda, use_shared_memory=False,
-                                        use_async_staging=overlap, use_non_blocking_copy=cuda and overlap))
+                                        use_async_staging=overlap, use_non_blocking_copy=cuda))
         self.staged: Any = None
 
     def stage(self, state_dict, **kwargs):
+        from trainkit._compat import staging_stream
+
+        stream = staging_stream(self)
+        if stream is not None:
+            # The tensors were last written on the training stream (the optimizer step, maybe
+            # still queued): the copy stream starts after it, with no host wait.
+            stream.wait_stream(torch.accelerator.current_stream())
         self.staged = super().stage(state_dict, **kwargs)
         return self.staged
 
