@@ -19,7 +19,8 @@ def test_two_workers_print_and_record_the_ratio(tmp_path, strategy):
     assert p.returncode == 0, p.stderr
     raw = json.loads(next(x for x in p.stdout.splitlines() if x.startswith('{"bench": "step"')))
     assert raw["workers"] == 2 and raw["backend"] == "gloo" and raw["strategy"] == strategy
-    assert len(raw["ours"]) == len(raw["plain"]) == 2 and all(t > 0 for t in raw["ours"] + raw["plain"])
+    assert len(raw["ours"]) == len(raw["plain"]) == 2 and all(mean > 0 and step > 0 for mean, step in raw["ours"] + raw["plain"])
+    assert len(raw["step_ratios"]) == 2 and "median single-step ratio" in p.stdout
     assert f"ratio trainkit/hand-written {'DDP' if strategy == 'ddp' else 'FSDP2'}:" in p.stdout
     text = out.read_text()
     assert text.startswith("# Step overhead") and f"--strategy {strategy} --workers 2" in text and "median step" in text

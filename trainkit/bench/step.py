@@ -67,7 +67,7 @@ def _sync(device: torch.device) -> None:
 
 
 def plain_loop(batches: list[Any], width: int, depth: int, strategy: str = "single",
-               device: torch.device = torch.device("cpu")) -> float:
+               device: torch.device = torch.device("cpu")) -> tuple[float, float]:
     """The loop as one writes it by hand: wrap, step, read the loss every LOG_EVERY steps
     (averaged over ranks, as a logging loop does)."""
     model = _model(width, depth).to(device)
@@ -85,7 +85,7 @@ def plain_loop(batches: list[Any], width: int, depth: int, strategy: str = "sing
     loss_fn = nn.CrossEntropyLoss()
     if strategy != "single":
         dist.barrier()
-    t0 = time.perf_counter()
+    marks = [time.perf_counter()]
     for i, (x, y) in enumerate(batches):
         loss = loss_fn(model(x), y)
         loss.backward()
@@ -96,12 +96,19 @@ def plain_loop(batches: list[Any], width: int, depth: int, strategy: str = "sing
             if strategy != "single":
                 dist.all_reduce(value)
             value.item()
+        marks.append(time.perf_counter())
     _sync(device)
-    return (time.perf_counter() - t0) / len(batches)
+    return _timed(marks, len(batches))
+
+
+def _timed(marks: list[float], steps: int) -> tuple[float, float]:
+    """(mean step time over the loop, median time between step ends). The median is robust
+    to bursts of load from other processes; it leaves out the logging steps (one in LOG_EVERY)."""
+    return (time.perf_counter() - marks[0]) / steps, statistics.median(b - a for a, b in zip(marks, marks[1:]))
 
 
 def trainkit_loop(batches: list[Any], width: int, depth: int, run_dir: str, strategy: str = "single",
-                  threads: int = 0) -> float:
+                  threads: int = 0) -> tuple[float, float]:
     from trainkit.run import Run
 
     cfg = Config(run_dir=run_dir)
@@ -119,19 +126,20 @@ def trainkit_loop(batches: list[Any], width: int, depth: int, run_dir: str, stra
     loss_fn = nn.CrossEntropyLoss()
     if strategy != "single":
         dist.barrier()
-    t0 = time.perf_counter()
+    marks = [time.perf_counter()]
     for x, y in run.steps(batches):
         with run.autocast():
             loss = loss_fn(model(x), y)
         run.backward(loss)
         run.optimizer_step(opt)
+        marks.append(time.perf_counter())
     _sync(run.dist.device)
-    elapsed = (time.perf_counter() - t0) / len(batches)
+    timed = _timed(marks, len(batches))
     run.finish()
-    return elapsed
+    return timed
 
 
-def _rounds(rounds: int, ours: Any, plain: Any) -> tuple[list[float], list[float]]:
+def _rounds(rounds: int, ours: Any, plain: Any) -> tuple[list[Any], list[Any]]:
     """Alternating rounds, the order swapped every round so a drift in speed hits both."""
     a, b = [], []
     for r in range(rounds):
@@ -226,8 +234,9 @@ def main(argv: list[str]) -> None:
         else:
             result = _distributed(args, device, tmp)
     wall = time.perf_counter() - t_start
-    ours, plain = result["ours"], result["plain"]
+    ours, plain = [t[0] for t in result["ours"]], [t[0] for t in result["plain"]]
     ratios = [o / q for o, q in zip(ours, plain)]
+    step_ratios = [o[1] / q[1] for o, q in zip(result["ours"], result["plain"])]
     params = sum(q.numel() for q in _model(args.width, args.depth).parameters())
     hand = {"single": "plain PyTorch", "ddp": "hand-written DDP", "fsdp": "hand-written FSDP2"}[args.strategy]
     where = f"{args.workers} x {result['backend']}" if result["backend"] else "one process"
@@ -235,16 +244,18 @@ def main(argv: list[str]) -> None:
         f"model: MLP {args.depth}x{args.width} ({params / 1e6:.2f}M params), global batch {args.batch}, "
         f"{args.steps} steps x {args.rounds} rounds, strategy {args.strategy} on {where} ({result['device']}), "
         f"{result['threads']} threads per process",
-        f"{hand} step:".ljust(24) + f"{statistics.median(plain) * 1e3:.3f} ms (median)",
-        "trainkit step:".ljust(24) + f"{statistics.median(ours) * 1e3:.3f} ms (median)",
+        f"{hand} step:".ljust(26) + f"{statistics.median(plain) * 1e3:.3f} ms (median)",
+        "trainkit step:".ljust(26) + f"{statistics.median(ours) * 1e3:.3f} ms (median)",
         f"ratio trainkit/{hand}: {statistics.median(ratios):.4f} (per round: {', '.join(f'{r:.3f}' for r in ratios)})",
+        f"median single-step ratio (non-logging steps, robust to load bursts): {statistics.median(step_ratios):.4f} "
+        f"(per round: {', '.join(f'{r:.3f}' for r in step_ratios)})",
     ]
     print("\n".join(lines))
     load_end, commit_end = report.load_avg(), report.git_commit()
     print(f"machine: {report.describe(info)}; commit {report.commits(info['git_commit'], commit_end)}; "
           f"load average {info['load_avg']} at start, {load_end} at end")
     raw = {"bench": "step", "strategy": args.strategy, "workers": args.workers, **result, "ratios": ratios,
-           "ratio": statistics.median(ratios), "plain_ms": statistics.median(plain) * 1e3,
+           "ratio": statistics.median(ratios), "step_ratios": step_ratios, "step_ratio": statistics.median(step_ratios), "plain_ms": statistics.median(plain) * 1e3,
            "trainkit_ms": statistics.median(ours) * 1e3, "params": params, "width": args.width, "depth": args.depth,
            "batch": args.batch, "steps": args.steps, "rounds": args.rounds}
     print(json.dumps(raw))
@@ -252,7 +263,7 @@ def main(argv: list[str]) -> None:
         command = "python -m trainkit.bench step " + " ".join(argv)
         body = [report.table(["loop", "median step (ms)"], [[hand, f"{raw['plain_ms']:.3f}"],
                                                             ["trainkit", f"{raw['trainkit_ms']:.3f}"]]),
-                lines[0], lines[-1]]
+                lines[0], lines[-2], lines[-1]]
         report.append(args.out, report.section(command.strip(), info, body, raw, wall_s=wall, load_end=load_end,
                                                commit_end=commit_end), "Step overhead")
 
