@@ -37,6 +37,8 @@ history's steps at the median step time, over the wall time.
 
 from __future__ import annotations
 
+from collections import Counter
+
 import math
 import statistics
 from collections.abc import Mapping, Sequence
@@ -57,7 +59,7 @@ def history_problems(final: Sequence[Record], max_steps: int) -> list[str]:
     """What is wrong with the final history: each step 1..max_steps exactly once, in order."""
     steps = [int(r["step"]) for r in final if isinstance(r.get("step"), (int, float))]
     problems = []
-    dup = sorted({s for s in steps if steps.count(s) > 1})
+    dup = sorted(s for s, n in Counter(steps).items() if n > 1)
     if dup:
         problems.append(f"steps logged more than once: {dup[:10]}")
     missing = sorted(set(range(1, max_steps + 1)) - set(steps))

@@ -29,7 +29,7 @@ def load_run(url: str) -> RunLog:
     log = RunLog(url=url, name=run_name(url))
     found = False
     for name, records in ((rundir.METRICS, log.metrics), (rundir.EVENTS, log.events)):
-        data = rundir.read_bytes(rundir.path(url, name))
+        data = rundir.read_log(rundir.path(url, name))
         if data is not None:
             found = True
             records += rundir.parse_jsonl(data.decode("utf-8", "replace"), rundir.path(url, name))
