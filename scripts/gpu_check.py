@@ -14,6 +14,7 @@ import datetime
 import json
 import os
 import shlex
+import signal
 import statistics
 import subprocess
 import sys
@@ -66,19 +67,20 @@ class Check:
             entry["status"] = "not run: out of time"
             return entry
         t0 = time.monotonic()
+        # A session of its own: on a timeout the launcher's workers go too, and free the GPU
+        # for the next step.
+        p = subprocess.Popen(argv, cwd=ROOT, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             start_new_session=True)
         try:
-            p = subprocess.run(argv, cwd=ROOT, env=self.env, capture_output=True, text=True, timeout=min(cap_s, left))
-            entry.update(rc=p.returncode, stdout=p.stdout, stderr=p.stderr,
-                         status="ok" if p.returncode == 0 else f"failed (exit {p.returncode}): {_last(p.stderr or p.stdout)}")
-        except subprocess.TimeoutExpired as exc:
-            entry.update(status=f"timed out after {min(cap_s, left):.0f}s",
-                         stdout=_text(exc.stdout), stderr=_text(exc.stderr))
+            out, err = p.communicate(timeout=min(cap_s, left))
+            entry.update(rc=p.returncode, stdout=out, stderr=err,
+                         status="ok" if p.returncode == 0 else f"failed (exit {p.returncode}): {_last(err or out)}")
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            out, err = p.communicate()
+            entry.update(status=f"timed out after {min(cap_s, left):.0f}s", stdout=out, stderr=err)
         entry["wall_s"] = round(time.monotonic() - t0, 1)
         return entry
-
-
-def _text(b: Any) -> str:
-    return b.decode(errors="replace") if isinstance(b, bytes) else (b or "")
 
 
 def _last(text: str) -> str:

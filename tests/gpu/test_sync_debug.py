@@ -19,13 +19,19 @@ REPO = HERE.parents[1]
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """One embedded store for all cases: each recipe's data is prepared once."""
+    return tmp_path_factory.mktemp("store")
+
+
 @pytest.mark.parametrize("recipe,strategy", [("resnet", "single"), ("resnet", "ddp"), ("gpt", "single"),
                                              ("gpt", "fsdp")])
-def test_non_logging_steps_never_wait_for_the_gpu(tmp_path, recipe, strategy):
+def test_non_logging_steps_never_wait_for_the_gpu(tmp_path, store, recipe, strategy):
     overrides = [f"recipe={recipe}", f"strategy={strategy}", "trainer.precision=bf16", "trainer.max_steps=30",
                  "trainer.log_every=10", "checkpoint.every_steps=20", "trainer.progress=off", "trainer.loggers=[]",
                  f"run_dir={tmp_path / 'run'}"]
-    env = dict(os.environ, TRAINKIT_STORE=str(tmp_path / "store"),
+    env = dict(os.environ, TRAINKIT_STORE=str(store),
                PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
     p = subprocess.run([sys.executable, str(HERE / "sync_worker.py"), json.dumps({"overrides": overrides, "warmup": 3})],
                        env=env, capture_output=True, text=True, timeout=300, cwd=str(REPO))
