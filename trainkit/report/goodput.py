@@ -16,6 +16,7 @@ can be tested on hand-built logs whose right answer is known.
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -62,15 +63,19 @@ def attempts(events: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     to it, at or before its start), ``terminal`` (its ``preempted``/``finish`` event, if any)
     and ``inside`` (its other events; a restore belongs to the attempt after it)."""
     timed = sorted((e for e in events if _t(e) is not None), key=lambda e: _t(e))  # type: ignore[arg-type,return-value]
+    times = [_t(e) for e in timed]
     starts = [e for e in timed if e.get("event") == rundir.START.name]
     out: list[dict[str, Any]] = []
+    # Each attempt's events are a slice of the time-sorted list: a month of records with an
+    # interruption every few hours stays O(records log records), not O(records x attempts).
     for i, start in enumerate(starts):
         t0 = _t(start)
         t1 = _t(starts[i + 1]) if i + 1 < len(starts) else math.inf
         t_prev = _t(starts[i - 1]) if i else -math.inf
-        inside = [e for e in timed if t0 <= _t(e) < t1 and e is not start  # type: ignore[operator]
-                  and e.get("event") != rundir.RESTORE.name]
-        restores = [e for e in timed if e.get("event") == rundir.RESTORE.name and t_prev < _t(e) <= t0]  # type: ignore[operator]
+        span = timed[bisect.bisect_left(times, t0):bisect.bisect_left(times, t1)]  # type: ignore[arg-type]
+        inside = [e for e in span if e is not start and e.get("event") != rundir.RESTORE.name]
+        before = timed[bisect.bisect_right(times, t_prev):bisect.bisect_right(times, t0)]  # type: ignore[arg-type]
+        restores = [e for e in before if e.get("event") == rundir.RESTORE.name]
         out.append({
             "attempt": start.get("attempt", i), "start": t0, "next_start": t1,
             "start_step": int(start.get("step") or 0),
@@ -108,10 +113,13 @@ def attempt_spans(metrics: list[Mapping[str, Any]], events: list[Mapping[str, An
                           "start_step": None, "end_step": int(rows[-1]["step"]),
                           "status": "incomplete" if i == len(groups) - 1 else "crashed"})
         return spans
+    by_attempt: dict[Any, list[Mapping[str, Any]]] = {}
+    for r in metrics:
+        if _t(r) is not None:
+            by_attempt.setdefault(r.get("attempt"), []).append(r)
     for i, a in enumerate(found):
         t0, t1, inside, terminal = a["start"], a["next_start"], a["inside"], a["terminal"]
-        rows = [r for r in metrics if r.get("attempt") == a["attempt"] and _t(r) is not None
-                and t0 <= _t(r) < t1]  # type: ignore[operator]
+        rows = [r for r in by_attempt.get(a["attempt"], []) if t0 <= _t(r) < t1]  # type: ignore[operator]
         if terminal is not None:
             status = "finished" if terminal.get("event") == rundir.FINISH.name else "preempted"
             end = _t(terminal)
