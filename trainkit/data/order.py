@@ -38,16 +38,20 @@ class EpochPlan:
         n_shards = len(counts)
         self.shard_perm = _rng(seed, epoch).permutation(n_shards) if shuffle else np.arange(n_shards)
         window = max(1, int(window)) if shuffle else 1
-        self.windows = [self.shard_perm[i : i + window] for i in range(0, n_shards, window)]
-        sizes = np.array([int(counts[w].sum()) for w in self.windows], dtype=np.int64)
+        bounds = np.arange(0, n_shards, window)
+        self.windows = [self.shard_perm[i : i + window] for i in bounds]
+        # Vectorised: a resume builds two plans, and at 10^6 shards a loop over the windows
+        # cost seconds of every restart.
+        sizes = (np.add.reduceat(np.asarray(counts, dtype=np.int64)[self.shard_perm], bounds)
+                 if n_shards else np.zeros(0, dtype=np.int64))
         self.win_starts = np.zeros(len(self.windows) + 1, dtype=np.int64)
         np.cumsum(sizes, out=self.win_starts[1:])
         # for each shard: [start, end) of the window (in-epoch indices) where it is in use
+        window_of_slot = np.arange(n_shards) // window
         self.shard_use_start = np.empty(n_shards, dtype=np.int64)
         self.shard_use_end = np.empty(n_shards, dtype=np.int64)
-        for w, shards in enumerate(self.windows):
-            self.shard_use_start[shards] = self.win_starts[w]
-            self.shard_use_end[shards] = self.win_starts[w + 1]
+        self.shard_use_start[self.shard_perm] = self.win_starts[window_of_slot]
+        self.shard_use_end[self.shard_perm] = self.win_starts[window_of_slot + 1]
         self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
         self._lock = Lock()
 
