@@ -9,6 +9,8 @@ import re
 import subprocess
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "scripts" / "gpu-check.sh"
 
@@ -26,6 +28,7 @@ def _sections() -> tuple[str, ...]:
     return module.SECTIONS
 
 
+@pytest.mark.slow  # 1.5-3.5 min of tiny CPU runs; the skip line above is what CI sees
 def test_dry_run_writes_every_section(tmp_path):
 
     p = subprocess.run([str(SCRIPT), "--dry-run", "--out-dir", str(tmp_path)], capture_output=True, text=True,
