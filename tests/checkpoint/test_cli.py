@@ -164,3 +164,16 @@ def test_cli_over_s3(s3_server, s3_url, tmp_path, capsys):
         assert same(load_file(str(local)), saved[2]["model"])
     finally:
         storage.configure(saved_options)
+
+
+def test_the_cli_reads_raw1_checkpoints(tmp_path, capsys):
+    from test_checkpoint_local import RAW1, raw1_copy
+
+    root = raw1_copy(tmp_path)
+    code, out, _ = run_cli(capsys, "inspect", f"{root}@2")
+    assert code == 0 and "shards: trainkit-raw/1" in out and "app.model.0.weight" in out
+    assert run_cli(capsys, "verify", str(root))[0] == 0
+    assert run_cli(capsys, "export", str(root), "--to", "safetensors", "--out", str(tmp_path / "hf"))[0] == 0
+    want = {k[len("m."):]: v for k, v in load_file(str(RAW1 / "expected_step2.safetensors")).items()
+            if k.startswith("m.")}
+    assert same(load_file(str(tmp_path / "hf" / "model.safetensors")), want)
