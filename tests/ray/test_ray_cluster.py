@@ -123,6 +123,7 @@ def test_worker_sigkill_restarts_group_and_resumes(ray_cluster, reference, tmp_p
     assert losses(run_dir) == reference
 
 
+@pytest.mark.slow  # ~85 s; warm standby is opt-in on joined clusters, not what a default run uses
 def test_restart_takes_warm_standby_processes(ray_cluster, tmp_path):
     """The restarted group runs in the idle pre-imported processes the warm pool kept (not
     in cold ones), and those processes end with the job."""
