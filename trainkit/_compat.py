@@ -8,6 +8,7 @@ an upgrade that moves one fails in CI with the name, not at a user's checkpoint.
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 # torch.distributed.checkpoint's fsspec storage classes: DCP's own reader and writer for
 # object stores, not re-exported from torch.distributed.checkpoint (torch 2.13).
@@ -16,6 +17,15 @@ from torch.distributed.checkpoint._fsspec_filesystem import FileSystem, FsspecRe
 # The per-item location DCP's planners store in a checkpoint's metadata; a storage layer that
 # writes its own files must produce it (no public constructor).
 from torch.distributed.checkpoint.filesystem import _StorageInfo as StorageInfo
+
+
+def hydra_sweep_grid(parsed: list[Any]) -> list[list[str]]:
+    """Hydra's own expansion of parsed sweep overrides into trials (choice, range, globs), in
+    its order; Hydra exposes it only on its private BasicSweeper (hydra-core 1.3)."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+
+    (batch,) = BasicSweeper.split_arguments(parsed, None)
+    return [list(trial) for trial in batch]
 
 
 def dcp_debug_loggers() -> list[logging.Logger]:
@@ -34,4 +44,4 @@ def staging_stream(stager) -> object | None:
     return stager._staging_stream
 
 
-__all__ = ["FileSystem", "FsspecReader", "FsspecWriter", "StorageInfo", "dcp_debug_loggers", "staging_stream"]
+__all__ = ["FileSystem", "FsspecReader", "FsspecWriter", "StorageInfo", "dcp_debug_loggers", "hydra_sweep_grid", "staging_stream"]

@@ -41,3 +41,11 @@ def test_default_stager_keeps_its_copy_stream_where_read():
         assert stream is None if not torch.accelerator.is_available() else isinstance(stream, torch.Stream)
     finally:
         stager.close()
+
+
+def test_hydra_sweep_grid_expands_like_hydra():
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(overrides=["a=1,2", "b=x", "c=range(0,2)"])
+    assert _compat.hydra_sweep_grid(parsed) == [["a=1", "b=x", "c=0"], ["a=1", "b=x", "c=1"],
+                                                ["a=2", "b=x", "c=0"], ["a=2", "b=x", "c=1"]]

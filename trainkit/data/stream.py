@@ -41,7 +41,8 @@ def read_index(url: str) -> dict:
 
 
 class Stream:
-    """A sharded dataset: ``len(stream)`` samples, ``stream[sample_id]`` decodes one sample.
+    """A random-access sharded dataset (despite the name, not an iterator): ``len(stream)``
+    samples, ``stream[sample_id]`` decodes one sample; the order is the Loader's.
 
     ``cache_dir``/``cache_bytes``: the node-local shard cache (default
     ``$TRAINKIT_CACHE_DIR`` or ``~/.cache/trainkit/data``, one subdirectory per URL).

@@ -28,16 +28,15 @@ MAX_NAME = 60
 
 def expand(overrides: list[str]) -> list[list[str]]:
     """The trials' override lists, in Hydra's order (the last swept key varies fastest)."""
-    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
 
+    from trainkit._compat import hydra_sweep_grid
+
     try:
-        parsed = OverridesParser.create().parse_overrides(overrides=list(overrides))
-        (batch,) = BasicSweeper.split_arguments(parsed, None)
+        return hydra_sweep_grid(OverridesParser.create().parse_overrides(overrides=list(overrides)))
     except HydraException as exc:
         raise ConfigError(f"sweep: {str(exc).strip().splitlines()[0]}") from exc
-    return [list(trial) for trial in batch]
 
 
 def swept_keys(overrides: list[str]) -> list[str]:
