@@ -83,9 +83,12 @@ GRACE_CHECK = Event("grace_check", ("step", "save_s", "grace_s", "fits", "source
 PREEMPTED = Event("preempted", ("step", "reason"),
                   "the ranks stopped at ``step`` after a notice; the process exits 75")
 FINISH = Event("finish", ("step",), "the run reached max_steps and wrote its summary")
+WARM_START = Event("warm_start", ("source", "load_optimizer"),
+                   "a run without a checkpoint of its own loaded checkpoint.load_from")
 
 EVENTS_SCHEMA: dict[str, Event] = {
-    e.name: e for e in (START, RESTORE, CHECKPOINT, CHECKPOINT_COMMITTED, GRACE_CHECK, PREEMPTED, FINISH)
+    e.name: e for e in (START, RESTORE, CHECKPOINT, CHECKPOINT_COMMITTED, GRACE_CHECK, PREEMPTED, FINISH,
+    WARM_START)
 }
 # An attempt ends with one of these (a crash leaves none).
 TERMINAL = (PREEMPTED.name, FINISH.name)
