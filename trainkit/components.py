@@ -20,6 +20,7 @@ STRATEGIES.add_path("single", "trainkit.strategies.base:Strategy")
 STRATEGIES.add_path("ddp", "trainkit.strategies.ddp:DDPStrategy")
 STRATEGIES.add_path("fsdp", "trainkit.strategies.fsdp:FSDPStrategy")
 STRATEGIES.add_path("deepspeed", "trainkit.strategies.deepspeed:DeepSpeedStrategy")
+STRATEGIES.add_path("accelerate", "trainkit.strategies.accelerate:AccelerateStrategy")
 
 LAUNCHERS: Registry[Any] = Registry("launcher")
 LAUNCHERS.add_path("local", "trainkit.launch.local:LocalLauncher")

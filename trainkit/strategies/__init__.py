@@ -1,4 +1,4 @@
-"""Strategies by name: ``strategy=auto|single|ddp|fsdp|deepspeed`` (or ``pkg.module:Class``).
+"""Strategies by name: ``strategy=auto|single|ddp|fsdp|deepspeed|accelerate`` (or ``pkg.module:Class``).
 
 The table of names is :data:`trainkit.components.STRATEGIES`; a strategy is a
 :class:`Strategy` subclass with its options as ``Options``.

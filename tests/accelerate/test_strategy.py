@@ -1,0 +1,63 @@
+"""strategy=accelerate: Accelerate's DDP under trainkit's launcher trains like strategy=ddp.
+
+Same seed, same data, same step: the weights after training equal strategy=ddp's to float
+tolerance, and the process count Accelerate itself reports is the launched world size.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from launching import GPT_TINY, RESNET_TINY, launch, launch_here, losses
+from trainkit import rundir
+
+# grad_accum=2 takes the no_sync micro-step and Accelerate's loss scaling.
+CASES = {
+    "gpt": [*GPT_TINY, "trainer.grad_accum=2"],
+    "resnet": RESNET_TINY,
+}
+
+
+def _train(tmp_path: Path, recipe: str, strategy: str) -> tuple[Path, str]:
+    run_dir = tmp_path / strategy
+    result = launch(*CASES[recipe], f"strategy={strategy}", "launcher.workers=2", "trainer.max_steps=12",
+                    f"run_dir={run_dir}")
+    assert result.returncode == 0, result.stdout + result.stderr
+    return run_dir, result.stdout
+
+
+@pytest.mark.parametrize("recipe", [
+    "gpt",
+    # The resnet case takes ~30 s more; gpt is the proof that runs by default.
+    pytest.param("resnet", marks=pytest.mark.slow),
+])
+def test_accelerate_matches_ddp(tmp_path: Path, recipe: str) -> None:
+    acc_dir, out = _train(tmp_path, recipe, "accelerate")
+    assert "accelerate: 2 processes (MULTI_CPU), mixed precision no" in out
+    curve = losses(acc_dir)
+    assert len(curve) == 12 and sum(curve[-3:]) < 0.9 * sum(curve[:3]), curve
+    ddp_dir, _ = _train(tmp_path, recipe, "ddp")
+    ours, theirs = load_file(acc_dir / rundir.EXPORT), load_file(ddp_dir / rundir.EXPORT)
+    assert ours.keys() == theirs.keys()
+    for key, value in ours.items():
+        assert (value - theirs[key]).abs().max() <= 1e-5 * max(1.0, theirs[key].abs().max()), key
+
+
+@pytest.mark.parametrize("plugin", ["fsdp", "deepspeed"])
+def test_accelerate_plugin_on_cpu_is_refused(tmp_path: Path, plugin: str) -> None:
+    result = launch_here("recipe=gpt", "strategy=accelerate", f"strategy.plugin={plugin}", "launcher.workers=2",
+                         f"run_dir={tmp_path}")
+    assert result.returncode == 2
+    (line,) = result.stderr.splitlines()
+    assert line.startswith("error: strategy=accelerate") and plugin in line.lower(), line
+
+
+def test_accelerate_launch_fsdp_environment_on_cpu_is_refused(tmp_path: Path) -> None:
+    """``accelerate launch --use_fsdp`` leaves ACCELERATE_USE_FSDP=true: refused, not DDP."""
+    result = launch(*GPT_TINY, "strategy=accelerate", "launcher.workers=2", f"run_dir={tmp_path}",
+                    env={"ACCELERATE_USE_FSDP": "true"}, timeout=120)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "needs GPUs" in result.stderr and "Traceback" not in result.stderr
