@@ -111,6 +111,15 @@ class CheckpointConfig:
     # Files each rank writes and reads in parallel per checkpoint.
     io_threads: int = 2
     export_safetensors: bool = True
+    # Warm start when the run has no committed checkpoint of its own (its own latest always
+    # wins): another run_dir[@STEP], a .safetensors file or a Hugging Face-style directory.
+    load_from: str = ""
+    # Also the optimizer state (run_dir sources only).
+    load_optimizer: bool = False
+    # Missing / unexpected keys are an error (false: warn and load the keys both have).
+    strict: bool = True
+    # Resume even when the config changes the state tree (model.*, optim.name, ...).
+    allow_config_change: bool = False
 
     def check(self, cfg: Config) -> None:
         positive("checkpoint.every_steps", self.every_steps, allow_zero=True)
@@ -118,6 +127,11 @@ class CheckpointConfig:
         positive("checkpoint.keep_last", self.keep_last)
         positive("checkpoint.keep_every", self.keep_every, allow_zero=True)
         positive("checkpoint.io_threads", self.io_threads)
+        if self.load_from and cfg.strategy.name == "deepspeed":
+            # Once DeepSpeed's engine is built, its optimizer holds its own (partitioned,
+            # fp32) copy of the weights; loading into the module would not reach it.
+            raise ConfigError("checkpoint.load_from is not supported with strategy=deepspeed; warm-start "
+                              "with fsdp or ddp, or load the weights into the model before Run.setup")
 
 
 @dataclass

@@ -178,12 +178,13 @@ class Run:
         state["rng"] = RNGState()
         state.update(extra)
         self._state = state
-        if not self.cfg.checkpoint.enabled:
+        c = self.cfg.checkpoint
+        if not c.enabled:
+            self._warm_start(model, optimizer, None)
             seed_everything(self.cfg.seed + self.dist.rank)
             return None
         from trainkit.checkpoint import SavePolicy
 
-        c = self.cfg.checkpoint
         self.checkpointer = self.strategy.checkpointer(
             storage.join(self.run_dir, "checkpoints"), keep_last=c.keep_last, keep_every=c.keep_every,
             async_save=c.async_save, overlap_staging=c.overlap_staging, io_threads=c.io_threads,
@@ -193,8 +194,11 @@ class Run:
         if isinstance(optimizer, torch.optim.Optimizer):
             optimizer.register_step_pre_hook(self._wait_staged)
         self.save_policy = SavePolicy(c.every_steps, c.every_seconds)
+        self._check_config_change()
         step = self.checkpointer.load(state)
         if step is None:
+            # The run's own checkpoint always wins: a preempted fine-tune resumes where it was.
+            self._warm_start(model, optimizer, getattr(self.checkpointer, "_group", None))
             seed_everything(self.cfg.seed + self.dist.rank)
             return None
         self.restored_step = step
@@ -206,6 +210,43 @@ class Run:
             self._event(rundir.RESTORE, step=step, recomputed_steps=max(0, reached - step))
             self._print(f"resumed from checkpoint at step {step}")
         return step
+
+    def _warm_start(self, model: nn.Module, optimizer: torch.optim.Optimizer, group: Any) -> None:
+        c = self.cfg.checkpoint
+        if not c.load_from:
+            return
+        from trainkit.checkpoint.warm import warm_start
+
+        line = warm_start(model, optimizer, c.load_from, load_optimizer=c.load_optimizer, strict=c.strict,
+                          process_group=group)
+        self._event(rundir.WARM_START, source=c.load_from, load_optimizer=c.load_optimizer)
+        self._print(line)
+
+    def _check_config_change(self) -> None:
+        """Refuses (one line, exit 2) to resume a checkpoint under a config that changes its
+        state tree. Rank 0 knows the attempt; every rank raises the same error."""
+        assert self.checkpointer is not None
+        if self.checkpointer.latest_step() is None:
+            return
+        from trainkit.checkpoint.config_change import check_resume_config
+
+        problem = None
+        if self.dist.is_main and self.attempt > 0:
+            try:
+                check_resume_config(self._previous_config(), self.cfg.to_dict(),
+                                    allow=self.cfg.checkpoint.allow_config_change, where=self.run_dir)
+            except ConfigError as exc:
+                problem = str(exc)
+        problem = distributed.broadcast_object(problem, getattr(self.checkpointer, "_group", None))
+        if problem:
+            raise ConfigError(problem)
+
+    def _previous_config(self) -> dict[str, Any] | None:
+        """The config the previous attempt resolved (``configs/attempt-<n-1>.yaml``), or None."""
+        import yaml
+
+        text = rundir.read_bytes(rundir.path(self.run_dir, rundir.attempt_config(self.attempt - 1)))
+        return yaml.safe_load(text) if text else None
 
     def _wait_staged(self, *_: Any) -> None:
         if self.checkpointer is not None:
