@@ -11,6 +11,7 @@ process launch.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import signal
 import typing
@@ -219,6 +220,55 @@ def load_config(data: typing.Mapping[str, Any]) -> Config:
     strategy_cls = options_class(STRATEGIES.get(name, "strategy"), StrategyOptions, "strategy")
     cfg.strategy = build(strategy_cls, {**strategy_raw, "name": name}, "strategy")
     return validate(cfg)
+
+
+# ``python -m trainkit.launch script=...`` hands each worker the settings given on its command
+# line as JSON here; they are laid over the config the script builds (the command line wins,
+# as it does over a recipe). A component section whose ``name`` changes is replaced whole.
+LAUNCH_SETTINGS_ENV = "TRAINKIT_LAUNCH_SETTINGS"
+# Runs built in this process with those settings: the script launcher checks the script made one.
+launched_runs = 0
+
+
+def launch_environment(data: typing.Mapping[str, Any]) -> dict[str, Any]:
+    """``data`` with what the launching environment says laid over it.
+
+    ``ACCELERATE_MIXED_PRECISION`` (``accelerate launch --mixed_precision``) sets
+    ``trainer.precision`` unless that names another precision (one line, exit 2); ``no``
+    (Accelerate's default) leaves it as it is.
+    """
+    global launched_runs
+    out = dict(data)
+    raw = os.environ.get(LAUNCH_SETTINGS_ENV)
+    if raw is not None:
+        launched_runs += 1
+        out = _overlay(out, json.loads(raw))
+    wanted = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    if wanted != "no":
+        trainer = dict(out.get("trainer") or {})
+        have = trainer.get("precision", "fp32")
+        if wanted not in ("bf16", "fp16"):
+            raise ConfigError(f"ACCELERATE_MIXED_PRECISION={wanted}: trainkit trains in fp32, bf16 or fp16")
+        if have not in ("fp32", wanted):
+            raise ConfigError(f"ACCELERATE_MIXED_PRECISION={wanted} contradicts trainer.precision={have}; "
+                              "set one of them")
+        out["trainer"] = {**trainer, "precision": wanted}
+    return out
+
+
+def _overlay(base: typing.Mapping[str, Any], top: typing.Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in top.items():
+        below = out.get(key)
+        if dataclasses.is_dataclass(below):
+            below = dataclasses.asdict(below)
+        same_component = not isinstance(value, dict) or "name" not in value or (
+            isinstance(below, typing.Mapping) and below.get("name", value["name"]) == value["name"])
+        if isinstance(value, dict) and isinstance(below, typing.Mapping) and same_component:
+            out[key] = _overlay(below, value)
+        else:
+            out[key] = value
+    return out
 
 
 def validate(cfg: Config) -> Config:

@@ -32,7 +32,7 @@ from torch import nn
 
 from trainkit import distributed, rundir, storage
 from trainkit.checkpoint.protocol import CheckpointerProtocol
-from trainkit.config import Config, check_batch, load_config, run_dir_default
+from trainkit.config import Config, check_batch, launch_environment, load_config, run_dir_default
 from trainkit.errors import ConfigError, Preempted
 from trainkit.metrics import JsonlLog, Progress, format_summary
 from trainkit.metrics.window import LogWindow
@@ -55,7 +55,7 @@ class Run:
             cfg = Config()
         # Validated again even when built in code: names resolve to their components' options
         # (``strategy.name = "fsdp"`` on a fresh Config), and ``auto`` to this world size.
-        self.cfg = load_config(cfg.to_dict() if isinstance(cfg, Config) else cfg)
+        self.cfg = load_config(launch_environment(cfg.to_dict() if isinstance(cfg, Config) else cfg))
         cfg = self.cfg
         if not cfg.run_dir:
             cfg.run_dir = run_dir_default(cfg.recipe)
