@@ -9,3 +9,7 @@ PY=${PYTHON:-python3}
 export PIP_CONSTRAINT="$PWD/.ci/constraints-cpu.txt" PIP_DISABLE_PIP_VERSION_CHECK=1
 .venv/bin/python -m pip install -q torch==2.13.0
 .venv/bin/python -m pip install -q -e ".[all,test,docs]"
+# SkyPilot in its own environment: the tool tests/clusters/test_skypilot.py validates
+# launchers/skypilot-*.yaml with, offline. It pins click<8.2, which huggingface_hub cannot share.
+[ -x .tools/skypilot/bin/python ] || "$PY" -m venv .tools/skypilot
+PIP_CONSTRAINT="$PWD/.ci/constraints-skypilot.txt" .tools/skypilot/bin/python -m pip install -q skypilot==0.14.1
