@@ -33,7 +33,7 @@ def expected_sequence(stream: Stream, seed: int, lo: int, hi: int) -> list[int]:
 
 
 def run_loaders(stream: Stream, *, world: int, workers: int, batch_size: int, steps: int, grad_accum: int = 1,
-                seed: int = 0, state: dict | None = None, check_state: bool = True):
+                seed: int = 0, state: dict | None = None, check_state: bool = True, transform=None):
     """Simulates ``world`` ranks in this process for ``steps`` optimizer steps.
 
     Returns (ids in global position order, loader state after the last step). The global
@@ -41,7 +41,7 @@ def run_loaders(stream: Stream, *, world: int, workers: int, batch_size: int, st
     P + (m*world + r)*micro ... + micro.
     """
     loaders = [Loader(stream, batch_size=batch_size, rank=r, world_size=world, grad_accum=grad_accum,
-                      seed=seed, num_workers=workers) for r in range(world)]
+                      seed=seed, num_workers=workers, transform=transform) for r in range(world)]
     if state is not None:
         for ld in loaders:
             ld.load_state_dict(state)

@@ -31,7 +31,7 @@ def test_s3_faults_exactly_once(s3_url, fault_proxy, storage_options, tmp_path, 
 
     proxy = fault_proxy(schedule=faults, latency=0.02)
     storage_options({"s3": {"endpoint_url": proxy.endpoint, **NO_CLIENT_RETRIES}})
-    index = write_shards(make_samples(144), s3_url, shard_bytes=1500, workers=4)  # PUTs get faults too
+    index = write_shards(make_samples(144), s3_url, shard_bytes=1200, workers=4)  # PUTs get faults too
     assert index["num_shards"] >= 10
     stream = Stream(s3_url, cache_dir=str(tmp_path), cache_bytes=8 * 2000, shuffle_window=2, prefetch=2)
     first, state = run_loaders(stream, world=2, workers=2, batch_size=24, steps=3, seed=6)

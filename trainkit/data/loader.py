@@ -23,43 +23,15 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Any
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from trainkit.data.batch import default_collate
 from trainkit.data.prefetch import pin, to_device
 from trainkit.data.stream import Stream
 from trainkit.errors import ConfigError
 
 STATE_VERSION = 1
-
-
-def default_collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
-    """Stacks tensors (same shape required), turns ints/floats/bools into tensors, and keeps
-    bytes/str as lists."""
-    out: dict[str, Any] = {}
-    for key in samples[0]:
-        vals = [s[key] for s in samples]
-        v0 = vals[0]
-        if isinstance(v0, torch.Tensor):
-            try:
-                out[key] = torch.stack(vals)
-            except RuntimeError as exc:
-                raise ConfigError(
-                    f"field {key!r}: samples of different shapes cannot be stacked ({exc}); "
-                    "pass a transform that pads/crops, or a collate function"
-                ) from exc
-        elif isinstance(v0, np.ndarray):
-            out[key] = torch.from_numpy(np.stack(vals))
-        elif isinstance(v0, bool):
-            out[key] = torch.tensor(vals, dtype=torch.bool)
-        elif isinstance(v0, int):
-            out[key] = torch.tensor(vals, dtype=torch.int64)
-        elif isinstance(v0, float):
-            out[key] = torch.tensor(vals, dtype=torch.float64)
-        else:
-            out[key] = vals
-    return out
 
 
 def _identity(x):
@@ -70,12 +42,13 @@ class _MicroBatches(IterableDataset):
     """Yields this rank's micro-batches k = first, first + step, ... (forever)."""
 
     def __init__(self, stream: Stream, *, seed: int, start: int, rank: int, world_size: int, micro: int,
-                 num_workers: int, transform, collate) -> None:
+                 num_workers: int, transform, collate, pin: bool = False) -> None:
         super().__init__()
         self.stream, self.seed, self.start = stream, seed, start
         self.rank, self.world_size, self.micro = rank, world_size, micro
         self.num_workers = max(1, num_workers)
         self.transform, self.collate = transform, collate
+        self.pin = pin
 
     def batch_positions(self, k: int) -> tuple[int, int]:
         lo = self.start + (k * self.world_size + self.rank) * self.micro
@@ -88,15 +61,20 @@ class _MicroBatches(IterableDataset):
         # how far other readers of this node may be behind us: one round of micro-batches of
         # every worker of every rank, twice for slack (used for eviction decisions only)
         lag = 2 * self.num_workers * stride
+        # the default collate of untransformed samples is what read_batch builds directly
+        batched = self.transform is None and self.collate is default_collate
         k = w
         while True:
             lo, hi = self.batch_positions(k)
             self.stream.advance(self.seed, lo, lag)
             ids = self.stream.ids_at(self.seed, lo, hi)
-            samples = self.stream.get_many(ids)
-            if self.transform is not None:
-                samples = [self.transform(s) for s in samples]
-            yield self.collate(samples)
+            if batched:
+                yield self.stream.read_batch(ids, pin=self.pin, shared=info is not None)
+            else:
+                samples = self.stream.get_many(ids)
+                if self.transform is not None:
+                    samples = [self.transform(s) for s in samples]
+                yield self.collate(samples)
             k += self.num_workers
 
 
@@ -182,17 +160,21 @@ class Loader:
         self._generation += 1
 
     # -- iteration -----------------------------------------------------------------------
+    @property
+    def _cuda(self) -> bool:
+        return self.device is not None and self.device.type == "cuda"
+
     def _dataset(self, start: int) -> _MicroBatches:
         return _MicroBatches(self.stream, seed=self.seed, start=start, rank=self.rank, world_size=self.world_size,
                              micro=self.micro_batch_size, num_workers=self.num_workers, transform=self.transform,
-                             collate=self.collate)
+                             collate=self.collate, pin=self._cuda and self.num_workers == 0)
 
     def __iter__(self) -> Iterator[Any]:
         start = self.position
         self._start, self._yielded = start, 0
         self._generation += 1
         ds = self._dataset(start)
-        cuda = self.device is not None and self.device.type == "cuda"
+        cuda = self._cuda
         if self.num_workers == 0:
             source: Any = iter(ds)
             if cuda:

@@ -14,7 +14,8 @@ import numpy as np
 
 from trainkit import storage
 from trainkit.data.cache import LocalShards, ShardCache, ShardInfo, cache_dir_for, warn_small_cache
-from trainkit.data.format import FORMAT, INDEX_NAME, ShardHeader, decode_sample
+from trainkit.data.batch import BatchBuilder, default_collate
+from trainkit.data.format import FORMAT, INDEX_NAME, READABLE_VERSIONS, ShardHeader, read_sample
 from trainkit.data.order import Order
 from trainkit.errors import ConfigError, StorageError
 
@@ -37,6 +38,9 @@ def read_index(url: str) -> dict:
         raise StorageError(f"{index_url}: not valid JSON: {exc}") from exc
     if index.get("format") != FORMAT:
         raise StorageError(f"{index_url}: not a trainkit shard index (format={index.get('format')!r})")
+    if index.get("version") not in READABLE_VERSIONS:
+        raise StorageError(f"{index_url}: {FORMAT} version {index.get('version')!r} is newer than this trainkit "
+                           f"reads ({', '.join(map(str, READABLE_VERSIONS))}); upgrade trainkit")
     return index
 
 
@@ -167,7 +171,7 @@ class Stream:
         with self._hlock:
             m = self._maps_for_pid().pop(i, None)
         if m is not None:
-            m[0].close()
+            _close(m[0])
 
     def _open_map(self, i: int) -> tuple[mmap.mmap, ShardHeader, str, int]:
         for attempt in range(5):
@@ -190,7 +194,7 @@ class Stream:
         raise StorageError(f"{self.shards[i].url}: evicted from the cache faster than it can be read; "
                            "raise cache_bytes")
 
-    def _read_raw(self, i: int, locals_: Sequence[int]) -> list[bytes]:
+    def _mapping(self, i: int) -> tuple:
         maps = self._maps_for_pid()
         with self._hlock:
             m = maps.get(i)
@@ -207,13 +211,25 @@ class Stream:
                 maps[i] = m
                 while len(maps) > self.shuffle_window + 2:
                     _, (mm_old, *_rest) = maps.popitem(last=False)
-                    mm_old.close()
+                    _close(mm_old)
             if old is not None:
-                old[0].close()
-        mm, h = m[0], m[1]
-        offs = h.offsets
-        with self._hlock:  # no close while slicing
-            return [mm[offs[j] : offs[j + 1]] for j in locals_]
+                _close(old[0])
+        return m
+
+    def _read(self, i: int, fn):
+        """``fn(mapped shard, header)`` for shard ``i``, under the lock that keeps the mapping
+        open while ``fn`` reads it."""
+        for _attempt in range(5):
+            m = self._mapping(i)
+            with self._hlock:
+                if self._maps_for_pid().get(i) is m:  # not closed by an eviction meanwhile
+                    return fn(m[0], m[1])
+        raise StorageError(f"{self.shards[i].url}: evicted from the cache faster than it can be read; "
+                           "raise cache_bytes")
+
+    def header(self, i: int) -> ShardHeader:
+        h = self._headers.get(i)
+        return h if h is not None else self._read(i, lambda _buf, h: h)
 
     def _still_there(self, m) -> bool:
         if self.cache_dir is None:
@@ -223,23 +239,48 @@ class Stream:
         except FileNotFoundError:
             return False
 
-    def __getitem__(self, sample_id: int) -> dict[str, Any]:
-        i, j = self.shard_of(int(sample_id))
-        return decode_sample(self._read_raw(i, [j])[0], self.schema)
-
-    def get_many(self, sample_ids: Sequence[int]) -> list[dict[str, Any]]:
-        """Samples for ``sample_ids`` (in that order), opening each shard once."""
-        ids = np.asarray(sample_ids, dtype=np.int64)
+    def _groups(self, sample_ids) -> tuple[int, list[tuple[int, np.ndarray | None, np.ndarray]]]:
+        """(batch size, [(shard, rows of the batch or None for all, local indices)])."""
+        ids = np.asarray(sample_ids, dtype=np.int64).reshape(-1)
         if len(ids) and (ids.min() < 0 or ids.max() >= len(self)):
             raise IndexError(f"sample ids outside [0, {len(self)})")
         shard = np.searchsorted(self._starts, ids, side="right") - 1
-        out: list[Any] = [None] * len(ids)
-        for i in np.unique(shard):
-            where = np.nonzero(shard == i)[0]
-            raws = self._read_raw(int(i), [int(ids[k] - self._starts[i]) for k in where])
-            for k, raw in zip(where, raws):
-                out[k] = decode_sample(raw, self.schema)
+        uniq = np.unique(shard)
+        if len(uniq) == 1:
+            i = int(uniq[0])
+            return len(ids), [(i, None, ids - self._starts[i])]
+        groups = []
+        for i in uniq:
+            rows = np.nonzero(shard == i)[0]
+            groups.append((int(i), rows, ids[rows] - self._starts[i]))
+        return len(ids), groups
+
+    def __getitem__(self, sample_id: int) -> dict[str, Any]:
+        i, j = self.shard_of(int(sample_id))
+        return self._read(i, lambda buf, h: read_sample(buf, h, j))
+
+    def get_many(self, sample_ids: Sequence[int]) -> list[dict[str, Any]]:
+        """Samples for ``sample_ids`` (in that order), opening each shard once."""
+        size, groups = self._groups(sample_ids)
+        out: list[Any] = [None] * size
+        for i, rows, local in groups:
+            got = self._read(i, lambda buf, h: [read_sample(buf, h, int(j)) for j in local])
+            for k, s in zip(range(size) if rows is None else rows, got):
+                out[k] = s
         return out
+
+    def read_batch(self, sample_ids: Sequence[int], *, pin: bool = False, shared: bool = False) -> dict[str, Any]:
+        """``default_collate(self.get_many(sample_ids))``, built without decoding sample by sample
+        (see :mod:`trainkit.data.batch`): ``pin`` allocates it in page-locked memory, ``shared``
+        in shared memory (a DataLoader worker's batch then reaches the main process uncopied)."""
+        size, groups = self._groups(sample_ids)
+        headers = [self.header(i) for i, _, _ in groups]
+        if any(h.version == 1 for h in headers):
+            return default_collate(self.get_many(sample_ids))
+        builder = BatchBuilder(self.schema, headers, size, pin=pin, shared=shared)
+        for i, rows, local in groups:
+            self._read(i, lambda buf, h: builder.fill(buf, h, rows, local))
+        return builder.finish()
 
     def close(self) -> None:
         self.cache.close()
@@ -258,3 +299,10 @@ class Stream:
 
     def __repr__(self) -> str:
         return f"Stream({self.url!r}, samples={len(self)}, shards={self.num_shards})"
+
+
+def _close(mm: mmap.mmap) -> None:
+    try:
+        mm.close()
+    except BufferError:  # a view of it is still alive somewhere: it is unmapped when that goes
+        pass

@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from trainkit import storage
-from trainkit.data.format import FORMAT, INDEX_NAME, SHARD_SUFFIX, VERSION, build_shard, encode_sample, schema_of
+from trainkit.data.format import (FORMAT, INDEX_NAME, SHARD_SUFFIX, VERSION, Encoded, build_shard, encode_sample,
+                                  encoded_size, schema_of)
 from trainkit.errors import ConfigError
 
 
@@ -51,7 +52,7 @@ class ShardWriter:
         self._pool = ThreadPoolExecutor(max(1, int(workers)), thread_name_prefix="trainkit-shard-writer")
         self._slots = threading.Semaphore(2 * max(1, int(workers)))  # bounds shards held in memory
         self._futures: list[Future] = []
-        self._buf: list[bytes] = []
+        self._buf: list[Encoded] = []
         self._buf_bytes = 0
         self.num_samples = 0
         self.index: dict[str, Any] | None = None
@@ -62,10 +63,11 @@ class ShardWriter:
         if self.schema is None:
             self.schema = schema_of(sample)
         enc = encode_sample(sample, self.schema)
-        if self._buf and self._buf_bytes + len(enc) > self.shard_bytes:
+        size = encoded_size(enc, self.schema)
+        if self._buf and self._buf_bytes + size > self.shard_bytes:
             self._flush()
         self._buf.append(enc)
-        self._buf_bytes += len(enc)
+        self._buf_bytes += size
         self.num_samples += 1
 
     def _flush(self) -> None:
@@ -77,7 +79,7 @@ class ShardWriter:
         self._slots.acquire()
         self._futures.append(self._pool.submit(self._upload, name, encoded))
 
-    def _upload(self, name: str, encoded: list[bytes]) -> dict[str, Any]:
+    def _upload(self, name: str, encoded: list[Encoded]) -> dict[str, Any]:
         try:
             data = build_shard(encoded, self.schema)
             digest = hashlib.sha256(data).hexdigest()
