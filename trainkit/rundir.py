@@ -11,7 +11,9 @@ so a new event or file is added here once and every tool sees the same schema::
         events.jsonl             one record per event below
         *.jsonl.parts/           on object stores: a log's sealed parts (read_jsonl joins them)
         summary.json             written when the run finishes
-        model.safetensors        the exported weights
+        model.safetensors        the exported weights (a sharded model: model-0000k-of-0000n
+                                 .safetensors + model.safetensors.index.json, Hugging Face's layout)
+        exports/step_<9+ digits>/   the same, every checkpoint.export_every_steps
         tensorboard/             TensorBoard event files
         report/                  python -m trainkit.report's tables and plots
         checkpoints/step_<9+ digits>/manifest.json   written last: the commit point
@@ -34,6 +36,7 @@ METRICS = "metrics.jsonl"
 EVENTS = "events.jsonl"
 SUMMARY = "summary.json"
 EXPORT = "model.safetensors"
+EXPORTS = "exports"
 TENSORBOARD = "tensorboard"
 REPORT = "report"
 CHECKPOINTS = "checkpoints"
@@ -52,6 +55,11 @@ def path(run_dir: str, name: str) -> str:
 def step_dir(step: int) -> str:
     """A checkpoint's directory name inside ``checkpoints/``."""
     return f"{STEP_PREFIX}{step:09d}"
+
+
+def step_export(step: int) -> str:
+    """Where the periodic export of ``step`` puts its single-file name (shards go beside it)."""
+    return f"{EXPORTS}/{step_dir(step)}/{EXPORT}"
 
 
 def attempt_config(attempt: int) -> str:
