@@ -112,6 +112,8 @@ class CheckpointConfig:
     # Files each rank writes and reads in parallel per checkpoint.
     io_threads: int = 2
     export_safetensors: bool = True
+    # Also export the weights every N steps into exports/step_N/ (0: only at the end).
+    export_every_steps: int = 0
     # Warm start when the run has no committed checkpoint of its own (its own latest always
     # wins): another run_dir[@STEP], a .safetensors file or a Hugging Face-style directory.
     load_from: str = ""
@@ -128,6 +130,7 @@ class CheckpointConfig:
         positive("checkpoint.keep_last", self.keep_last)
         positive("checkpoint.keep_every", self.keep_every, allow_zero=True)
         positive("checkpoint.io_threads", self.io_threads)
+        positive("checkpoint.export_every_steps", self.export_every_steps, allow_zero=True)
         if self.load_from and cfg.strategy.name == "deepspeed":
             # Once DeepSpeed's engine is built, its optimizer holds its own (partitioned,
             # fp32) copy of the weights; loading into the module would not reach it.

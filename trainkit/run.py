@@ -328,6 +328,9 @@ class Run:
         if due and self.step < cfg.trainer.max_steps:
             policy.mark_saved(self.step)
             self.save(blocking=False)
+        every = cfg.checkpoint.export_every_steps
+        if every and self.step % every == 0 and self.step < cfg.trainer.max_steps and self.model is not None:
+            self.strategy.export(self.model, rundir.path(self.run_dir, rundir.step_export(self.step)))
 
     def _log(self, *, regular: bool = True) -> None:
         """Writes a metrics record for the steps since the last regular one.

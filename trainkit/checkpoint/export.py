@@ -17,6 +17,8 @@ from trainkit.rundir import EXPORT as EXPORT_FILE
 
 log = logging.getLogger("trainkit.checkpoint")
 
+INDEX = "model.safetensors.index.json"
+
 
 def _dedup_storage(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """safetensors refuses tensors sharing memory (tied weights): give each its own copy."""
@@ -66,10 +68,171 @@ def export_safetensors(model: torch.nn.Module, url: str, *, metadata: dict[str, 
     return url
 
 
+# -- the run's own exports: every rank writes its part, nothing is gathered in full --------
+
+_ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+              torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2"}
+
+
+def _owners(sizes: list[int], world: int) -> list[int]:
+    """Consecutive runs of keys per rank, about equal in bytes (a rank may get none)."""
+    total = max(1, sum(sizes))
+    out, used = [], 0
+    for n in sizes:
+        out.append(min(world - 1, used * world // total))
+        used += n
+    return out
+
+
+def _header(entries: list[tuple[str, torch.dtype, list[int], int]], metadata: dict[str, str]) -> bytes:
+    """A safetensors header for ``entries`` (name, dtype, shape, bytes) laid out in order."""
+    head: dict[str, Any] = {"__metadata__": metadata}
+    at = 0
+    for name, dtype, shape, n in entries:
+        head[name] = {"dtype": _ST_DTYPES[dtype], "shape": shape, "data_offsets": [at, at + n]}
+        at += n
+    raw = json.dumps(head, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    return len(raw).to_bytes(8, "little") + raw
+
+
+class _FileSink:
+    """One output file written as a stream: in place (renamed when complete) on a local path,
+    else through a local spool file uploaded with retries once complete, so a failed upload
+    is retried without running the collectives that produced the bytes again."""
+
+    def __init__(self, url: str) -> None:
+        import os
+        import tempfile
+
+        self.url = url
+        self.fs, self.path = storage.filesystem(url)
+        self.local = storage.is_local(url)
+        if self.local:
+            os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+            self.tmp = f"{self.path}.partial"
+        else:
+            fd, self.tmp = tempfile.mkstemp(suffix=".safetensors")
+            os.close(fd)
+        self.f = open(self.tmp, "wb")  # noqa: SIM115 - closed in commit()/abort()
+
+    def write(self, data: Any) -> None:
+        self.f.write(data)
+
+    def commit(self) -> None:
+        import os
+
+        self.f.close()
+        if self.local:
+            os.replace(self.tmp, self.path)
+            return
+        try:
+            storage.retry(lambda: self.fs.put_file(self.tmp, self.path), what=self.url)
+        finally:
+            os.unlink(self.tmp)
+
+    def abort(self) -> None:
+        import contextlib
+        import os
+
+        self.f.close()
+        with contextlib.suppress(OSError):
+            os.unlink(self.tmp)
+
+
+def _host_bytes(t: torch.Tensor) -> Any:
+    t = t.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    return t.contiguous().reshape(-1).view(torch.uint8).numpy()
+
+
+def export_model(model: torch.nn.Module, url: str, *, metadata: dict[str, str] | None = None) -> list[str]:
+    """The model's full weights in Hugging Face's safetensors layout; all ranks call it.
+
+    ``url`` is the single-file name (``.../model.safetensors``). A sharded model (FSDP2
+    DTensors) is split into one file per rank, written by that rank in parallel beside
+    ``url`` (``model-0000k-of-0000n.safetensors`` + ``model.safetensors.index.json``); each
+    tensor is all-gathered on its own and kept only by the rank that writes it, so no rank
+    holds more than its own shard plus one tensor. A model every rank holds whole (single,
+    DDP) is one file that rank 0 streams out tensor by tensor. Returns the URLs written.
+    """
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+    from torch.distributed.tensor import DTensor
+
+    sd = {k: v for k, v in get_model_state_dict(model).items() if isinstance(v, torch.Tensor)}
+    sharded = any(isinstance(v, DTensor) for v in sd.values())
+    rank, world = distributed.rank(), distributed.world()
+    keys = list(sd)
+    sizes = [sd[k].numel() * sd[k].element_size() for k in keys]
+    owner = _owners(sizes, world) if sharded else [0] * len(keys)
+    files = sorted(set(owner))
+    meta = {"format": "pt", **(metadata or {})}
+    base = url.rsplit("/", 1)[0]
+    if len(files) == 1:
+        names = {files[0]: url}
+    else:
+        names = {r: storage.join(base, f"model-{i:05d}-of-{len(files):05d}.safetensors")
+                 for i, r in enumerate(files, 1)}
+    mine = [i for i, k in enumerate(keys) if owner[i] == rank]
+    sink, err = None, None
+    try:
+        if mine:
+            sink = _FileSink(names[rank])
+            sink.write(_header([(keys[i], sd[keys[i]].dtype, list(sd[keys[i]].shape), sizes[i]) for i in mine],
+                               meta))
+        for i, k in enumerate(keys):
+            t = sd[k]
+            if isinstance(t, DTensor):
+                t = t.full_tensor()  # a collective: every rank, in the same order
+            if owner[i] == rank and err is None:
+                try:
+                    sink.write(_host_bytes(t))
+                except Exception as exc:  # noqa: BLE001 - the collectives must go on
+                    err = f"{type(exc).__name__}: {exc}"
+            del t
+        if sink is not None and err is None:
+            sink.commit()
+            sink = None
+    except Exception as exc:  # noqa: BLE001 - reported on every rank below
+        err = f"{type(exc).__name__}: {exc}"
+    finally:
+        if sink is not None:
+            sink.abort()
+    if err is None and rank == 0 and len(files) > 1:
+        index = {"metadata": {"total_size": sum(sizes)},
+                 "weight_map": dict(sorted((k, names[owner[i]].rsplit("/", 1)[-1]) for i, k in enumerate(keys)))}
+        try:
+            _put(storage.join(base, INDEX), json.dumps(index, indent=2).encode())
+        except Exception as exc:  # noqa: BLE001
+            err = f"{type(exc).__name__}: {exc}"
+    errors = [e for e in distributed.all_gather_object(err) if e]
+    if errors:
+        raise StorageError(f"export to {base} failed: {errors[0]}")
+    written = [names[r] for r in files]
+    written = written if len(files) == 1 else [*written, storage.join(base, INDEX)]
+    if rank == 0:
+        _drop_other_layout(url, written)
+    return written
+
+
+def _drop_other_layout(url: str, written: list[str]) -> None:
+    """Removes an earlier export's files beside ``url`` that this one did not rewrite (a run
+    resumed on another world size or strategy), so the directory holds one layout."""
+    fs, path = storage.filesystem(url)
+    base = path.rsplit("/", 1)[0]
+    keep = {storage.filesystem(w)[1] for w in written}
+    found = storage.retry(lambda: fs.glob(f"{base}/model-*-of-*.safetensors"), what=url)
+    stale = [p for p in [*found, f"{base}/{INDEX}", path] if p not in keep]
+    for p in stale:
+        if storage.retry(lambda p=p: fs.exists(p), what=url):
+            storage.retry(lambda p=p: fs.rm(p), what=url)
+
+
 # -- exports of a committed checkpoint, in one process ------------------------------------
 
 EXPORT_FORMATS = ("safetensors", "torch", "accelerate")
-INDEX = "model.safetensors.index.json"
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20,
           "GIB": 2**30, "TIB": 2**40}
 

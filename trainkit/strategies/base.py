@@ -221,10 +221,11 @@ class Strategy:
         return Checkpointer(root, **options)
 
     def export(self, model: nn.Module, url: str) -> None:
-        """Writes the full, unsharded weights as safetensors at ``url`` (all ranks call it)."""
-        from trainkit.checkpoint import export_safetensors
+        """Writes the full weights as safetensors at ``url`` (all ranks call it); a sharded
+        model as Hugging Face-style shards beside it, one per rank, written in parallel."""
+        from trainkit.checkpoint.export import export_model
 
-        export_safetensors(model, url)
+        export_model(model, url)
 
     def micro_step(self) -> None:
         """Called on accumulation micro-steps that do not step the optimizer."""
