@@ -56,15 +56,20 @@ def test_restore_discovery_costs_the_same_after_1000_saves_as_after_10():
     many = scale.discovery_history(saves=1000, world=4)
     few = scale.discovery_history(saves=10, world=4)
     assert many["retained"] == few["retained"] == 2 and many["loaded"] == 100_000
-    # today's count, through the listing (the `latest` pointer fix is a request to "checkpoints")
-    assert many["discovery_requests"] == few["discovery_requests"] == {"LIST": 5, "HEAD": 2, "GET": 1}
+    # GET latest, LIST the root, HEAD + GET its manifest, LIST its step dir (the size check)
+    assert many["discovery_requests"] == few["discovery_requests"] == {"GET": 2, "LIST": 2, "HEAD": 1}
+    # with keep_every the retained steps grow with the history; discovery through latest does not
+    kept = scale.discovery_history(saves=300, world=4, keep_every=1000)
+    assert kept["retained"] == 31 and kept["loaded"] == 30_000
+    assert kept["discovery_requests"] == many["discovery_requests"]
+    assert kept["listing_requests"]["LIST"] == 3 + kept["retained"]  # the fallback lists every step dir
 
 
-def test_discovery_by_listing_grows_with_world_and_through_latest_by_one_listing_only():
+def test_discovery_through_latest_lists_one_step_dir_and_the_fallback_every_retained_one():
     small, big = scale.discovery_at_world(8, 2), scale.discovery_at_world(4096, 2)
-    assert small["latest_pointer"] == {"GET": 2, "LIST": 1}
-    files = 3 * 4096 + 1 + 1  # distcp ×2 and rank JSON per rank, .metadata, manifest
-    assert big["latest_pointer"] == {"GET": 2, "LIST": math.ceil(files / 1000)}
+    assert small["latest_pointer"] == {"GET": 2, "LIST": 2, "HEAD": 1}
+    files = 3 * 4096 + 1 + 1  # data files ×2 and rank JSON per rank, .metadata, manifest
+    assert big["latest_pointer"] == {"GET": 2, "LIST": 1 + math.ceil(files / 1000), "HEAD": 1}
     assert big["listing"]["LIST"] == 2 + 3 * math.ceil(files / 1000)
 
 

@@ -413,3 +413,36 @@ def test_both_checkpointers_implement_the_protocol(tmp_path):
         DeepSpeedCheckpointer(str(tmp_path / "ds"), None, verify="size")
     with pytest.raises(ValueError, match="io_threads"):
         DeepSpeedCheckpointer(str(tmp_path / "ds"), None, io_threads=0)
+
+
+@pytest.mark.parametrize("pointer", ["missing", "unparsable", "names_no_dir", "older", "decommitted"])
+def test_restore_falls_back_to_listing_when_latest_leads_nowhere(tmp_path, pointer):
+    """``latest`` is a hint: a restore goes through it (a constant number of requests) and
+    finds the same step by listing when it is gone, torn, stale or names a step without a
+    manifest; a step committed after it (a crash between manifest and pointer) is found too."""
+    root = tmp_path / "ck"
+    snaps = _two_checkpoints(str(root))
+    latest = root / "latest"
+    want = 2
+    if pointer == "missing":
+        latest.unlink()
+    elif pointer == "unparsable":
+        latest.write_bytes(b"\xff2")
+    elif pointer == "names_no_dir":
+        latest.write_text("7\n")
+    elif pointer == "older":
+        latest.write_text("1\n")
+    elif pointer == "decommitted":
+        (root / "step_000000002" / "manifest.json").rename(root / "step_000000002" / "manifest.corrupt.json")
+        want = 1
+    model, opt = make(seed=5)
+    meta = {"step": -1}
+    ck = Checkpointer(str(root))
+    if pointer == "decommitted":
+        with pytest.warns(UserWarning, match="uncommitted checkpoint dir.*step_000000002"):
+            assert ck.load(state_of(model, opt, meta)) == want
+    else:
+        assert ck.load(state_of(model, opt, meta)) == want
+    assert meta["step"] == want and same(snaps[want], snapshot(model, opt))
+    assert ck.latest_step() == want
+    ck.close()

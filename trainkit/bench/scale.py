@@ -550,14 +550,33 @@ def _fill_step(store, step: int, world: int) -> None:
             store.fs.pipe_file(store.file_path(step, name), b"x")
 
 
+def _discover(store) -> tuple[int | None, dict[str, int]]:
+    """Restore discovery as rank 0 runs it (``_protocol.load_newest`` with ``manifest_agreed``,
+    the manifest and its listing check, as the step's test): (step found, requests)."""
+    from trainkit.checkpoint._protocol import load_newest, manifest_agreed
+
+    CountingStore.requests.clear()
+    loaded, _ = load_newest(store, None, None, lambda s: manifest_agreed(store, None, s, "dcp")[1])
+    return loaded, _store_requests()
+
+
+def _without_latest(store) -> tuple[int | None, dict[str, int]]:
+    """The same with the ``latest`` pointer gone: the fallback, a listing of every manifest."""
+    pointer = f"{store.root_path}/{rundir.LATEST}"
+    saved = store.fs.cat_file(pointer)
+    store.fs.rm_file(pointer)
+    try:
+        return _discover(store)
+    finally:
+        store.fs.pipe_file(pointer, saved)
+
+
 def discovery_history(saves: int = 1000, world: int = 8, keep_last: int = 2, keep_every: int = 0,
                       every: int = 100) -> dict[str, Any]:
     """``saves`` commits with retention through the real ``CheckpointStore`` (files written,
-    manifest, ``latest``, ``apply_retention``), then restore discovery as rank 0 runs it in
-    ``_protocol.load_newest`` and ``manifest_agreed``: the committed steps (a glob), the step
-    directories (a listing, for the torn-save warning), the newest manifest and its listing
-    check. Counts the requests of the discovery alone and of the whole history."""
-    from trainkit.checkpoint._protocol import load_newest, manifest_agreed
+    manifest, ``latest``, ``apply_retention``), then restore discovery: through ``latest``
+    (what a restore does) and with the pointer removed (its fallback). Counts the requests
+    of each, and of the whole history."""
     from trainkit.checkpoint._store import CheckpointStore
 
     CountingStore.reset()
@@ -572,17 +591,16 @@ def discovery_history(saves: int = 1000, world: int = 8, keep_last: int = 2, kee
         store.commit(step, files, world_size=world)
         store.apply_retention(keep_last, keep_every)
     history = _store_requests()
-    CountingStore.requests.clear()
-    loaded, committed = load_newest(store, None, None, lambda s: manifest_agreed(store, None, s, "dcp")[1])
-    return {"saves": saves, "world": world, "retained": len(committed), "loaded": loaded,
-            "discovery_requests": _store_requests(), "history_requests": history}
+    loaded, through_latest = _discover(store)
+    listed, listing = _without_latest(store)
+    assert listed == loaded
+    return {"saves": saves, "world": world, "retained": len(store.committed_steps()), "loaded": loaded,
+            "discovery_requests": through_latest, "listing_requests": listing, "history_requests": history}
 
 
 def discovery_at_world(world: int, retained: int) -> dict[str, Any]:
     """Restore discovery (as :func:`discovery_history`) with ``retained`` committed steps of
-    ``world`` ranks' files in the bucket, and the same through the ``latest`` pointer: GET
-    ``latest``, GET its manifest, list its directory (the check both paths make)."""
-    from trainkit.checkpoint._protocol import load_newest, manifest_agreed
+    ``world`` ranks' files in the bucket: through ``latest``, and by listing (no pointer)."""
     from trainkit.checkpoint._store import CheckpointStore
 
     CountingStore.reset()
@@ -592,14 +610,8 @@ def discovery_at_world(world: int, retained: int) -> dict[str, Any]:
         files = {name: {"size": 1, "crc32": "0", "rank": r} for r in range(world)
                  for name in _rank_records(r, world, 0)}
         store.commit(k * 100, files, world_size=world)
-    CountingStore.requests.clear()
-    load_newest(store, None, None, lambda s: manifest_agreed(store, None, s, "dcp")[1])
-    listing = _store_requests()
-    CountingStore.requests.clear()
-    step = int(store.fs.cat_file(f"{store.root_path}/{rundir.LATEST}").decode())
-    man = store.read_manifest(step)
-    store.verify_sizes(step, man)
-    pointer = _store_requests()
+    _, pointer = _discover(store)
+    _, listing = _without_latest(store)
     return {"listing": listing, "latest_pointer": pointer}
 
 

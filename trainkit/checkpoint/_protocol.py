@@ -100,35 +100,61 @@ def rank_state_agreed(store: CheckpointStore, group, step: int, manifest: dict[s
     return (None, {}, problem) if problem else (doc, tensors, None)
 
 
-def load_newest(store: CheckpointStore, group, step: int | None,
-                try_load: Callable[[int], str | None]) -> tuple[int | None, list[int]]:
-    """Tries ``step`` (or every committed step, newest first) with ``try_load``, which
-    returns None on success or the agreed problem. Returns (step loaded or None, the
-    committed steps seen). A named ``step`` that fails raises; otherwise a failing step is
-    warned about, de-committed, and the next older one tried."""
-    found = None
-    if distributed.rank(group) == 0:
+def _candidates(store: CheckpointStore, step: int | None, through_latest: bool, warned: set[int]
+                ) -> tuple[list[int], list[int], bool]:
+    """Rank 0: (steps to try, newest first; the committed steps seen, ascending; whether they
+    were listed). Through ``latest`` when it names a committed step (a constant number of
+    requests); otherwise, or once those all failed, by listing every manifest."""
+    if step is not None:
+        return [int(step)], store.committed_steps(), True
+    recent = store.recent_steps() if through_latest else None
+    if recent is not None:
+        committed, torn = recent
+    else:
         committed = store.committed_steps()
         newest = committed[-1] if committed else -1
         torn = sorted(s for s in store.step_dirs() if s > newest)
-        if torn and step is None:
-            _warn(f"ignoring uncommitted checkpoint dir(s) {[step_name(s) for s in torn]} under {store.root} "
-                  "(no manifest: an interrupted save)")
-        found = ([int(step)] if step is not None else list(reversed(committed)), committed)
-    cands, committed = distributed.broadcast_object(found, group)
-    for s in cands:
-        problem = try_load(s)
-        if problem is None:
-            log.info("loaded checkpoint step %d from %s", s, store.root)
-            return s, committed
-        msg = f"checkpoint {store.step_url(s)} skipped: {problem}"
-        if step is not None:
-            raise StorageError(msg)
-        _warn(msg)
-        if distributed.rank(group) == 0:
-            store.quarantine(s)
-        distributed.barrier(group)
-    return None, committed
+    torn = [s for s in torn if s not in warned]
+    if torn:
+        warned.update(torn)
+        _warn(f"ignoring uncommitted checkpoint dir(s) {[step_name(s) for s in torn]} under {store.root} "
+              "(no manifest: an interrupted save)")
+    return list(reversed(committed)), committed, recent is None
+
+
+def load_newest(store: CheckpointStore, group, step: int | None,
+                try_load: Callable[[int], str | None]) -> tuple[int | None, list[int]]:
+    """Tries ``step`` (or the committed steps, newest first) with ``try_load``, which returns
+    None on success or the agreed problem. Returns (step loaded or None, the committed steps
+    seen). A named ``step`` that fails raises; otherwise a failing step is warned about,
+    de-committed, and the next older one tried: first those ``latest`` leads to, then, if
+    none loads (or the pointer leads nowhere), every listed one not tried yet."""
+    tried: set[int] = set()
+    warned: set[int] = set()  # rank 0's: uncommitted dirs already warned about, quarantined ones too
+    seen: set[int] = set()
+    for through_latest in ((True, False) if step is None else (False,)):
+        found = _candidates(store, step, through_latest, warned) if distributed.rank(group) == 0 else None
+        cands, committed, listed = distributed.broadcast_object(found, group)
+        seen.update(committed)
+        for s in cands:
+            if s in tried:
+                continue
+            tried.add(s)
+            problem = try_load(s)
+            if problem is None:
+                log.info("loaded checkpoint step %d from %s", s, store.root)
+                return s, sorted(seen)
+            msg = f"checkpoint {store.step_url(s)} skipped: {problem}"
+            if step is not None:
+                raise StorageError(msg)
+            _warn(msg)
+            if distributed.rank(group) == 0:
+                store.quarantine(s)
+                warned.add(s)
+            distributed.barrier(group)
+        if listed:
+            break
+    return None, sorted(seen)
 
 
 def _warn(msg: str) -> None:

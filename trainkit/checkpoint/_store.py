@@ -8,17 +8,21 @@ Layout under ``root`` (any fsspec URL)::
         rank_00000.json      per-rank non-tensor state (JSON), one per rank
         rank_00000.safetensors  per-rank tensors (only when a rank-local entry has tensors)
         manifest.json        written LAST by rank 0: the commit point
-    latest                   "100\\n": moved after the manifest (a hint for tools/humans)
+    latest                   "100\\n": moved after the manifest
 
-A step directory without a valid ``manifest.json`` does not exist for readers.
+A step directory without a valid ``manifest.json`` does not exist for readers. ``latest`` is a
+hint that keeps restore discovery constant in the history: the manifest it names decides,
+and when it is missing, unreadable or names no committed step, readers list the root.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import time
 import zlib
+from collections.abc import Iterator
 from typing import Any
 
 from trainkit import storage
@@ -136,6 +140,52 @@ class CheckpointStore:
                 steps.append(int(m.group(1)))
         return sorted(set(steps))
 
+    def latest_hint(self) -> int | None:
+        """The step ``latest`` names; None when it is absent or does not parse (torn, foreign)."""
+        path = f"{self.root_path}/{LATEST}"
+
+        def get() -> bytes | None:
+            try:
+                return self.fs.cat_file(path)
+            except FileNotFoundError:
+                return None
+
+        raw = storage.retry(get, what=self._url(path))
+        try:
+            return int(raw.decode().strip()) if raw is not None else None
+        except (UnicodeDecodeError, ValueError):
+            return None
+
+    def recent_steps(self) -> tuple[list[int], list[int]] | None:
+        """Through ``latest``: (committed steps from the one it names on, ascending; uncommitted
+        step dirs newer than those), or None when the pointer is absent, unreadable or names no
+        committed step (then only a listing of the manifests finds the committed steps).
+
+        A constant number of requests however long the history: GET ``latest``, one listing
+        of the root (a page per 1,000 step dirs, which retention keeps few), a HEAD of the named
+        manifest and one per newer dir (normally none: a save that crashed between its manifest
+        and the pointer left a committed one, an interrupted save an uncommitted one). The
+        manifest glob it replaces lists every retained step dir: pages growing with the world.
+        """
+        hint = self.latest_hint()
+        if hint is None:
+            return None
+        dirs = self.step_dirs()
+        if hint not in dirs or not self.is_committed(hint):
+            return None
+        committed, uncommitted = [hint], []
+        for s in sorted(d for d in dirs if d > hint):
+            (committed if self.is_committed(s) else uncommitted).append(s)
+        return committed, [s for s in uncommitted if s > committed[-1]]
+
+    def newest_committed(self) -> int | None:
+        """The newest step with a manifest (not yet verified): through ``latest``, else listed."""
+        recent = self.recent_steps()
+        if recent is not None:
+            return recent[0][-1]
+        steps = self.committed_steps()
+        return steps[-1] if steps else None
+
     def is_committed(self, step: int) -> bool:
         path = self.file_path(step, MANIFEST)
         self.invalidate(self.step_path(step))
@@ -162,7 +212,13 @@ class CheckpointStore:
 
     def valid_latest(self) -> int | None:
         """Newest step whose manifest is present and parses."""
-        for step in reversed(self.committed_steps()):
+        recent = self.recent_steps()
+        tried = list(reversed(recent[0])) if recent is not None else []
+
+        def listed() -> Iterator[int]:  # only when none of the recent ones parses
+            yield from (s for s in reversed(self.committed_steps()) if s not in tried)
+
+        for step in itertools.chain(tried, listed()):
             try:
                 self.read_manifest(step)
                 return step

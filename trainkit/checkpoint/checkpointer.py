@@ -181,9 +181,9 @@ class DCPCheckpointer:
     def _already_committed(self, step: int) -> bool:
         """Whether ``step`` is committed; asks the store only when it could be."""
         if self._newest_committed is None:
-            steps = self.store.committed_steps() if self.rank == 0 else None
-            steps = distributed.broadcast_object(steps, self._group)
-            self._newest_committed = steps[-1] if steps else -1
+            newest = self.store.newest_committed() if self.rank == 0 else None
+            newest = distributed.broadcast_object(newest, self._group)
+            self._newest_committed = -1 if newest is None else newest
         if step > self._newest_committed:
             return False
         exists = self.store.is_committed(step) if self.rank == 0 else None
