@@ -52,3 +52,13 @@ def test_missing_and_unexpected_keys_in_one_message(tmp_path):
     with pytest.warns(UserWarning, match=r"missing .*3\.bias"):
         warm_start(bigger, None, str(tmp_path / "ck"), strict=False)
     assert torch.equal(bigger[0].weight, model[0].weight) and torch.equal(bigger[2].bias, model[2].bias)
+
+
+def test_a_run_dir_with_an_export_warm_starts_from_its_checkpoint(tmp_path):
+    model, opt = make()
+    with Checkpointer(str(tmp_path / "run" / "checkpoints")) as ck:
+        ck.save(1, state_of(model, opt, {"step": 1}), blocking=True)
+    other, _ = make(seed=7)
+    save_file({k: v.contiguous() for k, v in other.state_dict().items()}, str(tmp_path / "run" / "model.safetensors"))
+    assert "checkpoints/step_000000001" in warm_start(other, None, str(tmp_path / "run"))
+    assert same(other.state_dict(), model.state_dict())

@@ -65,9 +65,21 @@ def read_safetensors_weights(source: str) -> dict[str, torch.Tensor]:
 
 
 def is_safetensors_source(source: str) -> bool:
-    """A file or Hugging Face directory, as opposed to a trainkit run_dir or checkpoint."""
-    return source.endswith(".safetensors") or _exists(storage.join(source, INDEX)) \
-        or _exists(storage.join(source, SINGLE))
+    """A file or Hugging Face directory, as opposed to a trainkit run_dir or checkpoint. A
+    run_dir holds both (its checkpoints and its export): its checkpoints win, since they also
+    hold the optimizer and name steps."""
+    from trainkit.checkpoint.read import find_root, split_step
+
+    if source.endswith(".safetensors"):
+        return True
+    url, at = split_step(source)
+    if at is not None:
+        return False
+    try:
+        find_root(url)
+        return False
+    except StorageError:
+        return _exists(storage.join(source, INDEX)) or _exists(storage.join(source, SINGLE))
 
 
 def _key_report(source: str, missing: list[str], unexpected: list[str]) -> str:
