@@ -311,24 +311,40 @@ def data_eviction(samples: int, shards: int, *, cached: int = 16, window: int = 
 # -- checkpoint: manifest, collectives, DCP plan and metadata, discovery ---------------------
 
 class SimulatedGroup:
-    """Rank 0 of ``world`` ranks for :mod:`trainkit.distributed`'s object collectives: an
-    all-gather returns what ``others(r)`` fabricates for every rank; a broadcast returns
-    rank 0's object. Counts each collective and the pickled bytes each rank receives."""
+    """Rank 0 of ``world`` ranks for trainkit's object collectives (:mod:`trainkit.distributed`
+    and the commit's gather to rank 0): an all-gather or gather returns what ``others(r)``
+    fabricates for every rank; a broadcast returns rank 0's object. Counts each collective and
+    the pickled bytes rank 0 and any other rank receive through it."""
 
     def __init__(self, world: int, others: Callable[[int, Any], Any]) -> None:
         self.world, self.others = world, others
         self.calls: Counter[str] = Counter()
-        self.bytes_in: Counter[str] = Counter()  # bytes one rank receives, per collective kind
+        self.bytes_in: Counter[str] = Counter()  # bytes rank 0 receives, per collective kind
+        self.bytes_in_other: Counter[str] = Counter()  # bytes any other rank receives
+
+    def _everyones(self, obj) -> tuple[list, int]:
+        out = [obj] + [self.others(r, obj) for r in range(1, self.world)]
+        return out, sum(len(pickle.dumps(o)) for o in out)
 
     def all_gather_object(self, obj, group=None) -> list:
-        out = [obj] + [self.others(r, obj) for r in range(1, self.world)]
+        out, n = self._everyones(obj)
         self.calls["all_gather_object"] += 1
-        self.bytes_in["all_gather_object"] += sum(len(pickle.dumps(o)) for o in out)
+        self.bytes_in["all_gather_object"] += n
+        self.bytes_in_other["all_gather_object"] += n
+        return out
+
+    def gather_to_rank0(self, obj, group=None) -> list:
+        out, n = self._everyones(obj)
+        self.calls["gather_object"] += 1
+        self.bytes_in["gather_object"] += n
+        self.bytes_in_other["gather_object"] += 0
         return out
 
     def broadcast_object(self, obj, group=None):
+        n = len(pickle.dumps(obj))
         self.calls["broadcast_object"] += 1
-        self.bytes_in["broadcast_object"] += len(pickle.dumps(obj))
+        self.bytes_in["broadcast_object"] += n
+        self.bytes_in_other["broadcast_object"] += n
         return obj
 
     def barrier(self, group=None) -> None:
@@ -336,15 +352,18 @@ class SimulatedGroup:
 
     @contextlib.contextmanager
     def installed(self) -> Iterator[SimulatedGroup]:
-        names = ("all_gather_object", "broadcast_object", "barrier")
-        saved = {n: getattr(distributed, n) for n in names}
+        from trainkit.checkpoint import _protocol
+
+        names = [(distributed, n) for n in ("all_gather_object", "broadcast_object", "barrier")]
+        names.append((_protocol, "gather_to_rank0"))
+        saved = [(mod, n, getattr(mod, n)) for mod, n in names]
         try:
-            for n in names:
-                setattr(distributed, n, getattr(self, n))
+            for mod, n in names:
+                setattr(mod, n, getattr(self, n))
             yield self
         finally:
-            for n, f in saved.items():
-                setattr(distributed, n, f)
+            for mod, n, f in saved:
+                setattr(mod, n, f)
 
 
 def _state_bytes(params: float) -> int:
@@ -392,7 +411,8 @@ def checkpoint_commit(world: int, params: float = 8e9) -> dict[str, Any]:
     elapsed = time.perf_counter() - t0
     manifest = len(store.fs.cat_file(store.file_path(step, rundir.MANIFEST)))
     return {"manifest_bytes": manifest, "commit_s": elapsed, "collectives": dict(group.calls),
-            "bytes_in_per_rank": dict(group.bytes_in), "requests": _store_requests()}
+            "bytes_in_rank0": dict(group.bytes_in), "bytes_in_other_rank": dict(group.bytes_in_other),
+            "requests": _store_requests()}
 
 
 # Llama-3-8B (dim 4096, 32 layers, 8 KV heads, FFN 14336, vocab 128256): 291 tensors, 8.03e9 parameters.
@@ -826,7 +846,8 @@ def run(argv: list[str] | None = None) -> None:
             return fmt.format((a * w + b) * scale) + "*"
 
         disc = raw["checkpoint"]["discovery"][w]
-        ck_rows.append([w, f"{c['manifest_bytes'] / 1e3:,.0f}", f"{c['bytes_in_per_rank'].get('all_gather_object', 0) / 1e3:,.0f}",
+        ck_rows.append([w, f"{c['manifest_bytes'] / 1e3:,.0f}", f"{sum(c['bytes_in_rank0'].values()) / 1e3:,.0f}",
+                        f"{sum(c['bytes_in_other_rank'].values()):,.0f}",
                         dcp("metadata_bytes", 1e-6, "{:,.1f}"), dcp("global_plan_s"), dcp("cached_global_plan_s", 1e3, "{:.2f}"),
                         dcp("scatter_plan_bytes", 1e-3, "{:,.1f}"),
                         sum(disc["listing"].values()), sum(disc["latest_pointer"].values())])
@@ -834,7 +855,8 @@ def run(argv: list[str] | None = None) -> None:
             raw["checkpoint"]["dcp"].setdefault("extrapolated", []).append(w)
     body.append("**Checkpoint** (Llama-3-8B under FSDP2 with AdamW: 291 tensors, 96 GB of fp32 state, "
                 "1,164 DCP items per rank; * = extrapolated linearly from the largest three worlds built)\n\n"
-                + report.table(["world", "manifest (kB)", "commit all-gather, per rank (kB)", "DCP .metadata (MB)",
+                + report.table(["world", "manifest (kB)", "commit: rank 0 receives (kB)", "another rank receives (B)",
+                                "DCP .metadata (MB)",
                                 "global save plan (s)", "same, plan cached (ms)", "plan scattered to a rank (kB)",
                                 f"discovery requests ({hist['retained']} retained steps)",
                                 "via `latest`"], ck_rows))
