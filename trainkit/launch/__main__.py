@@ -1,6 +1,8 @@
 """``python -m trainkit.launch [-m] [--config-dir DIR] [--config-name NAME] [--cfg job|hydra|all] key=value ...``
+``python -m trainkit.launch script=train.py [key=value ...] [-- script arguments]``
 
-Composes the recipe, validates it, prepares the embedded data set if needed, checks the
+Composes the recipe (or, with ``script=``, the settings for a script of one's own; see
+:mod:`trainkit.launch.script`), validates it, prepares the embedded data set if needed, checks the
 stores are reachable, then hands the job to the chosen launcher (trainkit.launch.base).
 Exit codes: 0 done, 2 bad config or store, 75 preempted (relaunch the same command to
 resume), 1 otherwise. The flags are Hydra's, so a Hydra user types what they know.
@@ -12,7 +14,7 @@ import argparse
 import dataclasses
 import sys
 
-from trainkit.errors import TrainkitError
+from trainkit.errors import ConfigError, TrainkitError
 
 USAGE = """python -m trainkit.launch [options] [key=value ...]
 
@@ -21,6 +23,7 @@ examples:
   python -m trainkit.launch recipe=gpt strategy=fsdp launcher.workers=2 trainer.max_steps=50
   python -m trainkit.launch recipe=resnet run_dir=s3://bucket/runs/r1 data.url=s3://bucket/digits/train
   python -m trainkit.launch --cfg job recipe=gpt strategy=fsdp       # print the resolved config
+  python -m trainkit.launch script=train.py launcher.workers=2 run_dir=runs/mine -- --lr 0.1
 """
 CFG_KINDS = ("job", "hydra", "all")
 
@@ -94,8 +97,15 @@ def run(argv: list[str]) -> int:
     from trainkit.components import LAUNCHERS
     from trainkit.launch.compose import compose_config
     from trainkit.launch.prepare import prepare
+    from trainkit.launch.script import pop_script, split_argv
 
+    argv, script_args = split_argv(argv)
     args, overrides = parse(argv)
+    script, overrides = pop_script(overrides)
+    if script:
+        return run_script(script, script_args, overrides, args)
+    if script_args:
+        raise ConfigError(f"arguments after -- ({' '.join(script_args)}) go to a script: add script=PATH")
     if args.help:
         print(help_text(args.config_dir, args.config_name), end="")
         return 0
@@ -109,6 +119,27 @@ def run(argv: list[str]) -> int:
     cfg = compose_config(overrides, args.config_dir, config_name=args.config_name)
     prepare(cfg)
     result = LAUNCHERS.get(cfg.launcher.name, "launcher")().run(cfg)
+    if result.exit_code not in (0, 75) and result.message:
+        print(f"error: {result.message}", file=sys.stderr)
+    return result.exit_code
+
+
+def run_script(path: str, script_args: list[str], overrides: list[str], args: argparse.Namespace) -> int:
+    """A user's script on the chosen launcher, through the same launcher code as a recipe."""
+    from trainkit.components import LAUNCHERS
+    from trainkit.launch import script
+    from trainkit.launch.compose import compose_data
+    from trainkit.launch.prepare import prepare_script
+
+    if args.multirun or args.cfg:
+        raise ConfigError(f"script= runs one job; {'-m' if args.multirun else '--cfg'} is for recipes")
+    script.check_script(path, overrides)
+    data = compose_data(overrides, args.config_dir, config_name=args.config_name)
+    cfg = script.launcher_config(data, overrides)
+    job = script.settings(data, overrides)
+    prepare_script(cfg, named_run_dir="run_dir" in job)
+    with script.environment(path, script_args, job):
+        result = LAUNCHERS.get(cfg.launcher.name, "launcher")().run(cfg)
     if result.exit_code not in (0, 75) and result.message:
         print(f"error: {result.message}", file=sys.stderr)
     return result.exit_code

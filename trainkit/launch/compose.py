@@ -147,13 +147,19 @@ def group_choices(config_dirs: list[str] = (), *, config_name: str = "config") -
                 for g in GROUPS}
 
 
-def compose_config(overrides: list[str], config_dirs: list[str] = (), *, config_name: str = "config") -> Config:
-    """The validated Config for these overrides; raises ConfigError with one readable line."""
+def compose_data(overrides: list[str], config_dirs: list[str] = (), *, config_name: str = "config"
+                 ) -> dict[str, Any]:
+    """The composed config as a plain, resolved mapping, before validation."""
     composed = compose_raw(overrides, config_dirs, config_name=config_name)
     data = OmegaConf.to_container(composed, resolve=True)
     assert isinstance(data, dict)
     data.pop("hydra", None)
-    cfg = load_config(data)
+    return data
+
+
+def compose_config(overrides: list[str], config_dirs: list[str] = (), *, config_name: str = "config") -> Config:
+    """The validated Config for these overrides; raises ConfigError with one readable line."""
+    cfg = load_config(compose_data(overrides, config_dirs, config_name=config_name))
     if not cfg.task:
         raise ConfigError("no task: pick a recipe (recipe=resnet) or set task=<name>")
     if not cfg.run_dir:

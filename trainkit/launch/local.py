@@ -120,12 +120,17 @@ def forward_signals(names: list[str]) -> None:
         signal.signal(getattr(signal, name), relay)
 
 
+# Frames of the machinery between a worker's start and the job: the elastic agent's wrapper,
+# the worker entry and, for script=, runpy.
+_WRAPPER_FRAMES = ("torch/distributed/elastic", "trainkit/launch/", "<frozen runpy>")
+
+
 def _user_frames(trace: str) -> str:
-    """The traceback without the elastic agent's own wrapper frames."""
+    """The traceback from the job's own first frame (the training function or the script)."""
     lines, out, skip = trace.rstrip().splitlines(), [], False
     for line in lines:
         if line.startswith("  File "):
-            skip = "torch/distributed/elastic" in line
+            skip = any(w in line for w in _WRAPPER_FRAMES)
         elif not line.startswith("    "):
             skip = False
         if not skip:

@@ -47,6 +47,13 @@ def prepare(cfg: Config) -> None:
     prepare_embedded(task, cfg.model)
 
 
+def prepare_script(cfg: Config, *, named_run_dir: bool) -> None:
+    """A script's stores: the run_dir when the command line names it (the script opens its own data)."""
+    storage.configure(cfg.storage)
+    if named_run_dir:
+        check_store(cfg.run_dir, "run_dir")
+
+
 def prepare_embedded(task: Task, model_cfg: dict[str, Any]) -> str:
     """Writes the task's data set into the embedded store unless it is already there."""
     url = default_url(task, model_cfg)

@@ -52,20 +52,32 @@ def _record_message(message: str, exit_code: int) -> None:
             json.dump({"message": {"message": message, "extraInfo": extra}}, f)
 
 
+def run_job(cfg_dict: Mapping[str, Any]) -> Any:
+    """What a worker runs: the user's script when the launcher was given ``script=``
+    (:mod:`trainkit.launch.script`), else the recipe's :func:`trainkit.train.train`."""
+    from trainkit.launch.script import launched_script, run_script
+
+    spec = launched_script()
+    if spec is not None:
+        return run_script(spec)
+    from trainkit.train import train
+
+    return train(cfg_dict)
+
+
 @record
 def worker_main(cfg_dict: Mapping[str, Any]) -> None:
-    """Runs :func:`trainkit.train.train`; expected failures exit with one line, no traceback.
+    """Runs the job (:func:`run_job`); expected failures exit with one line, no traceback.
 
     A rank whose peer died only reports that (the launcher names the rank that failed first),
     so a crash is shown once rather than once per rank. The process leaves without
     interpreter finalization (see :func:`trainkit.distributed.exit_guard`).
     """
     from trainkit import distributed
-    from trainkit.train import train
 
     with distributed.exit_guard():
         try:
-            train(cfg_dict)
+            run_job(cfg_dict)
         except BaseException as exc:
             outcome = exit_for(exc)
             if outcome is None or isinstance(exc, Preempted):
