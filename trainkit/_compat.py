@@ -44,4 +44,29 @@ def staging_stream(stager) -> object | None:
     return stager._staging_stream
 
 
-__all__ = ["FileSystem", "FsspecReader", "FsspecWriter", "StorageInfo", "dcp_debug_loggers", "hydra_sweep_grid", "staging_stream"]
+_PLAN_CACHES = ("_cached_save_plan", "_cached_final_save_plan", "_cached_all_plans", "_cached_global_plan",
+                "_cached_metadata")
+
+
+def caching_save_planner(key: str):
+    """DCP's ``DefaultSavePlanner(enable_plan_caching=True)`` with its class-level caches
+    under ``key`` instead of the class name, so that two checkpointers in one process (other
+    states, other groups, saving at once from two threads) never use each other's plans.
+    torch 2.13 keys them by ``_cached_plans_key`` and offers no way to choose it."""
+    from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
+
+    planner = DefaultSavePlanner(enable_plan_caching=True)
+    planner._cached_plans_key = key
+    return planner
+
+
+def drop_save_plans(key: str) -> None:
+    """Forgets what DCP's planners cached under ``key`` (the caches live as long as the process)."""
+    from torch.distributed.checkpoint.planner import SavePlanner
+
+    for name in _PLAN_CACHES:
+        getattr(SavePlanner, name).pop(key, None)
+
+
+__all__ = ["FileSystem", "FsspecReader", "FsspecWriter", "StorageInfo", "caching_save_planner", "dcp_debug_loggers",
+           "drop_save_plans", "hydra_sweep_grid", "staging_stream"]

@@ -49,3 +49,28 @@ def test_hydra_sweep_grid_expands_like_hydra():
     parsed = OverridesParser.create().parse_overrides(overrides=["a=1,2", "b=x", "c=range(0,2)"])
     assert _compat.hydra_sweep_grid(parsed) == [["a=1", "b=x", "c=0"], ["a=1", "b=x", "c=1"],
                                                 ["a=2", "b=x", "c=0"], ["a=2", "b=x", "c=1"]]
+
+
+def test_save_plans_are_cached_under_the_key_given_and_dropped_by_it():
+    from torch.distributed.checkpoint.planner import SavePlanner
+
+    state = {"w": torch.zeros(4, 2)}
+
+    def plan(key):
+        planner = _compat.caching_save_planner(key)
+        planner.set_up_planner(state, None, True)
+        local = planner.create_local_plan()
+        delta, _ = planner.create_global_plan([local])
+        planner.finish_plan(delta[0])
+        return local
+
+    try:
+        assert plan("a").usable and not plan("a").usable  # the second local plan says "unchanged"
+        assert plan("b").usable  # another key: its own cache
+        assert all("a" in getattr(SavePlanner, name) for name in _compat._PLAN_CACHES)
+        _compat.drop_save_plans("a")
+        assert not any("a" in getattr(SavePlanner, name) for name in _compat._PLAN_CACHES)
+        assert plan("a").usable
+    finally:
+        _compat.drop_save_plans("a")
+        _compat.drop_save_plans("b")
