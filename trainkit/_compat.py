@@ -70,3 +70,19 @@ def drop_save_plans(key: str) -> None:
 
 __all__ = ["FileSystem", "FsspecReader", "FsspecWriter", "StorageInfo", "caching_save_planner", "dcp_debug_loggers",
            "drop_save_plans", "hydra_sweep_grid", "staging_stream"]
+
+
+def fsspec_cached_filesystems() -> list[Any]:
+    """Every filesystem instance in fsspec's per-class instance caches (``_Cached._cache``;
+    fsspec exposes only ``clear_instance_cache``). A forked DataLoader worker holds on to the
+    ones it inherited: fsspec drops them from its cache in the child, and s3fs's finalizer
+    then closes their connections through the parent's event loop, whose epoll set the child
+    shares, which unregisters the parent's sockets and stalls its next request (~16 s)."""
+    from fsspec.spec import AbstractFileSystem
+
+    found, todo = [], [AbstractFileSystem]
+    while todo:
+        cls = todo.pop()
+        todo.extend(cls.__subclasses__())
+        found.extend(cls.__dict__.get("_cache", {}).values())
+    return found

@@ -74,3 +74,10 @@ def test_save_plans_are_cached_under_the_key_given_and_dropped_by_it():
     finally:
         _compat.drop_save_plans("a")
         _compat.drop_save_plans("b")
+
+
+def test_fsspec_instance_cache_is_found():
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    assert any(f is fs for f in _compat.fsspec_cached_filesystems())
