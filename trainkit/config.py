@@ -60,6 +60,9 @@ class TrainerConfig:
     grad_clip: float = 0.0
     activation_checkpointing: bool = False
     compile: bool = False
+    # The recipe builds the model on the meta device; the strategy gives it storage and its
+    # init (fsdp: after sharding, so each rank allocates only its shard).
+    meta_init: bool = False
     # Intra-op threads per worker; 0 splits this machine's cores between local workers.
     threads: int = 0
     progress: Literal["auto", "bar", "plain", "off"] = "auto"
@@ -75,6 +78,9 @@ class TrainerConfig:
         positive("trainer.grad_accum", self.grad_accum)
         positive("trainer.grad_clip", self.grad_clip, allow_zero=True)
         positive("trainer.threads", self.threads, allow_zero=True)
+        if self.meta_init and cfg.strategy.name == "deepspeed":
+            raise ConfigError("trainer.meta_init is not supported with strategy=deepspeed (its engine needs "
+                              "materialised parameters; ZeRO-3 has deepspeed.zero.Init for this)")
         from trainkit.metrics.loggers import check_logger_options
 
         check_logger_options(self.loggers, self.logger_options)

@@ -24,9 +24,15 @@ def train(cfg_dict: Mapping[str, Any]) -> dict[str, Any]:
     model_cfg = task.model_config(**cfg.model)
     run = Run(cfg)
     stream = run.stream(cfg.data.url or default_url(task, cfg.model))
-    model = task.build_model(model_cfg)
-    flops = training_flops(run, task, model, stream)
-    model, opt = run.setup(model, run.optimizer())
+    if cfg.trainer.meta_init:
+        with torch.device("meta"):
+            model = task.build_model(model_cfg)
+        model, opt = run.setup(model, run.optimizer())
+        flops = training_flops(run, task, model, stream)  # a meta model cannot run before setup
+    else:
+        model = task.build_model(model_cfg)
+        flops = training_flops(run, task, model, stream)
+        model, opt = run.setup(model, run.optimizer())
     data = run.loader(stream)
     run.restore(model=model, optimizer=opt, data=data)
     model.train()
@@ -50,7 +56,7 @@ def training_flops(run: Run, task: Any, model: torch.nn.Module, stream: Any) -> 
         return 0.0
     counter = FlopCounterMode(display=False)
     with torch.no_grad(), counter:
-        task.loss(model, default_collate([stream[0]]))
+        task.loss(model, _to(default_collate([stream[0]]), next(model.parameters()).device))
     return 3.0 * counter.get_total_flops()
 
 

@@ -52,6 +52,44 @@ def checkpoint_activations(units: list[nn.Module]) -> None:
         unit.forward = forward
 
 
+def is_meta(model: nn.Module) -> bool:
+    """Built under ``torch.device("meta")`` (or ``accelerate.init_empty_weights``): shapes, no storage."""
+    return any(t.is_meta for t in (*model.parameters(), *model.buffers()))
+
+
+def initialise(model: nn.Module, device: torch.device) -> None:
+    """Gives a meta-built (and possibly already sharded) model storage on ``device`` and its
+    initial values: the model's own ``init_weights()`` when it has one, else every
+    submodule's ``reset_parameters()``. On sharded parameters each rank allocates only its
+    shard; whether the values equal an eager build's depends on the init (see
+    :func:`copy_full_`)."""
+    model.to_empty(device=device)
+    init = getattr(model, "init_weights", None)
+    with torch.no_grad():
+        if callable(init):
+            init()
+            return
+        for module in model.modules():
+            reset = getattr(module, "reset_parameters", None)
+            if callable(reset):
+                reset()
+
+
+def copy_full_(param: torch.Tensor, full: torch.Tensor) -> None:
+    """Copies the part of ``full`` (the whole tensor's values, the same on every rank) that
+    this rank holds into ``param``, a plain tensor or a sharded DTensor. An init that draws
+    each whole tensor from its own generator and hands it here gives a sharded model exactly
+    the weights an eager build gets, at the cost of one whole tensor at a time."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    with torch.no_grad():
+        if isinstance(param, DTensor):
+            part = distribute_tensor(full.to(param.device), param.device_mesh, param.placements, src_data_rank=None)
+            param.to_local().copy_(part.to_local())
+        else:
+            param.copy_(full)
+
+
 def rebuild_optimizer(optimizer: OptimizerArg, old: list[nn.Parameter], new: list[nn.Parameter]) -> torch.optim.Optimizer:
     """Recreates ``optimizer`` over ``new`` params that replaced ``old`` ones one-for-one.
 
@@ -119,6 +157,9 @@ class Strategy:
     """
 
     Options: ClassVar[type[StrategyOptions]] = StrategyOptions
+    #: ``wrap`` shards a meta-device model as it is, so only each rank's shard is then
+    #: allocated; otherwise a meta model is materialised whole before ``wrap``.
+    shards_meta: ClassVar[bool] = False
 
     def __init__(self, options: StrategyOptions, dist: DistInfo, settings: StepSettings) -> None:
         self.options = options
@@ -136,12 +177,18 @@ class Strategy:
     # -- setup ---------------------------------------------------------------------------
     def setup(self, model: nn.Module, optimizer: OptimizerArg, units: list[nn.Module] | None = None
               ) -> tuple[nn.Module, torch.optim.Optimizer]:
-        model = model.to(self.dist.device)
+        meta = is_meta(model)
+        if meta and not self.shards_meta:
+            initialise(model, self.dist.device)
+        if not (meta and self.shards_meta):
+            model = model.to(self.dist.device)
         units = default_units(model) if units is None else units
         if self.settings.activation_checkpointing:
             checkpoint_activations(units)
         old = list(model.parameters())
         model = self.wrap(model, units)
+        if meta and self.shards_meta:
+            initialise(model, self.dist.device)
         if self.settings.compile:
             model.compile()
         new = list(model.parameters())

@@ -38,6 +38,7 @@ class FSDPOptions(StrategyOptions):
 class FSDPStrategy(Strategy):
     Options = FSDPOptions
     options: FSDPOptions
+    shards_meta = True
 
     def wrap(self, model: nn.Module, units: list[nn.Module]) -> nn.Module:
         policy = MixedPrecisionPolicy()

@@ -7,18 +7,29 @@ corpus is the sorted ``*.py`` files of the stdlib, cut into ``seq_len + 1`` wind
 from __future__ import annotations
 
 import math
+import zlib
 import sysconfig
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from trainkit.errors import ConfigError
 from trainkit.tasks.base import Batch, Task
+
+
+# GPT-2's shapes (with this task's 256-byte vocabulary): large enough that building the whole
+# model on every rank before sharding it shows in host memory (trainer.meta_init).
+PRESETS: dict[str, dict[str, int]] = {
+    "gpt2": {"n_layer": 12, "n_head": 12, "d_model": 768},          # 85 M parameters
+    "gpt2-medium": {"n_layer": 24, "n_head": 16, "d_model": 1024},  # 303 M parameters
+    "gpt2-large": {"n_layer": 36, "n_head": 20, "d_model": 1280},   # 709 M parameters
+}
 
 
 @dataclass
@@ -31,6 +42,15 @@ class GPTConfig:
     dropout: float = 0.0
     # Bytes of stdlib source to train on.
     corpus_bytes: int = 4_000_000
+    # A named size (PRESETS) setting n_layer, n_head and d_model; "" keeps them as given.
+    preset: Literal["", "gpt2", "gpt2-medium", "gpt2-large"] = ""
+
+    def __post_init__(self) -> None:
+        for key, value in PRESETS.get(self.preset, {}).items():
+            given = getattr(self, key)
+            if given not in (value, getattr(GPTConfig, key)):
+                raise ConfigError(f"model.{key}={given} contradicts model.preset={self.preset} ({key}={value})")
+            setattr(self, key, value)
 
 
 class Block(nn.Module):
@@ -65,17 +85,32 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(cfg.d_model)
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        self.apply(self._init)
-        for name, p in self.named_parameters():
-            if name.endswith("proj.weight") or name.endswith("mlp.2.weight"):
-                nn.init.normal_(p, std=0.02 / math.sqrt(2 * cfg.n_layer))
+        self.n_layer = cfg.n_layer
+        if not self.head.weight.is_meta:
+            self.init_weights()
 
-    @staticmethod
-    def _init(module: nn.Module) -> None:
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, std=0.02)
-        if isinstance(module, nn.Linear) and module.bias is not None:
-            nn.init.zeros_(module.bias)
+    @torch.no_grad()
+    def init_weights(self, seed: int | None = None) -> None:
+        """GPT-2's init. Each tensor is drawn whole from a generator of its own (seeded by
+        ``seed``, default ``torch.initial_seed()``, and its name), so a model built on
+        ``meta`` and sharded before this runs gets on each rank exactly the shard of the
+        weights an eager build gets, holding one whole tensor at a time."""
+        from trainkit.strategies.base import copy_full_
+
+        seed = torch.initial_seed() if seed is None else seed
+        for prefix, module in self.named_modules():
+            for leaf, p in module.named_parameters(recurse=False):
+                name = f"{prefix}.{leaf}" if prefix else leaf
+                full = torch.empty(p.shape, dtype=p.dtype)
+                if isinstance(module, nn.LayerNorm):
+                    full.fill_(1.0 if leaf == "weight" else 0.0)
+                elif leaf == "bias":
+                    full.zero_()
+                else:
+                    g = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63)
+                    deep = name.endswith(("proj.weight", "mlp.2.weight"))
+                    nn.init.normal_(full, std=0.02 / math.sqrt(2 * self.n_layer) if deep else 0.02, generator=g)
+                copy_full_(p, full)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         pos = torch.arange(idx.shape[1], device=idx.device)
