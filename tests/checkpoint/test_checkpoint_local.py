@@ -15,8 +15,8 @@ import torch
 
 from trainkit.checkpoint import (Checkpointer, CheckpointMismatch, ModelOptimState, RNGState, SavePolicy,
                                  export_safetensors, load_for_export, rng_state, set_rng_state)
-from trainkit.checkpoint._dcp_io import safe_load_metadata
-from trainkit.checkpoint._store import record_of
+from trainkit.checkpoint._dcp_io import is_data_file, safe_load_metadata
+from trainkit.checkpoint._store import record_of, step_name
 from trainkit.errors import StorageError
 
 
@@ -446,3 +446,45 @@ def test_restore_falls_back_to_listing_when_latest_leads_nowhere(tmp_path, point
     assert meta["step"] == want and same(snaps[want], snapshot(model, opt))
     assert ck.latest_step() == want
     ck.close()
+
+
+@pytest.mark.parametrize("mode", ["sync", "async", "overlap"])
+def test_cached_save_plans_write_the_same_files_and_replan_when_the_tree_changes(tmp_path, mode, monkeypatch):
+    """DCP plans a save once per tree: a second save of the same tree reuses the global plan
+    and writes the same files, which load back; a new key, or a dtype that changes at the
+    same shape and width (which torch's plan comparison does not see), is planned again."""
+    from torch.distributed.checkpoint import default_planner
+
+    planned = []
+    real = default_planner.create_default_global_save_plan
+    monkeypatch.setattr(default_planner, "create_default_global_save_plan",
+                        lambda plans, *a, **k: planned.append(len(plans)) or real(plans, *a, **k))
+    root = tmp_path / "ck"
+    ck = Checkpointer(str(root), keep_last=10, async_save=mode != "sync", overlap_staging=mode == "overlap")
+    model, opt = make()
+    snaps = {}
+    for s in (1, 2):
+        step(model, opt)
+        ck.save(s, state_of(model, opt, {"step": s}), blocking=True)
+        snaps[s] = snapshot(model, opt)
+    assert len(planned) == 1  # the second save was not planned again
+
+    def shards(s):
+        return {p.name: p.stat().st_size for p in (root / step_name(s)).iterdir() if is_data_file(p.name)}
+
+    assert shards(2) == shards(1) and len(shards(1)) == 2  # the same shard files (io_threads=2), same sizes
+    ck.save(3, {**state_of(model, opt, {"step": 3}), "extra": {"t": torch.arange(6.0)}}, blocking=True)
+    assert len(planned) == 2
+    ck.save(4, {**state_of(model, opt, {"step": 4}), "extra": {"t": torch.arange(6, dtype=torch.int32)}},
+            blocking=True)
+    assert len(planned) == 3
+    ck.close()
+    for s in (1, 2):
+        m, o = make(seed=9)
+        assert Checkpointer(str(root)).load(state_of(m, o, {"step": 0}), step=s) == s
+        assert same(snaps[s], snapshot(m, o))
+    for s, want in ((3, torch.arange(6.0)), (4, torch.arange(6, dtype=torch.int32))):
+        m, o = make(seed=9)
+        extra = {"t": torch.zeros(6, dtype=want.dtype)}
+        assert Checkpointer(str(root)).load({**state_of(m, o, {"step": 0}), "extra": extra}, step=s) == s
+        assert extra["t"].dtype == want.dtype and torch.equal(extra["t"], want)

@@ -255,6 +255,9 @@ class TrackedFsspecWriter(FsspecWriter):
             for item, n in zip(items, lengths):
                 t = planner.resolve_data(item).detach()
                 t = t.to("cpu").contiguous()
+                if t.dtype != item.tensor_data.properties.dtype:  # the header says the plan's dtype
+                    raise ValueError(f"{item.index.fqn}: planned as {item.tensor_data.properties.dtype}, "
+                                     f"the tensor is {t.dtype}")
                 if t.numel() * t.element_size() != n:
                     raise ValueError(f"{item.index.fqn}: planned {n} bytes, the tensor has "
                                      f"{t.numel() * t.element_size()} ({t.dtype}, {tuple(t.shape)})")
