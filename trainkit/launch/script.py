@@ -138,13 +138,15 @@ def run_script(spec: Mapping[str, Any]) -> None:
     """Runs the script as ``python path args...`` would, as ``__main__``; checks it made a Run.
 
     ``sys.exit(0)`` is an ordinary end; another code ends the worker with it (``Preempted``
-    is 75). A script that returns without having built a ``trainkit.Run`` got none of what the
+    is 75). A script that returns without having built a ``trainkit.Run`` (or, for an Accelerate
+    loop, a :class:`~trainkit.checkpoint.accelerate.AcceleratorCheckpoints`) got none of what the
     launcher promises (resume, agreement, metrics): that is a config error, not a success.
     """
     from trainkit import config
+    from trainkit.checkpoint import accelerate
 
     path, args = spec["path"], list(spec["args"])
-    before = config.launched_runs
+    before = (config.launched_runs, accelerate.created)
     sys.argv = [path, *args]
     sys.path.insert(0, os.path.dirname(path))
     try:
@@ -152,6 +154,6 @@ def run_script(spec: Mapping[str, Any]) -> None:
     except SystemExit as exc:
         if exc.code not in (0, None):
             raise
-    if config.launched_runs == before:
-        raise ConfigError(f"script={path} never created a trainkit.Run; "
+    if (config.launched_runs, accelerate.created) == before:
+        raise ConfigError(f"script={path} never created a trainkit.Run (or AcceleratorCheckpoints); "
                           "see docs/quickstart.md, 'Bring your script'")
