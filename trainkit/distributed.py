@@ -198,6 +198,19 @@ def all_gather_object(obj, group=None) -> list:
     return out
 
 
+def gather_object(obj, group=None) -> list | None:
+    """Every rank's ``obj``, in rank order, on rank 0 of ``group``; None on the others.
+
+    For what rank 0 alone reads (a commit's file records): an all-gather would hand each of N
+    ranks all N objects (O(world²) bytes), a gather moves each object once.
+    """
+    if not initialized():
+        return [obj]
+    out: list | None = [None] * world(group) if rank(group) == 0 else None
+    dist.gather_object(obj, out, group=group, group_dst=0)
+    return out
+
+
 def broadcast_object(obj, group=None):
     """Rank 0 of ``group``'s ``obj`` on every rank."""
     if not initialized():
