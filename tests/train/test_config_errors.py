@@ -11,7 +11,7 @@ from launching import launch, launch_here
     ("overrides", "expected"),
     [
         (["recipe=nope"], "recipe='nope' is unknown; valid: gpt, resnet"),
-        (["strategy=nope"], "strategy='nope' is unknown; valid: auto, ddp, deepspeed, fsdp, single"),
+        (["strategy=nope"], "strategy='nope' is unknown; valid: accelerate, auto, ddp, deepspeed, fsdp, single"),
         (["trainer.max_step=5"], "unknown key 'trainer.max_step'; valid keys in trainer: max_steps"),
         (["launcher.workers=-1"], "launcher.workers=-1 must be > 0"),
         (["model.widht=8"], "unknown key 'model.widht'; valid keys in model: width"),

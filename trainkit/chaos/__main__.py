@@ -162,7 +162,7 @@ class Harness:
 
 
 def compare(reference: str, chaos: str, attempts: list[Attempt]) -> Report:
-    from safetensors.torch import load_file
+    from trainkit.checkpoint.warm import read_safetensors_weights
 
     report = Report(attempts=attempts)
     ref = {r["step"]: r["loss"] for r in rundir.read_metrics(reference)}
@@ -175,8 +175,8 @@ def compare(reference: str, chaos: str, attempts: list[Attempt]) -> Report:
     report.identical_losses = not diff
     if diff:
         report.mismatches.append(f"losses differ at steps {diff[:10]}")
-    a = load_file(os.path.join(reference, rundir.EXPORT))
-    b = load_file(os.path.join(chaos, rundir.EXPORT))
+    # One model.safetensors, or Hugging Face shards + index (a sharded run exports from every rank).
+    a, b = read_safetensors_weights(reference), read_safetensors_weights(chaos)
     report.identical_weights = a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
     if not report.identical_weights:
         report.mismatches.append("exported weights differ")
