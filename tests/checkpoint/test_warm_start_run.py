@@ -69,6 +69,13 @@ def test_ddp_on_2_warm_starts_fsdp_on_3_and_a_file_then_resumes_its_own(tmp_path
     assert r.returncode == 0, r.stderr
     (m,) = metrics(single)
     assert _close(m["loss"], nxt[5]), (m["loss"], nxt[5])
+    # The same file streamed into a model built on meta and sharded by fsdp on 2.
+    meta = tmp_path / "meta"
+    r = launch(*SMALL, "strategy=fsdp", "launcher.workers=2", "trainer.meta_init=true", "trainer.max_steps=1",
+               f"checkpoint.load_from={weights}", f"run_dir={meta}")
+    assert r.returncode == 0, r.stderr
+    (m,) = metrics(meta)
+    assert _close(m["loss"], nxt[5]), (m["loss"], nxt[5])
 
 
 @pytest.mark.slow

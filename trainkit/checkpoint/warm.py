@@ -4,8 +4,8 @@ and world size.
 
 A run_dir source is read through DCP, so a checkpoint written by ``ddp`` on 2 workers loads
 into ``fsdp`` on 3 (each rank reads only the shards it needs). A safetensors source is read
-by every rank as full tensors and handed to ``set_model_state_dict``, which keeps each
-rank's shard. Keys the model has and the source lacks (missing) and keys the source has and
+by every rank one tensor at a time (byte ranges, any fsspec URL), keeping only its part of
+each, so a model built on ``meta`` and sharded never exists whole on a rank. Keys the model has and the source lacks (missing) and keys the source has and
 the model lacks (unexpected) are listed in one message: with ``strict`` they are a
 :class:`~trainkit.checkpoint.CheckpointMismatch`, without it a warning, and the keys both
 have are loaded.
@@ -46,22 +46,74 @@ def read_safetensors_weights(source: str) -> dict[str, torch.Tensor]:
     ``model.safetensors.index.json`` and its shards (Hugging Face's layout)."""
     from safetensors.torch import load as st_load
 
+    out: dict[str, torch.Tensor] = {}
+    for url in _safetensors_files(source):
+        out.update(st_load(_read(url)))
+    return out
+
+
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+
+
+class _SafetensorsFile:
+    """One safetensors file on any fsspec URL, read a tensor at a time by byte range: no
+    mmap and no whole-file read, so a rank holds one tensor of it at a time."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.fs, self.path = storage.filesystem(url)
+        size = int.from_bytes(self._range(0, 8), "little")
+        try:
+            head = json.loads(self._range(8, 8 + size))
+        except ValueError as exc:
+            raise StorageError(f"{url}: not a safetensors file ({exc})") from None
+        head.pop("__metadata__", None)
+        self.base = 8 + size
+        self.entries: dict[str, dict[str, Any]] = head
+
+    def _range(self, start: int, end: int) -> bytes:
+        return storage.retry(lambda: self.fs.cat_file(self.path, start=start, end=end), what=self.url)
+
+    def tensor(self, key: str) -> torch.Tensor:
+        e = self.entries[key]
+        lo, hi = e["data_offsets"]
+        dtype = _DTYPES[e["dtype"]]
+        if hi == lo:
+            return torch.empty(e["shape"], dtype=dtype)
+        return torch.frombuffer(bytearray(self._range(self.base + lo, self.base + hi)), dtype=dtype).reshape(e["shape"])
+
+
+def _safetensors_files(source: str) -> list[str]:
     if source.endswith(".safetensors"):
-        return st_load(_read(source))
+        return [source]
     index_url = storage.join(source, INDEX)
     if _exists(index_url):
         try:
             files = sorted(set(json.loads(_read(index_url))["weight_map"].values()))
         except (ValueError, KeyError, TypeError) as exc:
             raise StorageError(f"{index_url}: not a safetensors index ({exc})") from None
-        out: dict[str, torch.Tensor] = {}
-        for name in files:
-            out.update(st_load(_read(storage.join(source, name))))
-        return out
+        return [storage.join(source, name) for name in files]
     single = storage.join(source, SINGLE)
     if _exists(single):
-        return st_load(_read(single))
+        return [single]
     raise StorageError(f"{source}: no {SINGLE} or {INDEX} here")
+
+
+def _stream_safetensors(model: torch.nn.Module, source: str, strict: bool) -> int:
+    """Each tensor read whole, one at a time, and only this rank's part of it kept."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    from trainkit.strategies.base import copy_full_
+
+    where = {k: f for f in map(_SafetensorsFile, _safetensors_files(source)) for k in f.entries}
+    own = get_model_state_dict(model)
+    keep = _check_keys(source, set(own), set(where), strict)
+    for key in own:
+        if key in keep:
+            copy_full_(own[key], where[key].tensor(key))
+    return len(keep)
 
 
 def is_safetensors_source(source: str) -> bool:
@@ -108,18 +160,11 @@ def warm_start(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, 
     call it. ``source``: a run_dir / checkpointer root / step directory (``@STEP``
     optional), a ``.safetensors`` file or a Hugging Face-style directory. Returns a line
     saying what was loaded."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
-
     if is_safetensors_source(source):
         if load_optimizer:
             raise StorageError(f"{source}: a safetensors source holds no optimizer state "
                                "(checkpoint.load_optimizer=false, or warm-start from a run_dir)")
-        weights = read_safetensors_weights(source)
-        own = get_model_state_dict(model)
-        keep = _check_keys(source, set(own), set(weights), strict)
-        set_model_state_dict(model, {k: weights[k] for k in keep},
-                             options=StateDictOptions(full_state_dict=True, strict=False))
-        return f"warm start: {len(keep)} tensors from {source}"
+        return f"warm start: {_stream_safetensors(model, source, strict)} tensors from {source}"
     return _from_checkpoint(model, optimizer, source, load_optimizer=load_optimizer, strict=strict,
                             group=process_group, entry=entry)
 
