@@ -67,6 +67,16 @@ def test_restore_discovery_costs_the_same_after_1000_saves_as_after_10():
     assert kept["listing_requests"]["LIST"] == 3 + kept["retained"]  # the fallback lists every step dir
 
 
+def test_a_save_lists_its_own_step_dir_only_once_retention_has_listed_the_root():
+    many = scale.discovery_history(saves=1000, world=4)
+    kept = scale.discovery_history(saves=300, world=4, keep_every=1000)
+    # commit: LIST its step dir, PUT manifest and latest; retention: delete one step
+    # (DELETE its manifest, LIST it, one DeleteObjects); no listing of the root or of the kept steps
+    for run in (many, kept):
+        assert run["last_save_requests"] == {"PUT": 2, "LIST": 2, "DELETE": 2}
+    assert many["history_requests"]["LIST"] == 2 * 1000 + 1
+
+
 def test_discovery_through_latest_lists_one_step_dir_and_the_fallback_every_retained_one():
     small, big = scale.discovery_at_world(8, 2), scale.discovery_at_world(4096, 2)
     assert small["latest_pointer"] == {"GET": 2, "LIST": 2, "HEAD": 1}

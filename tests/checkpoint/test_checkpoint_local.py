@@ -217,6 +217,7 @@ def test_mismatched_model_raises_instead_of_skipping(tmp_path):
 def test_retention_keeps_last_and_every_kth(tmp_path):
     root = tmp_path / "ck"
     model, opt = make()
+    (root / "step_000000000").mkdir(parents=True)  # an earlier attempt's interrupted save
     ck = Checkpointer(str(root), keep_last=2, keep_every=4, async_save=True)
     for s in range(1, 10):
         if s == 7:  # garbage of an interrupted save: an uncommitted dir older than what follows
@@ -243,6 +244,28 @@ def test_failed_save_never_deletes_the_only_committed_checkpoint(tmp_path):
     ck.save(3, state_of(model, opt, {"step": 3}), blocking=True)
     assert ck.steps() == [3]
     ck.close()
+
+
+def test_retention_lists_the_root_once_and_still_deletes_what_a_failed_save_left(tmp_path):
+    from trainkit.checkpoint._store import CheckpointStore
+
+    store = CheckpointStore(str(tmp_path / "ck"))
+
+    def save(step: int, ok: bool = True) -> None:
+        store.put_bytes(store.file_path(step, "data"), b"x")
+        if ok:
+            store.commit(step, {"data": {"size": 1, "crc32": "0"}}, world_size=1)
+        else:
+            store.not_committed(step)
+
+    (tmp_path / "ck" / "step_000000000").mkdir(parents=True)  # an earlier process's interrupted save
+    save(1)
+    assert store.apply_retention(keep_last=1, keep_every=0) == [0]  # the first run lists the root
+    save(2, ok=False)
+    save(3)
+    (tmp_path / "ck" / "step_000000000").mkdir()  # made by someone else mid-run: the root is not listed again
+    assert store.apply_retention(keep_last=1, keep_every=0) == [1, 2]
+    assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == ["latest", "step_000000000", "step_000000003"]
 
 
 def test_failed_save_keeps_previous(tmp_path):

@@ -596,11 +596,12 @@ def discovery_history(saves: int = 1000, world: int = 8, keep_last: int = 2, kee
     """``saves`` commits with retention through the real ``CheckpointStore`` (files written,
     manifest, ``latest``, ``apply_retention``), then restore discovery: through ``latest``
     (what a restore does) and with the pointer removed (its fallback). Counts the requests
-    of each, and of the whole history."""
+    of each, of the whole history, and of the first and the last save's commit and retention."""
     from trainkit.checkpoint._store import CheckpointStore
 
     CountingStore.reset()
     store = CheckpointStore("scalecount://run/checkpoints")
+    per_save: list[dict[str, int]] = []
     for k in range(1, saves + 1):
         step = k * every
         _fill_step(store, step, world)
@@ -608,14 +609,17 @@ def discovery_history(saves: int = 1000, world: int = 8, keep_last: int = 2, kee
         for r in range(world):
             for name, rec in _rank_records(r, world, 0).items():
                 files[name] = {"size": 1, "crc32": rec["crc32"], "rank": r}
+        before = Counter(_store_requests())
         store.commit(step, files, world_size=world)
         store.apply_retention(keep_last, keep_every)
+        per_save.append(dict(Counter(_store_requests()) - before))
     history = _store_requests()
     loaded, through_latest = _discover(store)
     listed, listing = _without_latest(store)
     assert listed == loaded
     return {"saves": saves, "world": world, "retained": len(store.committed_steps()), "loaded": loaded,
-            "discovery_requests": through_latest, "listing_requests": listing, "history_requests": history}
+            "discovery_requests": through_latest, "listing_requests": listing, "history_requests": history,
+            "first_save_requests": per_save[0], "last_save_requests": per_save[-1]}
 
 
 def discovery_at_world(world: int, retained: int) -> dict[str, Any]:

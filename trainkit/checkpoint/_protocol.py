@@ -70,6 +70,8 @@ def commit_collectively(store: CheckpointStore, group, step: int, records: dict[
                 outcome = f"commit: {exc}"
     outcome = distributed.broadcast_object(outcome, group)
     if outcome:
+        if gathered is not None:
+            store.not_committed(step)
         raise StorageError(f"checkpoint step {step} under {store.root} was not committed: {outcome}")
     if on_commit is not None:
         on_commit()

@@ -84,6 +84,10 @@ class CheckpointStore:
         self.fs, self.root_path = storage.filesystem(self.root)
         self.root_path = self.root_path.rstrip("/")
         self.local = storage.is_local(self.root)
+        # Retention's picture of the root (step -> committed), listed on its first run and kept
+        # current by this store's own commits, failed saves, de-commits and deletions, so a save
+        # lists the root once per process instead of every retained step dir every time.
+        self._known: dict[int, bool] | None = None
 
     # -- names ---------------------------------------------------------------------------
     def step_url(self, step: int) -> str:
@@ -302,8 +306,15 @@ class CheckpointStore:
             **(extra or {}),
         }
         self.put_bytes(self.file_path(step, MANIFEST), json.dumps(manifest, indent=1).encode())
+        if self._known is not None:
+            self._known[step] = True
         self.put_bytes(f"{self.root_path}/{LATEST}", f"{step}\n".encode())
         return manifest
+
+    def not_committed(self, step: int) -> None:
+        """Rank 0 after a save of ``step`` failed: its dir may hold files for retention to delete."""
+        if self._known is not None:
+            self._known.setdefault(step, False)
 
     # -- verification --------------------------------------------------------------------
     def verify_sizes(self, step: int, manifest: dict[str, Any]) -> list[str]:
@@ -321,6 +332,8 @@ class CheckpointStore:
         src, dst = self.file_path(step, MANIFEST), self.file_path(step, CORRUPT_MANIFEST)
         try:
             storage.retry(lambda: self.fs.mv(src, dst), what=self._url(src))
+            if self._known is not None:
+                self._known[step] = False
             log.warning("checkpoint %s de-committed (manifest renamed to %s)", self.step_url(step), CORRUPT_MANIFEST)
         except StorageError as exc:
             log.warning("could not de-commit %s: %s", self.step_url(step), exc)
@@ -346,11 +359,17 @@ class CheckpointStore:
 
         storage.retry(rm_dir, what=self._url(sp))
         self.invalidate(sp)
+        if self._known is not None:
+            self._known.pop(step, None)
 
     def apply_retention(self, keep_last: int, keep_every: int) -> list[int]:
         """Deletes committed steps beyond ``keep_last`` (sparing every ``keep_every``-th) and
-        uncommitted step dirs older than the newest committed step. Returns deleted steps."""
-        committed = self.committed_steps()
+        uncommitted step dirs older than the newest committed step. Returns deleted steps.
+        Lists the root on its first run only (see ``_known``)."""
+        if self._known is None:
+            listed = set(self.committed_steps())
+            self._known = {s: s in listed for s in set(self.step_dirs()) | listed}
+        committed = sorted(s for s, ok in self._known.items() if ok)
         if not committed:
             return []
         newest = committed[-1]
@@ -358,7 +377,7 @@ class CheckpointStore:
         if keep_every > 0:
             keep |= {s for s in committed if s % keep_every == 0}
         deleted = []
-        for step in sorted(self.step_dirs()):
+        for step in sorted(self._known):
             if step >= newest or step in keep:
                 continue
             try:
