@@ -72,17 +72,27 @@ __all__ = ["FileSystem", "FsspecReader", "FsspecWriter", "StorageInfo", "caching
            "drop_save_plans", "hydra_sweep_grid", "staging_stream"]
 
 
-def fsspec_cached_filesystems() -> list[Any]:
-    """Every filesystem instance in fsspec's per-class instance caches (``_Cached._cache``;
-    fsspec exposes only ``clear_instance_cache``). A forked DataLoader worker holds on to the
-    ones it inherited: fsspec drops them from its cache in the child, and s3fs's finalizer
-    then closes their connections through the parent's event loop, whose epoll set the child
-    shares, which unregisters the parent's sockets and stalls its next request (~16 s)."""
-    from fsspec.spec import AbstractFileSystem
 
-    found, todo = [], [AbstractFileSystem]
-    while todo:
-        cls = todo.pop()
-        todo.extend(cls.__subclasses__())
-        found.extend(cls.__dict__.get("_cache", {}).values())
-    return found
+def fsspec_io_loop() -> Any:
+    """fsspec's event loop (``fsspec.asyn.loop[0]``: the loop its io thread runs; None until
+    first use). fsspec exposes ``get_loop()``, which would start one."""
+    import fsspec.asyn
+
+    return fsspec.asyn.loop[0]
+
+
+def detach_forked_loop(loop: Any) -> None:
+    """In a forked child, makes the parent's asyncio loop (copied with the fork) harmless.
+
+    The copy shares the parent's epoll instance. When a child garbage-collects an inherited
+    s3fs filesystem, s3fs's finalizer sees the copied loop as running (its ``_thread_id`` came
+    along) and closes the connections through it, which removes the *parent's* sockets from
+    that shared epoll set: the parent's next request then waits for its read timeout (~16 s
+    seen after DataLoader workers ended). Giving the copy a fresh selector and no thread
+    makes those closes touch only the child. asyncio has no public way to do this.
+    """
+    import selectors
+
+    loop._thread_id = None
+    old, loop._selector = loop._selector, selectors.DefaultSelector()
+    old.close()  # the child's descriptor of the shared epoll instance only

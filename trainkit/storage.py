@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 import fsspec
 from fsspec.core import url_to_fs
 
+from trainkit import _compat
 from trainkit.errors import ConfigError, StorageError
 
 T = TypeVar("T")
@@ -63,6 +64,24 @@ def storage_options(url: str) -> dict[str, Any]:
     proto = protocol(url)
     aliases = {"gcs": "gs", "s3a": "s3"}
     return dict(_STORAGE_OPTIONS.get(proto) or _STORAGE_OPTIONS.get(aliases.get(proto, proto)) or {})
+
+
+_forking_loop: list[Any] = [None]
+
+
+def _before_fork() -> None:
+    _forking_loop[0] = _compat.fsspec_io_loop()
+
+
+def _after_fork_in_child() -> None:
+    """fsspec starts a new loop in the child; the copy of the parent's must not act on the
+    parent's sockets (see ``trainkit._compat.detach_forked_loop``)."""
+    loop, _forking_loop[0] = _forking_loop[0], None
+    if loop is not None:
+        _compat.detach_forked_loop(loop)
+
+
+os.register_at_fork(before=_before_fork, after_in_child=_after_fork_in_child)
 
 
 def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:

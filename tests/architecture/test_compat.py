@@ -76,8 +76,30 @@ def test_save_plans_are_cached_under_the_key_given_and_dropped_by_it():
         _compat.drop_save_plans("b")
 
 
-def test_fsspec_instance_cache_is_found():
-    import fsspec
 
-    fs = fsspec.filesystem("memory")
-    assert any(f is fs for f in _compat.fsspec_cached_filesystems())
+def test_forked_child_cannot_unregister_the_parents_sockets():
+    """A child closing a socket through its detached copy of a loop leaves the parent's epoll
+    registration in place (without the detach it is removed and the parent never wakes)."""
+    import asyncio
+    import os
+    import socket
+    import threading
+
+    loop = asyncio.new_event_loop()
+    threading.Thread(target=loop.run_forever, daemon=True).start()
+    a, b = socket.socketpair()
+    got = threading.Event()
+    loop.call_soon_threadsafe(loop.add_reader, a.fileno(), lambda: (a.recv(1), got.set()))
+    pid = os.fork()
+    if pid == 0:  # child: what s3fs's finalizer does to an inherited connection
+        try:
+            _compat.detach_forked_loop(loop)
+            assert not loop.is_running()
+            loop._remove_reader(a.fileno())
+        finally:
+            os._exit(0)
+    os.waitpid(pid, 0)
+    b.send(b"x")
+    assert got.wait(5), "the parent's reader was unregistered by the child"
+    loop.call_soon_threadsafe(loop.stop)
+    assert _compat.fsspec_io_loop() is None or isinstance(_compat.fsspec_io_loop(), asyncio.AbstractEventLoop)

@@ -116,3 +116,18 @@ def test_what_storage_retry_repeats():
     with pytest.raises(StorageError, match=r"^s3://b/k: PermissionError: no") as info:
         storage.retry(lambda: (_ for _ in ()).throw(PermissionError("no")), what="s3://b/k", sleep=pauses.append)
     assert isinstance(info.value.__cause__, PermissionError) and len(pauses) == 2
+
+
+def test_downloads_are_sized_from_latency_and_shard_size(s3_url, fault_proxy, storage_options, tmp_path):
+    """Small shards behind 50 ms to first byte: as many downloads as the cap allows (each
+    connection mostly waits); an explicit prefetch wins; file:// needs none."""
+    write_shards(make_samples(40), s3_url, shard_bytes=1000)
+    proxy = fault_proxy(latency=0.05)
+    storage_options({"s3": {"endpoint_url": proxy.endpoint}})
+    from trainkit.data.stream import MAX_DOWNLOADS
+
+    assert Stream(s3_url, cache_dir=str(tmp_path)).prefetch == MAX_DOWNLOADS
+    assert Stream(s3_url, cache_dir=str(tmp_path), prefetch=3).prefetch == 3
+    local = "file://" + str(tmp_path / "local")
+    write_shards(make_samples(10), local)
+    assert Stream(local).prefetch == 0

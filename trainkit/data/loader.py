@@ -57,6 +57,8 @@ class _MicroBatches(IterableDataset):
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         w = info.id if info is not None else 0
+        if info is not None:
+            self.stream.share_downloads(info.num_workers)
         stride = self.world_size * self.micro
         # how far other readers of this node may be behind us: one round of micro-batches of
         # every worker of every rank, twice for slack (used for eviction decisions only)
