@@ -1,8 +1,6 @@
-"""accelerate_plain.py with trainkit's checkpoints: resumable, preemption-safe (exit 75).
+"""Bring your Accelerate loop (docs/quickstart.md): the same loop with trainkit's checkpoints.
 
-``python -m trainkit.launch script=accelerate_loop.py launcher.workers=2 -- --steps 200`` or
-``accelerate launch --multi_gpu --num_processes 2 accelerate_loop.py --steps 200``;
-docs/quickstart.md, "Bring your Accelerate loop", shows the diff.
+Run: python -m trainkit.launch script=accelerate_loop.py launcher.workers=2 -- --steps 200
 """
 import argparse
 

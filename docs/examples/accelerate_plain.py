@@ -1,6 +1,6 @@
-"""A plain Hugging Face Accelerate loop (``accelerate launch --multi_gpu --num_processes 2 accelerate_plain.py``).
+"""Bring your Accelerate loop (docs/quickstart.md): a plain Accelerate loop.
 
-docs/quickstart.md, "Bring your Accelerate loop", shows the diff that turns it into accelerate_loop.py.
+Run: accelerate launch --multi_gpu --num_processes 2 accelerate_plain.py --steps 200
 """
 import argparse
 

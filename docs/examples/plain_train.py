@@ -1,6 +1,6 @@
-"""A plain PyTorch DDP script (``torchrun --nproc-per-node 2 plain_train.py --steps 200``).
+"""Bring your script (docs/quickstart.md): a plain PyTorch DDP script.
 
-docs/quickstart.md, "Bring your script", shows the diff that turns it into train_script.py.
+Run: torchrun --nproc-per-node 2 plain_train.py --steps 200
 """
 import argparse
 

@@ -1,7 +1,6 @@
-"""plain_train.py with trainkit: ``python -m trainkit.launch script=train_script.py -- --steps 200``.
+"""Bring your script (docs/quickstart.md): the same script with trainkit.
 
-docs/quickstart.md, "Bring your script", shows the diff and what it brings (resume, the
-preemption stop, metrics, any launcher).
+Run: python -m trainkit.launch script=train_script.py launcher.workers=2 -- --steps 200
 """
 import argparse
 
