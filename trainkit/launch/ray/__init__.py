@@ -12,6 +12,8 @@ Preemption on Ray reaches the same stop path as a SIGTERM on a VM:
 
 * a Ray node drain is polled in each worker (:mod:`.drain`) and handed to trainkit's
   PreemptionWatcher; the ranks agree on a step, save and leave with exit 75;
+* a stop signal to the driver (SIGTERM) is handed to the workers through a named actor
+  (:mod:`.stop`); they agree, save and leave with 75, and the job ends with 75;
 * a worker leaving with 75 (or any retryable error) fails the group and Ray restarts it;
   the failure policy (:mod:`.failure`) charges a 75 to Ray's preemption budget, not to
   ``max_failures``, and stops at once on an exit 2 (bad config or store).

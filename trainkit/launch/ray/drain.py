@@ -9,15 +9,18 @@ leave with exit 75.
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 import time
 from typing import Any
+
+from trainkit.launch.ray.stop import FLAG_ENV, stop_reason
 
 
 class DrainWatch:
     """Polls whether this worker's Ray node (or any node of its group) is being drained.
 
-    Two sources, both reachable from a worker in Ray 2.60:
+    Three sources, all reachable from a worker in Ray 2.60:
 
     1. Ray Train v2's PreemptionWatcher actor polls the GCS drain table for the group's
        nodes and calls ``mark_preempt`` on every worker, which stores a ``PreemptionInfo``
@@ -27,7 +30,9 @@ class DrainWatch:
        the same table, read directly for this worker's node: covers Ray versions or
        settings without the watcher (``RAY_TRAIN_ENABLE_PREEMPTION_WATCHER=0``).
 
-    On a drain it asks trainkit's PreemptionWatcher to stop (:func:`request_stop`).
+    3. A stop asked of the driver (:mod:`.stop`), read with the GCS.
+
+    On a drain or a stop it asks trainkit's PreemptionWatcher to stop (:func:`request_stop`).
     """
 
     def __init__(self, poll_seconds: float = 0.5, gcs_poll_seconds: float = 5.0) -> None:
@@ -67,6 +72,9 @@ class DrainWatch:
         now = time.monotonic()
         if self._node_id and now - self._last_gcs >= self.gcs_poll_seconds:
             self._last_gcs = now
+            asked = stop_reason(os.environ.get(FLAG_ENV))
+            if asked:
+                return asked
             try:
                 import ray._private.state
 

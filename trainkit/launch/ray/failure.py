@@ -49,14 +49,20 @@ def failure_policy(failure_config: Any) -> Any:
     from ray.train.v2._internal.execution.failure_handling.default import DefaultFailurePolicy
     from ray.train.v2._internal.execution.failure_handling.failure_policy import FailureDecision
 
+    from trainkit.launch.ray.stop import FLAG_ENV, stop_reason
+
     class TrainkitFailurePolicy(DefaultFailurePolicy):
         _last_crash: tuple[str, ...] | None = None
         _repeats = 0
+        # Built in the driver, run in Ray Train's controller: the driver's stop flag, by name.
+        _stop_flag = os.environ.get(FLAG_ENV)
 
         def make_decision(self, training_failed_error: Any) -> Any:
             exits = worker_exits(training_failed_error)
             if any(e is not None and e.exit_code == EXIT_CONFIG for e in exits.values()):
                 return FailureDecision.RAISE
+            if stop_reason(self._stop_flag):
+                return FailureDecision.RAISE  # the driver was told to stop: exit 75, relaunch resumes
             crash = crash_signature(training_failed_error)
             self._repeats = self._repeats + 1 if crash is not None and crash == self._last_crash else 1
             self._last_crash = crash

@@ -14,6 +14,7 @@ from trainkit.errors import ConfigError
 from trainkit.launch.base import EXIT_FAILED, JobResult, Launcher, attempt, ignore
 from trainkit.launch.ray.exits import explain
 from trainkit.launch.ray.options import RayOptions
+from trainkit.launch.ray.stop import driver_stop
 from trainkit.launch.ray.session import (LOOPBACK, check_resources, dashboard_up, driver_ip, ray_env,
                                          ray_session, warm_standby_on)
 
@@ -34,7 +35,8 @@ class RayLauncher(Launcher):
                 check_resources(lc, own_cluster=own and not lc.address)
                 print(f"ray: {lc.world_size} workers, run_dir {worker_cfg(cfg)['run_dir']}, "
                       f"max_failures {lc.max_failures}", flush=True)
-                return fit(cfg)
+                with driver_stop(cfg.preemption.signals):
+                    return fit(cfg)
 
         return attempt(start)
 
