@@ -64,7 +64,7 @@ def test_new_datasets_are_version_2_with_columns(tmp_path):
     stream = Stream(url)
     raw = (tmp_path / "ds" / index["shards"][0]["name"]).read_bytes()
     assert raw[:8] == b"TKSHARD2"
-    h = stream.header(0)
+    h = stream.state(0)
     layout = {name: col["layout"] for name, col in zip(h.schema, h.columns)}
     assert layout == {"id": "fixed", "x": "fixed", "h": "fixed", "y": "fixed", "v": "var", "raw": "var",
                       "name": "var", "f": "fixed", "b": "fixed"}

@@ -81,13 +81,18 @@ def test_shipped_retries_write_and_read_through_faults(s3_url, fault_proxy, stor
 
 def test_a_permanent_error_is_not_retried_and_names_the_url(s3_server, fault_proxy, storage_options):
     """A missing dataset is permanent: one StorageError naming the index's URL, after the
-    few requests one attempt takes, not eight attempts' worth."""
+    few requests one attempt at the index and one listing (for Parquet files) take, not
+    eight attempts' worth."""
     proxy = fault_proxy()
     storage_options({"s3": {"endpoint_url": proxy.endpoint}})
     url = f"{s3_server.bucket('trainkit-test')}/never-written"
-    with pytest.raises(StorageError, match=rf"{url}/index.json"):
+    with pytest.raises(StorageError, match=rf"no dataset at {url}: .*{url}/index.json.*data.format="):
         Stream(url)
-    assert 0 < proxy.counts["requests"] <= 2, proxy.counts
+    assert 0 < proxy.counts["requests"] <= 6, proxy.counts
+    before = proxy.counts["requests"]
+    with pytest.raises(StorageError, match=rf"{url}/index.json"):
+        Stream(url, format="trainkit")
+    assert 0 < proxy.counts["requests"] - before <= 2, proxy.counts
 
 
 def test_what_storage_retry_repeats():

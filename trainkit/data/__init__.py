@@ -8,7 +8,9 @@ See docs/data.md.
 """
 
 from trainkit.data.loader import Loader, default_collate
-from trainkit.data.stream import Stream, read_index
+from trainkit.data.source import Source, TrainkitSource, open_source, read_index
+from trainkit.data.stream import Stream
 from trainkit.data.writer import ShardWriter, folder_samples, write_shards
 
-__all__ = ["Loader", "ShardWriter", "Stream", "default_collate", "folder_samples", "read_index", "write_shards"]
+__all__ = ["Loader", "ShardWriter", "Source", "Stream", "TrainkitSource", "default_collate", "folder_samples",
+           "open_source", "read_index", "write_shards"]

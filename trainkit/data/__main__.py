@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote {index['num_samples']} samples in {index['num_shards']} shards "
                   f"({_size(index['total_bytes'])}) to {args.url} in {dt:.1f}s")
         else:
-            from trainkit.data.stream import read_index
+            from trainkit.data.source import read_index
 
             index = read_index(args.url)
             if args.json:

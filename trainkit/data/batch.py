@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from trainkit.data.format import ShardHeader, field_values, fixed_column, is_array, torch_dtype
+from trainkit.data.format import SCALARS, ShardHeader, field_values, fixed_column, is_array, read_sample, torch_dtype
 from trainkit.errors import ConfigError
 
 
@@ -58,7 +58,8 @@ def empty(shape: Sequence[int], dtype: torch.dtype, *, pin: bool, shared: bool) 
 
 
 class BatchBuilder:
-    """One micro-batch of ``size`` samples, filled shard by shard (version-2 shards only).
+    """One micro-batch of ``size`` samples, filled shard by shard (version-1 shards: sample
+    by sample, as they were written).
 
     ``headers``: those of every shard the batch touches, to decide per field whether the
     batch is one preallocated tensor (fixed-shape in all of them, same shape) or collated
@@ -70,10 +71,11 @@ class BatchBuilder:
         self.schema, self.size, self.pin, self.shared = schema, size, pin, shared
         self._fixed: dict[int, tuple[torch.Tensor, np.ndarray | None]] = {}
         self._vals: dict[int, list[Any]] = {}
+        self._v1 = any(h.version == 1 for h in headers)  # whole samples: every field decoded
         for f, spec in enumerate(schema.values()):
-            cols = [h.columns[f] for h in headers]
-            shape = cols[0].get("shape")
-            if all(c["layout"] == "fixed" and c["shape"] == shape for c in cols):
+            cols = [] if self._v1 else [h.columns[f] for h in headers]
+            shape = cols[0].get("shape") if cols else None
+            if cols and all(c["layout"] == "fixed" and c["shape"] == shape for c in cols):
                 t = empty([size, *shape], torch_dtype(spec), pin=pin, shared=shared)
                 dst = t.view(-1).view(torch.uint8).numpy().reshape(size, -1) if t.numel() else None
                 self._fixed[f] = (t, dst)
@@ -92,8 +94,16 @@ class BatchBuilder:
             else:
                 dst[rows] = src[local]
             del src  # a view of the mapping: it must not outlive the read
+        where = range(self.size) if rows is None else rows
+        if h.version == 1:
+            names = list(self.schema)
+            for k, j in zip(where, local):
+                s = read_sample(buf, h, int(j))
+                for f, vals in self._vals.items():
+                    vals[k] = s[names[f]]
+            return
         for f, vals in self._vals.items():
-            for k, v in zip(range(self.size) if rows is None else rows, field_values(buf, h, f, local)):
+            for k, v in zip(where, field_values(buf, h, f, local)):
                 vals[k] = v
 
     def finish(self) -> dict[str, Any]:
@@ -103,7 +113,9 @@ class BatchBuilder:
                 out[name] = self._fixed[f][0]
                 continue
             vals = self._vals[f]
-            if is_array(spec):
+            if spec["kind"] in SCALARS:
+                out[name] = torch.tensor(vals, dtype=torch_dtype(spec))
+            elif is_array(spec):
                 s0 = vals[0].shape
                 t = (empty([self.size, *s0], torch_dtype(spec), pin=self.pin, shared=self.shared)
                      if all(v.shape == s0 for v in vals) else None)

@@ -53,11 +53,12 @@ class ShardInfo:
     url: str
     num_samples: int
     bytes: int
-    sha256: str
+    sha256: str  # "" where the format has no checksum (Parquet): the size is checked, then the reader's own
+    tag: str = ""  # names the file's version in the cache where there is no sha256 (size, mtime/ETag)
 
     @property
     def local_name(self) -> str:
-        return f"{self.name}.{self.sha256[:16]}"
+        return f"{self.name}.{(self.sha256 or self.tag)[:16]}"
 
 
 def default_cache_root() -> Path:
@@ -109,6 +110,8 @@ def download_verified(shard: ShardInfo, dest: str, fs_for: Callable[[], tuple]) 
         size = os.path.getsize(dest)
         if size != shard.bytes:
             problem = f"size {size} bytes, index says {shard.bytes}"
+        elif not shard.sha256:
+            return
         else:
             digest = sha256_file(dest)
             if digest == shard.sha256:
@@ -144,7 +147,9 @@ class ShardCache:
             raise ConfigError(
                 f"cache_bytes={self.cache_bytes} is smaller than the largest shard ({biggest} bytes)"
             )
-        self._by_local = {s.local_name: i for i, s in enumerate(self.shards)}
+        self._by_local: dict[str, list[int]] = {}  # file -> its shards (several: Parquet row groups)
+        for i, s in enumerate(self.shards):
+            self._by_local.setdefault(s.local_name, []).append(i)
         self.stats: Counter[str] = Counter()
         self.fetched: list[int] = []  # shard indices fetched by this process, in order
         self.evicted: list[int | None] = []  # shard indices this process evicted (None: unknown file)
@@ -271,10 +276,10 @@ class ShardCache:
             finally:
                 fcntl.flock(self._lockfile.fileno(), fcntl.LOCK_UN)
 
-    def _scan(self) -> tuple[int, list[tuple[str, int, int | None]], set[str]]:
-        """(used bytes, complete files [(name, size, shard index or None)], names in flight)."""
+    def _scan(self) -> tuple[int, list[tuple[str, int, list[int] | None]], set[str]]:
+        """(used bytes, complete files [(name, size, its shards or None)], names in flight)."""
         used = 0
-        files: list[tuple[str, int, int | None]] = []
+        files: list[tuple[str, int, list[int] | None]] = []
         inflight: set[str] = set()
         with os.scandir(self.dir) as it:
             for e in it:
@@ -324,18 +329,19 @@ class ShardCache:
                 nu = self.next_use(self._position).astype(np.float64)
                 never = float("inf")
                 limit = -1.0 if demand else float(nu[i])
-                victims = sorted(files, key=lambda f: never if f[2] is None else nu[f[2]], reverse=True)
-                for name, size, j in victims:
+                # a file is needed when the first of its shards is
+                victims = sorted(((never if js is None else float(nu[js].min()), name, size, js)
+                                  for name, size, js in files), key=lambda v: v[0], reverse=True)
+                for v_next, name, size, js in victims:
                     if used + need <= self.cache_bytes:
                         break
-                    v_next = never if j is None else nu[j]
                     if not demand and v_next <= limit:
                         break
                     try:
                         os.unlink(self.dir / name)
                         self.stats["evictions"] += 1
-                        self.evicted.append(j)
-                        if j is not None:
+                        self.evicted.extend(js if js is not None else [None])
+                        for j in js or ():
                             self._present.discard(j)
                             if self.on_evict is not None:
                                 self.on_evict(j)
@@ -413,7 +419,7 @@ class LocalShards:
                 size = os.path.getsize(p)
                 if size != shard.bytes:
                     raise StorageError(f"{shard.url}: corrupt shard: size {size} bytes, index says {shard.bytes}")
-                if self.verify:
+                if self.verify and shard.sha256:
                     digest = sha256_file(p)
                     if digest != shard.sha256:
                         raise StorageError(f"{shard.url}: corrupt shard: sha256 {digest}, index says {shard.sha256}")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import mmap
 import os
@@ -16,34 +15,9 @@ import numpy as np
 
 from trainkit import storage
 from trainkit.data.cache import LocalShards, ShardCache, ShardInfo, cache_dir_for, warn_small_cache
-from trainkit.data.batch import BatchBuilder, default_collate
-from trainkit.data.format import FORMAT, INDEX_NAME, READABLE_VERSIONS, ShardHeader, read_sample
+from trainkit.data.source import Source, open_source
 from trainkit.data.order import Order
 from trainkit.errors import ConfigError, StorageError
-
-
-def read_index(url: str) -> dict:
-    """The parsed index.json of the dataset at ``url`` (retried; a clear error if absent)."""
-    index_url = storage.join(url, INDEX_NAME)
-
-    def get() -> bytes:
-        fs, path = storage.filesystem(index_url)
-        return fs.cat_file(path)
-
-    try:
-        raw = storage.retry(get, what=index_url)
-    except StorageError as exc:
-        raise StorageError(f"no trainkit dataset at {url} ({exc})") from exc
-    try:
-        index = json.loads(raw)
-    except ValueError as exc:
-        raise StorageError(f"{index_url}: not valid JSON: {exc}") from exc
-    if index.get("format") != FORMAT:
-        raise StorageError(f"{index_url}: not a trainkit shard index (format={index.get('format')!r})")
-    if index.get("version") not in READABLE_VERSIONS:
-        raise StorageError(f"{index_url}: {FORMAT} version {index.get('version')!r} is newer than this trainkit "
-                           f"reads ({', '.join(map(str, READABLE_VERSIONS))}); upgrade trainkit")
-    return index
 
 
 CONNECTION_BYTES_PER_S = 100e6  # what one connection to an object store typically delivers
@@ -85,7 +59,9 @@ class Stream:
     beyond the current window, each only if it evicts nothing needed sooner. ``prefetch=0``:
     on demand only; ``None`` (default): sized from the shard size and the store's measured
     latency by :func:`downloads_for`.
-    file:// datasets are read in place, without the cache.
+    file:// datasets are read in place, without the cache. ``format``: the reader
+    (``trainkit``, ``parquet``; default: what is found at ``url``, see
+    :func:`trainkit.data.source.open_source`).
     """
 
     def __init__(
@@ -98,26 +74,23 @@ class Stream:
         shuffle_window: int = 8,
         prefetch: int | None = None,
         verify: bool = True,
+        format: str | None = None,
     ) -> None:
         if shuffle_window < 1:
             raise ConfigError(f"shuffle_window must be >= 1, got {shuffle_window}")
         if prefetch is not None and prefetch < 0:
             raise ConfigError(f"prefetch must be >= 0, got {prefetch}")
-        self.url = url.rstrip("/")
-        self.index = read_index(self.url)
-        self.schema: dict[str, dict[str, str]] = self.index["schema"]
-        self.shards: list[ShardInfo] = [
-            ShardInfo(s["name"], storage.join(self.url, s["name"]), int(s["samples"]), int(s["bytes"]), s["sha256"])
-            for s in self.index["shards"]
-        ]
+        self.source: Source = open_source(url, format)
+        self.url = self.source.url
+        self.format = self.source.format
+        self.schema: dict[str, dict[str, str]] = self.source.schema
+        self.shards: list[ShardInfo] = self.source.shards
         if prefetch is None:
             prefetch = downloads_for(self.shards, self.url)
         self.shuffle, self.shuffle_window, self.prefetch = shuffle, shuffle_window, prefetch
         counts = np.array([s.num_samples for s in self.shards], dtype=np.int64)
         self._order = Order(counts, shuffle_window, shuffle)
         self._starts = self._order.starts
-        if self._order.num_samples != int(self.index["num_samples"]):
-            raise StorageError(f"{self.url}/{INDEX_NAME}: shard sample counts do not add up to num_samples")
         self._seed = 0  # the seed whose order drives prefetch/eviction (set by the Loader)
         if storage.is_local(self.url):
             self.cache: ShardCache | LocalShards = LocalShards(self.shards, verify=verify)
@@ -129,9 +102,8 @@ class Stream:
             if shuffle and self.shards:
                 sizes = sorted((s.bytes for s in self.shards), reverse=True)
                 warn_small_cache(cache_bytes, sum(sizes[:shuffle_window]))
-        self._headers: dict[int, ShardHeader] = {}
         self._hlock = threading.Lock()
-        self._maps: OrderedDict[int, tuple] = OrderedDict()  # shard -> (mmap, header, path, inode)
+        self._maps: OrderedDict[int, tuple] = OrderedDict()  # shard -> (mmap, source state, path, inode)
         self._maps_pid = os.getpid()
         self._map_key: tuple | None = None
         if isinstance(self.cache, ShardCache):
@@ -213,7 +185,7 @@ class Stream:
         if m is not None:
             _close(m[0])
 
-    def _open_map(self, i: int) -> tuple[mmap.mmap, ShardHeader, str, int]:
+    def _open_map(self, i: int) -> tuple[mmap.mmap, Any, str, int]:
         for attempt in range(5):
             path = self.cache.path(i)
             try:
@@ -223,14 +195,7 @@ class Stream:
             except FileNotFoundError:
                 self.cache.forget(i)
                 continue  # evicted between the check and the open: fetch again
-            h = self._headers.get(i)
-            if h is None:
-                h = ShardHeader.read(lambda off, n: mm[off : off + n], self.shards[i].url)
-                if h.num_samples != self.shards[i].num_samples:
-                    raise StorageError(f"{self.shards[i].url}: {h.num_samples} samples, index says "
-                                       f"{self.shards[i].num_samples}")
-                self._headers[i] = h
-            return mm, h, path, ino
+            return mm, self.source.open(i, mm), path, ino
         raise StorageError(f"{self.shards[i].url}: evicted from the cache faster than it can be read; "
                            "raise cache_bytes")
 
@@ -267,9 +232,9 @@ class Stream:
         raise StorageError(f"{self.shards[i].url}: evicted from the cache faster than it can be read; "
                            "raise cache_bytes")
 
-    def header(self, i: int) -> ShardHeader:
-        h = self._headers.get(i)
-        return h if h is not None else self._read(i, lambda _buf, h: h)
+    def state(self, i: int) -> Any:
+        """What the source parsed from shard ``i`` (trainkit: its header)."""
+        return self._read(i, lambda _buf, st: st)
 
     def _still_there(self, m) -> bool:
         if self.cache_dir is None:
@@ -297,14 +262,14 @@ class Stream:
 
     def __getitem__(self, sample_id: int) -> dict[str, Any]:
         i, j = self.shard_of(int(sample_id))
-        return self._read(i, lambda buf, h: read_sample(buf, h, j))
+        return self._read(i, lambda buf, st: self.source.sample(buf, st, j))
 
     def get_many(self, sample_ids: Sequence[int]) -> list[dict[str, Any]]:
         """Samples for ``sample_ids`` (in that order), opening each shard once."""
         size, groups = self._groups(sample_ids)
         out: list[Any] = [None] * size
         for i, rows, local in groups:
-            got = self._read(i, lambda buf, h: [read_sample(buf, h, int(j)) for j in local])
+            got = self._read(i, lambda buf, st: [self.source.sample(buf, st, int(j)) for j in local])
             for k, s in zip(range(size) if rows is None else rows, got):
                 out[k] = s
         return out
@@ -314,12 +279,9 @@ class Stream:
         (see :mod:`trainkit.data.batch`): ``pin`` allocates it in page-locked memory, ``shared``
         in shared memory (a DataLoader worker's batch then reaches the main process uncopied)."""
         size, groups = self._groups(sample_ids)
-        headers = [self.header(i) for i, _, _ in groups]
-        if any(h.version == 1 for h in headers):
-            return default_collate(self.get_many(sample_ids))
-        builder = BatchBuilder(self.schema, headers, size, pin=pin, shared=shared)
+        builder = self.source.batch([self.state(i) for i, _, _ in groups], size, pin=pin, shared=shared)
         for i, rows, local in groups:
-            self._read(i, lambda buf, h: builder.fill(buf, h, rows, local))
+            self._read(i, lambda buf, st: builder.fill(buf, st, rows, local))
         return builder.finish()
 
     def close(self) -> None:
