@@ -64,9 +64,10 @@ def test_accelerate_plugin_on_cpu_is_refused(tmp_path: Path, plugin: str) -> Non
     assert line.startswith("error: strategy=accelerate") and plugin in line.lower(), line
 
 
-def test_accelerate_launch_fsdp_environment_on_cpu_is_refused(tmp_path: Path) -> None:
+def test_accelerate_launch_fsdp_environment_on_cpu_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """``accelerate launch --use_fsdp`` leaves ACCELERATE_USE_FSDP=true: refused, not DDP."""
-    result = launch(*GPT_TINY, "strategy=accelerate", "launcher.workers=2", f"run_dir={tmp_path}",
-                    env={"ACCELERATE_USE_FSDP": "true"}, timeout=120)
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    result = launch_here(*GPT_TINY, "strategy=accelerate", "launcher.workers=2", f"run_dir={tmp_path}")
     assert result.returncode == 2, result.stdout + result.stderr
-    assert "needs GPUs" in result.stderr and "Traceback" not in result.stderr
+    (line,) = result.stderr.splitlines()
+    assert "fsdp plugin needs GPUs" in line, line
