@@ -10,7 +10,8 @@ def test_bench_data_smoke(tmp_path, capsys):
                          "--workers", "0,1", "--latency", "0.005", "--json", str(out)])
     assert out.exists()
     case = summary["cases"]["small"]
-    assert set(case["ratios"]) == {f"{w} workers: trainkit/{o}" for w in (0, 1) for o in ("raw", "webdataset")}
-    assert len(case["results"]) == 5 and all(r["samples_per_s"] > 0 for r in case["results"].values())
+    assert set(case["ratios"]) == {f"{w} workers: {o}" for w in (0, 1) for o in (
+        "trainkit/raw", "trainkit/webdataset", "trainkit on Parquet/trainkit")}
+    assert len(case["results"]) == 7 and all(r["samples_per_s"] > 0 for r in case["results"].values())
     text = capsys.readouterr().out
     assert "trainkit/raw" in text and "mosaicml-streaming" in text

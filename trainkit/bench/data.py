@@ -7,7 +7,7 @@
   real store's time to first byte; or uses ``--url s3://bucket/prefix`` on your own store
   (options via ``FSSPEC_S3_*`` / ``trainkit.storage.configure``);
 * per case (``--cases``), writes the same samples ``{"image": uint8 array, "label": int, "id":
-  int}`` as trainkit shards and as WebDataset tars of the same size:
+  int}`` as trainkit shards, WebDataset tars and Parquet files of the same size:
   - ``small``: 20,000 images of 32x32x3 in 8 MB shards, batch 256, with 0 and 2 workers
     (what image and token models train on: the cost is per sample, not per byte);
   - ``large``: 4,096 samples of 32 KiB in 2 MB shards, batch 64, 2 workers (per byte);
@@ -17,6 +17,7 @@
     trainkit's own concurrency (``Stream.prefetch``, which a rank's workers share) and parsed
     into one tensor per field per shard: the ceiling of the store + client at that concurrency;
   - ``trainkit``: ``Loader(Stream(url))`` (shuffled, default window), ``--workers`` workers;
+  - ``trainkit on Parquet``: the same over Parquet files of the same size (one row group each);
   - ``webdataset``: ``wds.WebDataset`` over the tars, one stream per worker, opened with
     ``pipe:curl`` and a SigV4-signed GET (its fastest opener; through fsspec with ``--url``).
 
@@ -141,6 +142,27 @@ def _write_wds(url: str, n: int, shape, shard_bytes: int, fs_for) -> list[str]:
     else:
         tar.close()
     return [url + "/" + nm for nm in names]
+
+
+def _write_parquet(url: str, n: int, shape, shard_bytes: int, fs_for) -> int:
+    """The same samples as Parquet files of about ``shard_bytes`` (one row group each, snappy,
+    the image as a fixed-size list of uint8); returns the bytes written."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    size = int(np.prod(shape))
+    per_file = max(1, shard_bytes // (size + 16))
+    total = 0
+    for k, lo in enumerate(range(0, n, per_file)):
+        ids = np.arange(lo, min(n, lo + per_file))
+        images = np.stack([_image(int(i), [size]) for i in ids])
+        table = pa.table({"image": pa.FixedSizeListArray.from_arrays(pa.array(images.reshape(-1)), size),
+                          "label": pa.array(ids % LABELS), "id": pa.array(ids)})
+        fs, path = fs_for(f"{url}/part-{k:05d}.parquet")
+        with fs.open(path, "wb") as f:
+            pq.write_table(table, f, row_group_size=len(ids))
+        total += fs.size(path)
+    return total
 
 
 def _parse_shard(data: bytes) -> dict[str, Any]:
@@ -280,14 +302,16 @@ def run(args: argparse.Namespace | list[str] | None = None) -> dict[str, Any]:
             t0 = time.perf_counter()
             index = write_shards(_samples(case["samples"], case["shape"]), tk_url, shard_bytes=case["shard_bytes"])
             tars = _write_wds(wds_url, case["samples"], case["shape"], case["shard_bytes"], storage.filesystem)
-            written[name] = (case, tk_url, index, tars, time.perf_counter() - t0)
+            pq_bytes = _write_parquet(f"{base}/{name}/parquet", case["samples"], case["shape"], case["shard_bytes"],
+                                      storage.filesystem)
+            written[name] = (case, tk_url, index, tars, pq_bytes, time.perf_counter() - t0)
         endpoint = None
         if server is not None:
             proxy = ProxyProcess(server.endpoint, latency=args.latency)
             endpoint = proxy.endpoint
             storage.configure({**saved_options, "s3": server.options_for(proxy.endpoint)})
             where += f" via a proxy adding {args.latency * 1000:.0f} ms per request"
-        for name, (case, tk_url, index, tars, t_write) in written.items():
+        for name, (case, tk_url, index, tars, pq_bytes, t_write) in written.items():
             probe = Stream(tk_url, cache_dir=work, **({} if args.prefetch is None else {"prefetch": args.prefetch}))
             per_process = probe.prefetch
             shard_urls = [s.url for s in probe.shards]
@@ -314,14 +338,18 @@ def run(args: argparse.Namespace | list[str] | None = None) -> dict[str, Any]:
                     tk_url, case, w, work, args.prefetch, Checker(n, case["shape"])), tk_bytes)
                 wd = best(f"webdataset ({w} workers, {'pipe:curl' if endpoint else 'fsspec'})", lambda: _webdataset(
                     wds_urls, case, w, Checker(n, case["shape"])), wds_bytes)
+                pq_rate = best(f"trainkit on Parquet ({w} workers)", lambda: _trainkit(
+                    f"{base}/{name}/parquet", case, w, work, args.prefetch, Checker(n, case["shape"])), pq_bytes)
                 ratios[f"{w} workers: trainkit/raw"] = tk / raw
                 ratios[f"{w} workers: trainkit/webdataset"] = tk / wd
+                ratios[f"{w} workers: trainkit on Parquet/trainkit"] = pq_rate / tk
             if args.profile:
                 _profile(tk_url, case, work, args.prefetch, f"{args.profile}.{name}")
             cases[name] = {
                 "dataset": {"samples": n, "shape": case["shape"], "shards": index["num_shards"],
                             "shard_bytes": case["shard_bytes"], "batch_size": case["batch_size"],
-                            "trainkit_bytes": tk_bytes, "wds_bytes": wds_bytes, "write_seconds": t_write,
+                            "trainkit_bytes": tk_bytes, "wds_bytes": wds_bytes, "parquet_bytes": pq_bytes,
+                            "write_seconds": t_write,
                             "downloads": per_process},
                 "results": results, "ratios": ratios,
             }
@@ -355,7 +383,8 @@ def _print(s: dict[str, Any]) -> None:
         d = c["dataset"]
         print()
         print(f"[{name}] {d['samples']} samples of uint8{d['shape']} + label + id in {d['shards']} shards "
-              f"({d['trainkit_bytes'] / 1e6:.1f} MB; tar {d['wds_bytes'] / 1e6:.1f} MB), batch {d['batch_size']}, "
+              f"({d['trainkit_bytes'] / 1e6:.1f} MB; tar {d['wds_bytes'] / 1e6:.1f} MB; Parquet "
+              f"{d['parquet_bytes'] / 1e6:.1f} MB), batch {d['batch_size']}, "
               f"{d['downloads']} concurrent downloads")
         print(f"{'reader':<44} {'seconds':>8} {'samples/s':>10} {'MB/s':>8}")
         for label, r in c["results"].items():
