@@ -61,3 +61,17 @@ def test_accelerate_precision_contradicting_the_config_is_one_line(tmp_path: Pat
     assert result.returncode == 2, result.stdout + result.stderr
     (line,) = result.stderr.strip().splitlines()
     assert "ACCELERATE_MIXED_PRECISION=bf16 contradicts trainer.precision=fp16" in line, line
+
+
+@pytest.mark.slow  # ~20 s; strategy=accelerate's default proof is test_strategy.py (trainkit's launcher)
+def test_strategy_accelerate_under_accelerate_launch(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    cmd = [*LAUNCHERS["accelerate"], str(free_port()), str(Path(__file__).parent / "accelerate_strategy_script.py"),
+           str(run)]
+    result = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=180,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "accelerate: 2 processes (MULTI_CPU), mixed precision bf16" in result.stdout
+    curve = [r["loss"] for r in rundir.read_metrics(str(run))]
+    assert len(curve) == 20 and sum(curve[-4:]) < 0.7 * sum(curve[:4]), curve
+    assert rundir.read_summary(str(run))["world_size"] == 2
