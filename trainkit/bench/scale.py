@@ -333,7 +333,7 @@ class SimulatedGroup:
         self.bytes_in_other["all_gather_object"] += n
         return out
 
-    def gather_to_rank0(self, obj, group=None) -> list:
+    def gather_object(self, obj, group=None) -> list:
         out, n = self._everyones(obj)
         self.calls["gather_object"] += 1
         self.bytes_in["gather_object"] += n
@@ -352,10 +352,7 @@ class SimulatedGroup:
 
     @contextlib.contextmanager
     def installed(self) -> Iterator[SimulatedGroup]:
-        from trainkit.checkpoint import _protocol
-
-        names = [(distributed, n) for n in ("all_gather_object", "broadcast_object", "barrier")]
-        names.append((_protocol, "gather_to_rank0"))
+        names = [(distributed, n) for n in ("all_gather_object", "gather_object", "broadcast_object", "barrier")]
         saved = [(mod, n, getattr(mod, n)) for mod, n in names]
         try:
             for mod, n in names:

@@ -15,7 +15,6 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from trainkit import distributed
 from trainkit.checkpoint._store import MANIFEST, CheckpointStore, step_name
@@ -31,19 +30,6 @@ def agree(problem: str | None, group) -> str | None:
     return "; ".join(dict.fromkeys(probs)) if probs else None
 
 
-def gather_to_rank0(obj, group) -> list | None:
-    """Every rank's ``obj``, in rank order, on rank 0 of ``group``; None on the others.
-
-    The commit's file records are read by rank 0 alone: an all-gather would hand each of N
-    ranks all N ranks' records (O(world²) bytes per save), a gather moves each record once.
-    """
-    if not distributed.initialized():
-        return [obj]
-    out: list | None = [None] * distributed.world(group) if distributed.rank(group) == 0 else None
-    dist.gather_object(obj, out, group=group, group_dst=0)
-    return out
-
-
 def commit_collectively(store: CheckpointStore, group, step: int, records: dict[str, dict[str, Any]],
                         err: str | None, *, keep_last: int, keep_every: int, extra: dict[str, Any],
                         on_commit: Callable[[], None] | None = None) -> None:
@@ -51,7 +37,7 @@ def commit_collectively(store: CheckpointStore, group, step: int, records: dict[
     manifest and moves ``latest`` only when no rank failed; the outcome is broadcast so every
     rank raises the same error or none. Then rank 0 applies retention (the checkpoint is
     committed already; a failed deletion is only logged)."""
-    gathered = gather_to_rank0((records, err), group)
+    gathered = distributed.gather_object((records, err), group)
     outcome: str | None = None
     if gathered is not None:
         world = len(gathered)
