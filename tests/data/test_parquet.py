@@ -148,3 +148,17 @@ def test_through_the_fault_proxy(s3_url, fault_proxy, storage_options, tmp_path,
                             transform=_no_tokens)
     assert first + rest == expected_sequence(stream, 6, 0, N)
     assert proxy.counts["503"] > 0 and proxy.counts["reset"] > 0, proxy.counts
+
+
+def test_each_row_group_is_decoded_once_per_epoch(tmp_path):
+    """Decoding a row group is the costly part of reading Parquet: batches that straddle
+    windows keep all their shards mapped instead of decoding some twice."""
+    url = "file://" + str(tmp_path / "pq")
+    write_parquet(url, files=4, row_group=12)
+    stream = Stream(url, shuffle_window=2)
+    opened = []
+    source_open = stream.source.open
+    stream.source.open = lambda i, buf: (opened.append(i), source_open(i, buf))[1]
+    seq, _ = run_loaders(stream, world=1, workers=0, batch_size=40, steps=6, transform=_no_tokens)
+    assert sorted(seq) == list(range(N))
+    assert sorted(opened) == list(range(stream.num_shards))

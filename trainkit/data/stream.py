@@ -106,6 +106,7 @@ class Stream:
         self._maps: OrderedDict[int, tuple] = OrderedDict()  # shard -> (mmap, source state, path, inode)
         self._maps_pid = os.getpid()
         self._map_key: tuple | None = None
+        self._batch_shards = 0  # shards the batch being read touches: all stay mapped while it is
         if isinstance(self.cache, ShardCache):
             self.cache.on_evict = self._drop_map
 
@@ -170,7 +171,7 @@ class Stream:
 
     # Shards being read are memory-mapped (slicing needs no system call, which matters when
     # download threads compete for the GIL). A process maps at most the shards of its current
-    # window plus a couple; a mapping is dropped when this process evicts the shard, when the
+    # window plus a couple (or of the batch being read, when it straddles windows); a mapping is dropped when this process evicts the shard, when the
     # window moves on, or when the file is found unlinked (evicted by another process), so an
     # evicted shard's disk space is released promptly.
     def _maps_for_pid(self) -> OrderedDict:
@@ -214,7 +215,8 @@ class Stream:
             with self._hlock:
                 old = maps.pop(i, None)
                 maps[i] = m
-                while len(maps) > self.shuffle_window + 2:
+                # a batch that straddles windows needs all its shards mapped at once
+                while len(maps) > max(self.shuffle_window + 2, self._batch_shards):
                     _, (mm_old, *_rest) = maps.popitem(last=False)
                     _close(mm_old)
             if old is not None:
@@ -267,6 +269,7 @@ class Stream:
     def get_many(self, sample_ids: Sequence[int]) -> list[dict[str, Any]]:
         """Samples for ``sample_ids`` (in that order), opening each shard once."""
         size, groups = self._groups(sample_ids)
+        self._batch_shards = len(groups)
         out: list[Any] = [None] * size
         for i, rows, local in groups:
             got = self._read(i, lambda buf, st: [self.source.sample(buf, st, int(j)) for j in local])
@@ -279,6 +282,7 @@ class Stream:
         (see :mod:`trainkit.data.batch`): ``pin`` allocates it in page-locked memory, ``shared``
         in shared memory (a DataLoader worker's batch then reaches the main process uncopied)."""
         size, groups = self._groups(sample_ids)
+        self._batch_shards = len(groups)
         builder = self.source.batch([self.state(i) for i, _, _ in groups], size, pin=pin, shared=shared)
         for i, rows, local in groups:
             self._read(i, lambda buf, st: builder.fill(buf, st, rows, local))
