@@ -4,12 +4,17 @@ the run's own checkpoint winning over load_from, and the resume config check."""
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 import yaml
 
-from launching import GPT_TINY, launch, launch_here, metrics
+from launching import GPT_TINY, ROOT, launch, launch_here, metrics
 
 # 96 training windows of 33 bytes: two steps of 48 per epoch, unshuffled, so every even step
 # starts an epoch on the same batch and a warm-started run's step 1 sees the batch the source
@@ -115,3 +120,30 @@ def test_deepspeed_with_load_from_is_refused_before_any_worker(tmp_path: Path) -
     lines = [line for line in r.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "checkpoint.load_from is not supported with strategy=deepspeed" in lines[0]
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_a_sigterm_preempted_warm_start_resumes_from_its_own_checkpoint(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    assert launch(*SMALL, "trainer.max_steps=2", f"run_dir={src}").returncode == 0
+    run = tmp_path / "run"
+    args = [*SMALL, "trainer.max_steps=400", "checkpoint.every_steps=1000", f"checkpoint.load_from={src}",
+            f"run_dir={run}"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TRAINKIT_STORE": str(ROOT / ".cache" / "test-store")}
+    proc = subprocess.Popen([sys.executable, "-m", "trainkit.launch", *args], env=env, cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not (run / "metrics.jsonl").exists():
+        time.sleep(0.1)
+    while time.monotonic() < deadline and len(metrics(run)) < 3:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 75, out
+    (stop,) = [e["step"] for e in _events(run) if e["event"] == "preempted"]
+    r = launch(*SMALL, f"trainer.max_steps={stop + 2}", *args[-3:])  # the same command, a nearer end
+    assert r.returncode == 0, r.stderr
+    events = _events(run)
+    assert [e["step"] for e in events if e["event"] == "restore"] == [stop]
+    assert len([e for e in events if e["event"] == "warm_start"]) == 1
+    assert [m["step"] for m in metrics(run)] == list(range(1, stop + 3))
