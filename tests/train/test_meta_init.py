@@ -46,6 +46,15 @@ def test_meta_build_materialises_with_the_models_own_init_or_reset_parameters() 
     plain, _ = _single().setup(plain, lambda ps: torch.optim.SGD(ps, lr=0.1))
     assert not any(p.is_meta for p in plain.parameters())
     assert torch.equal(plain[1].weight, torch.ones(8)) and plain[0].weight.abs().max() <= 0.5
+    # accelerate.init_empty_weights: parameters on meta, buffers real and kept.
+    init_empty_weights = pytest.importorskip("accelerate").init_empty_weights
+
+    with init_empty_weights():
+        scaled = torch.nn.Sequential(torch.nn.Linear(4, 4))
+        scaled.register_buffer("scale", torch.tensor([2.0]))
+    assert scaled[0].weight.is_meta and not scaled.scale.is_meta
+    scaled, _ = _single().setup(scaled, lambda ps: torch.optim.SGD(ps, lr=0.1))
+    assert not scaled[0].weight.is_meta and torch.equal(scaled.scale, torch.tensor([2.0]))
 
 
 @pytest.mark.parametrize("strategy", ["deepspeed"])

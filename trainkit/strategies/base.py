@@ -63,16 +63,21 @@ def initialise(model: nn.Module, device: torch.device) -> None:
     submodule's ``reset_parameters()``. On sharded parameters each rank allocates only its
     shard; whether the values equal an eager build's depends on the init (see
     :func:`copy_full_`)."""
+    # accelerate.init_empty_weights leaves buffers real: their values survive to_empty.
+    kept = {name: b.to(device) for name, b in model.named_buffers() if not b.is_meta}
     model.to_empty(device=device)
     init = getattr(model, "init_weights", None)
     with torch.no_grad():
         if callable(init):
             init()
-            return
-        for module in model.modules():
-            reset = getattr(module, "reset_parameters", None)
-            if callable(reset):
-                reset()
+        else:
+            for module in model.modules():
+                reset = getattr(module, "reset_parameters", None)
+                if callable(reset):
+                    reset()
+        buffers = dict(model.named_buffers())
+        for name, value in kept.items():
+            buffers[name].copy_(value)
 
 
 def copy_full_(param: torch.Tensor, full: torch.Tensor) -> None:
