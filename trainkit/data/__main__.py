@@ -1,4 +1,4 @@
-"""``python -m trainkit.data write SRC_DIR URL`` / ``python -m trainkit.data info URL``."""
+"""``python -m trainkit.data write SRC_DIR URL`` / ``index URL`` / ``info URL``."""
 
 from __future__ import annotations
 
@@ -35,6 +35,9 @@ def main(argv: list[str] | None = None) -> int:
     w.add_argument("--shard-bytes", default="64MiB", help="target shard size (default 64MiB)")
     w.add_argument("--workers", type=int, default=8, help="parallel uploads (default 8)")
     w.add_argument("--no-group", action="store_true", help="one file per sample: {__key__, data}")
+    x = sub.add_parser("index", help="index the WebDataset tars at URL (random access for the Loader)")
+    x.add_argument("url", help="prefix holding .tar shards; wds-index.json is written there")
+    x.add_argument("--workers", type=int, default=8, help="tars read in parallel (default 8)")
     i = sub.add_parser("info", help="summarise the dataset at URL")
     i.add_argument("url")
     i.add_argument("--json", action="store_true", help="print the raw index")
@@ -49,6 +52,13 @@ def main(argv: list[str] | None = None) -> int:
             dt = time.perf_counter() - t0
             print(f"wrote {index['num_samples']} samples in {index['num_shards']} shards "
                   f"({_size(index['total_bytes'])}) to {args.url} in {dt:.1f}s")
+        elif args.cmd == "index":
+            from trainkit.data.wds import build_index
+
+            t0 = time.perf_counter()
+            index = build_index(args.url, workers=args.workers)
+            print(f"indexed {index['num_samples']} samples in {len(index['shards'])} tars "
+                  f"(fields {', '.join(index['fields'])}) at {args.url} in {time.perf_counter() - t0:.1f}s")
         else:
             from trainkit.data.source import read_index
 

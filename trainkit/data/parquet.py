@@ -46,6 +46,8 @@ def parquet_files(url: str) -> list[dict[str, Any]]:
             return fs.find(path, detail=True)
         except FileNotFoundError:
             return {}
+        finally:  # keep no listing: a file written later must not look absent
+            fs.invalidate_cache(path)
 
     found = storage.retry(listing, what=url)
     out = []

@@ -8,8 +8,9 @@ shard needs (its header), ``sample`` decodes one sample, ``batch`` builds a micr
 part by part (one part per shard it touches). Several shards may live in one file (Parquet
 row groups): they then share the file's cache entry (same ``local_name``).
 
-``open_source(url, format)`` picks the reader: ``format`` (``trainkit``, ``parquet``), or
-what it finds at ``url`` (an ``index.json`` of trainkit shards; ``.parquet`` files).
+``open_source(url, format)`` picks the reader: ``format`` (``trainkit``, ``parquet``,
+``webdataset``), or what it finds at ``url`` (an ``index.json`` of trainkit shards;
+``.parquet`` files; ``.tar`` files with their ``wds-index.json``).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from trainkit.data.cache import ShardInfo
 from trainkit.data.format import FORMAT, INDEX_NAME, READABLE_VERSIONS, ShardHeader, read_sample
 from trainkit.errors import ConfigError, StorageError
 
-FORMATS = ("trainkit", "parquet")
+FORMATS = ("trainkit", "parquet", "webdataset")
 
 
 class Batch(Protocol):
@@ -118,14 +119,39 @@ def open_source(url: str, format: str | None = None) -> Source:
         from trainkit.data.parquet import ParquetSource
 
         return ParquetSource(url)
+    if format == "webdataset":
+        from trainkit.data.wds import WebDatasetSource
+
+        return WebDatasetSource(url)
     try:
         return TrainkitSource(url)
     except StorageError as exc:
         if "no trainkit dataset" not in str(exc):
             raise
-        from trainkit.data.parquet import ParquetSource, parquet_files
+        missing = exc
+    names = _listing(url)
+    if any(n.endswith(".parquet") for n in names):
+        from trainkit.data.parquet import ParquetSource
 
-        if parquet_files(url):
-            return ParquetSource(url)
-        raise StorageError(f"no dataset at {url}: neither a trainkit index.json nor .parquet files "
-                           f"({exc}); pass data.format= to choose the reader") from exc
+        return ParquetSource(url)
+    if any(n.endswith((".tar", "/wds-index.json")) for n in names):
+        from trainkit.data.wds import WebDatasetSource
+
+        return WebDatasetSource(url)  # without an index: refused with the command that builds it
+    raise StorageError(f"no dataset at {url}: neither a trainkit index.json, .parquet files nor .tar files "
+                       f"({missing}); pass data.format= to choose the reader") from missing
+
+
+def _listing(url: str) -> list[str]:
+    """Every path under ``url`` (one listing, kept nowhere: later files must not look absent)."""
+    fs, path = storage.filesystem(url)
+
+    def find() -> list[str]:
+        try:
+            return list(fs.find(path))
+        except FileNotFoundError:
+            return []
+        finally:
+            fs.invalidate_cache(path)
+
+    return storage.retry(find, what=url)
