@@ -21,7 +21,7 @@
   - ``webdataset``: ``wds.WebDataset`` over the tars, one stream per worker, opened with
     ``pipe:curl`` and a SigV4-signed GET (its fastest opener; through fsspec with ``--url``).
 
-mosaicml-streaming is not measured by this module (see docs/benchmarks for why).
+mosaicml-streaming is not measured: it is not installed in this project's environment.
 """
 
 from __future__ import annotations
