@@ -114,3 +114,28 @@ def test_transform_and_custom_collate(stream):
                 collate=lambda xs: [x["id2"] for x in xs])
     batch = next(iter(ld))
     assert batch == [2 * i for i in stream.ids_at(0, 0, 4).tolist()]
+
+
+@pytest.mark.parametrize("window,shuffle", [(3, True), (1, True), (5, False)])
+def test_cache_questions_in_o_ahead_and_o_cached(window, shuffle):
+    """The prefetch schedule and the eviction's next uses, computed from the windows ahead and
+    for the cached shards only, agree with sorting every shard's next use."""
+    from trainkit.data.order import Order
+
+    rng = np.random.default_rng(0)
+    counts = rng.integers(5, 30, size=23)
+    order = Order(counts, window, shuffle)
+    n = order.num_samples
+    for position in list(rng.integers(0, 3 * n, size=40)) + [0, n - 1, n, 2 * n - 1]:
+        position = int(position)
+        nu = order.next_use(7, position)
+        some = rng.choice(23, size=6, replace=False)
+        assert np.array_equal(order.next_use_of(7, position, some), nu[some])
+        for ahead in (0, 4, 30):
+            got = order.upcoming(7, position, ahead)
+            now = int((nu <= position).sum())
+            want = np.argsort(nu, kind="stable")[: now + ahead]
+            assert len(set(got.tolist())) == len(got) == len(want)
+            # the same shards; within a window of equal next use the order may differ
+            assert sorted(nu[got].tolist()) == sorted(nu[want].tolist())
+            assert set(got[:now].tolist()) == set(want[:now].tolist())

@@ -133,6 +133,8 @@ class ShardCache:
         fs_for: Callable[[str], tuple],
         threads: int = 4,
         schedule_key: Callable[[int], Hashable] | None = None,
+        next_use_of: Callable[[int, np.ndarray], np.ndarray] | None = None,
+        upcoming: Callable[[int, int], np.ndarray] | None = None,
     ) -> None:
         self.dir = Path(directory)
         self.shards = list(shards)
@@ -141,6 +143,10 @@ class ShardCache:
         self.fs_for = fs_for
         self.threads = max(1, int(threads))
         self.schedule_key = schedule_key  # position -> what decides the prefetch schedule (the window)
+        # O(cached) / O(ahead) forms of the same two questions (the Stream passes them; without
+        # them both are answered from next_use over every shard)
+        self.next_use_of = next_use_of  # (position, shards) -> next_use(position)[shards]
+        self.upcoming = upcoming  # (position, ahead) -> the current window's shards, then the next ahead
         self.on_evict: Callable[[int], None] | None = None  # told when this process evicts a shard
         biggest = max((s.bytes for s in self.shards), default=0)
         if self.cache_bytes < biggest:
@@ -229,10 +235,12 @@ class ShardCache:
         if key == self._last_key:  # same window as last time: the schedule is unchanged
             return
         self._last_key = key
-        nu = self.next_use(position)
-        order = np.argsort(nu, kind="stable")
-        now = int((nu <= position).sum())
-        for i in order[: now + ahead]:
+        if self.upcoming is not None:
+            wanted = self.upcoming(position, ahead)
+        else:
+            nu = self.next_use(position)
+            wanted = np.argsort(nu, kind="stable")[: int((nu <= position).sum()) + ahead]
+        for i in wanted:
             i = int(i)
             if i in self._present:
                 continue
@@ -326,11 +334,16 @@ class ShardCache:
                 return _BUSY
             need = shard.bytes
             if used + need > self.cache_bytes:
-                nu = self.next_use(self._position).astype(np.float64)
                 never = float("inf")
-                limit = -1.0 if demand else float(nu[i])
+                known = [j for _, _, js in files for j in js or ()] + [i]
+                if self.next_use_of is not None:  # O(cached files), not O(shards)
+                    uses = self.next_use_of(self._position, np.array(known, dtype=np.int64))
+                else:
+                    uses = self.next_use(self._position)[known]
+                at = dict(zip(known, np.asarray(uses, dtype=np.float64).tolist()))
+                limit = -1.0 if demand else at[i]
                 # a file is needed when the first of its shards is
-                victims = sorted(((never if js is None else float(nu[js].min()), name, size, js)
+                victims = sorted(((never if js is None else min(at[j] for j in js), name, size, js)
                                   for name, size, js in files), key=lambda v: v[0], reverse=True)
                 for v_next, name, size, js in victims:
                     if used + need <= self.cache_bytes:

@@ -38,6 +38,7 @@ class EpochPlan:
         n_shards = len(counts)
         self.shard_perm = _rng(seed, epoch).permutation(n_shards) if shuffle else np.arange(n_shards)
         window = max(1, int(window)) if shuffle else 1
+        self.window = window
         bounds = np.arange(0, n_shards, window)
         self.windows = [self.shard_perm[i : i + window] for i in bounds]
         # Vectorised: a resume builds two plans, and at 10^6 shards a loop over the windows
@@ -156,3 +157,31 @@ class Order:
         this_epoch = epoch * n + np.maximum(cur.shard_use_start, idx)
         next_epoch = (epoch + 1) * n + nxt.shard_use_start
         return np.where(cur.shard_use_end > idx, this_epoch, next_epoch)
+
+    def next_use_of(self, seed: int, position: int, shards: np.ndarray) -> np.ndarray:
+        """``next_use(seed, position)[shards]`` in O(len(shards)): what eviction needs, for the
+        shards in the cache only."""
+        shards = np.asarray(shards, dtype=np.int64)
+        n = self.num_samples
+        epoch, idx = divmod(position, n)
+        cur, nxt = self.plan(seed, epoch), self.plan(seed, epoch + 1)
+        this_epoch = epoch * n + np.maximum(cur.shard_use_start[shards], idx)
+        next_epoch = (epoch + 1) * n + nxt.shard_use_start[shards]
+        return np.where(cur.shard_use_end[shards] > idx, this_epoch, next_epoch)
+
+    def upcoming(self, seed: int, position: int, ahead: int) -> np.ndarray:
+        """The shards of the window in use at ``position``, then the next ``ahead`` in order of
+        first use (into the next epoch), each once: O(window + ahead), where sorting every
+        shard's next use cost O(shards) at every window change."""
+        n = self.num_samples
+        epoch, idx = divmod(position, n)
+        plan = self.plan(seed, epoch)
+        w = plan.window_of(idx)
+        slot = w * plan.window
+        count = len(plan.windows[w]) + ahead
+        later = plan.shard_perm[slot : slot + count]
+        if len(later) < count:  # into the next epoch; a shard is used once per epoch
+            later = np.concatenate([later, self.plan(seed, epoch + 1).shard_perm[:count]])
+            _, first = np.unique(later, return_index=True)
+            later = later[np.sort(first)][:count]
+        return later

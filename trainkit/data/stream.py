@@ -98,7 +98,8 @@ class Stream:
         else:
             self.cache_dir = cache_dir_for(self.url, cache_dir)
             self.cache = ShardCache(self.cache_dir, self.shards, cache_bytes, self._next_use, storage.filesystem,
-                                    threads=max(1, prefetch), schedule_key=self._window_key)
+                                    threads=max(1, prefetch), schedule_key=self._window_key,
+                                    next_use_of=self._next_use_of, upcoming=self._upcoming)
             if shuffle and self.shards:
                 sizes = sorted((s.bytes for s in self.shards), reverse=True)
                 warn_small_cache(cache_bytes, sum(sizes[:shuffle_window]))
@@ -132,6 +133,12 @@ class Stream:
 
     def _next_use(self, position: int) -> np.ndarray:
         return self._order.next_use(self._seed, max(0, position))
+
+    def _next_use_of(self, position: int, shards: np.ndarray) -> np.ndarray:
+        return self._order.next_use_of(self._seed, max(0, position), shards)
+
+    def _upcoming(self, position: int, ahead: int) -> np.ndarray:
+        return self._order.upcoming(self._seed, position, ahead)
 
     def _window_key(self, position: int) -> tuple[int, int, int]:
         epoch, idx = divmod(position, len(self))
