@@ -1,7 +1,8 @@
 """Training data from object storage: shards, deterministic elastic order, exact resume.
 
 * :func:`write_shards` / :class:`ShardWriter`: samples -> shards + index.json at any fsspec URL.
-* :class:`Stream`: random access to a sharded dataset, with a bounded node-local cache.
+* :class:`Stream`: random access to a sharded dataset, with a bounded node-local cache; it reads
+  through a :class:`Source` (trainkit's shards, Parquet row groups, WebDataset tars with an index).
 * :class:`Loader`: this rank's micro-batches, resumable exactly from ``state_dict()``.
 
 See docs/data.md.
