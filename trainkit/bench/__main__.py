@@ -1,4 +1,4 @@
-"""``python -m trainkit.bench step|data|checkpoint|node-loss|spot|scale [options]``."""
+"""``python -m trainkit.bench step|data|checkpoint|memory|node-loss|spot|scale [options]``."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ BENCHES = {
     "step": "trainkit.bench.step",
     "data": "trainkit.bench.data",
     "checkpoint": "trainkit.bench.checkpoint",
+    "memory": "trainkit.bench.memory",
     "node-loss": "trainkit.bench.node_loss",
     "spot": "trainkit.bench.spot",
     "scale": "trainkit.bench.scale",
