@@ -198,7 +198,7 @@ class Run:
         step = self.checkpointer.load(state)
         if step is None:
             # The run's own checkpoint always wins: a preempted fine-tune resumes where it was.
-            self._warm_start(model, optimizer, getattr(self.checkpointer, "_group", None))
+            self._warm_start(model, optimizer, self.checkpointer.process_group)
             seed_everything(self.cfg.seed + self.dist.rank)
             return None
         self.restored_step = step
@@ -237,7 +237,7 @@ class Run:
                                     allow=self.cfg.checkpoint.allow_config_change, where=self.run_dir)
             except ConfigError as exc:
                 problem = str(exc)
-        problem = distributed.broadcast_object(problem, getattr(self.checkpointer, "_group", None))
+        problem = distributed.broadcast_object(problem, self.checkpointer.process_group)
         if problem:
             raise ConfigError(problem)
 

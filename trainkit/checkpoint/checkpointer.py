@@ -329,6 +329,10 @@ class DCPCheckpointer:
         """Committed steps (manifest present), ascending."""
         return self.store.committed_steps()
 
+    @property
+    def process_group(self) -> Any:
+        return self._group
+
     def latest_step(self) -> int | None:
         """The newest committed step (manifest present and well-formed), or None."""
         return self.store.valid_latest()

@@ -164,6 +164,10 @@ class DeepSpeedCheckpointer:
     def steps(self) -> list[int]:
         return self.store.committed_steps()
 
+    @property
+    def process_group(self) -> Any:
+        return self._group
+
     def latest_step(self) -> int | None:
         return self.store.valid_latest()
 

@@ -22,6 +22,9 @@ class CheckpointerProtocol(Protocol):
 
     #: Steps this checkpointer's own saves committed, in order (a save is durable once listed).
     commits: list[int]
+    #: The CPU (gloo) group its collectives run on (None without a process group); Run runs
+    #: the warm start and the resume-config check on it, since the default group may be NCCL.
+    process_group: Any
 
     def save(self, step: int, state: Mapping[str, Any], *, blocking: bool = False) -> None:
         """Checkpoints ``state`` as ``step``; returns once the caller may change it again
