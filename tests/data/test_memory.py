@@ -13,6 +13,7 @@ from trainkit.data import write_shards
 
 READ = """
 import json, resource, sys
+from trainkit import storage
 from trainkit.data import Loader, Stream
 storage.configure({"s3": json.loads(sys.argv[3])})
 stream = Stream(sys.argv[1], cache_dir=sys.argv[2], cache_bytes=4 << 20, shuffle_window=2, prefetch=2)
