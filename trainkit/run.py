@@ -128,7 +128,7 @@ class Run:
         model, opt = self.strategy.setup(model, optimizer, units)
         self.model = model
         self.scheduler = scheduler(
-            self.strategy.scheduler_optimizer(opt), self.cfg.optim, self.cfg.trainer.max_steps
+            self.strategy.torch_optimizer(opt), self.cfg.optim, self.cfg.trainer.max_steps
         )
         return model, opt
 
@@ -191,8 +191,9 @@ class Run:
         )
         # With overlap_staging the host copy of a save runs during the next forward/backward;
         # parameters and optimizer state change only in the optimizer step, which waits for it.
-        if isinstance(optimizer, torch.optim.Optimizer):
-            optimizer.register_step_pre_hook(self._wait_staged)
+        inner = self.strategy.torch_optimizer(optimizer)
+        if isinstance(inner, torch.optim.Optimizer):
+            inner.register_step_pre_hook(self._wait_staged)
         self.save_policy = SavePolicy(c.every_steps, c.every_seconds)
         self._check_config_change()
         step = self.checkpointer.load(state)

@@ -17,7 +17,6 @@ count and parallelism Accelerate reports are checked against trainkit's own.
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
@@ -125,7 +124,6 @@ class AccelerateStrategy(Strategy):
         if not isinstance(optimizer, torch.optim.Optimizer):
             optimizer = optimizer(list(model.parameters()))
         model, opt = self.accelerator.prepare(model, optimizer)
-        opt.__class__ = _hooked_optimizer_class()
         self.model = model
         return model, opt
 
@@ -159,28 +157,8 @@ class AccelerateStrategy(Strategy):
             state["scaler"] = self.accelerator.scaler
         return state
 
-    def scheduler_optimizer(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    def torch_optimizer(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
         return _inner(optimizer)
-
-
-@functools.cache
-def _hooked_optimizer_class() -> type:
-    """Accelerate's ``AcceleratedOptimizer`` with torch's step hooks on the optimizer it wraps.
-
-    The wrapper never runs ``Optimizer.__init__``, so registering a step hook on it fails; its
-    ``step`` calls the wrapped optimizer's, where the hook (Run's wait for a checkpoint's host
-    copy before parameters change) fires at the same moment.
-    """
-    from accelerate.optimizer import AcceleratedOptimizer
-
-    class HookedOptimizer(AcceleratedOptimizer):
-        def register_step_pre_hook(self, hook: Any) -> Any:
-            return self.optimizer.register_step_pre_hook(hook)
-
-        def register_step_post_hook(self, hook: Any) -> Any:
-            return self.optimizer.register_step_post_hook(hook)
-
-    return HookedOptimizer
 
 
 def _inner(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:

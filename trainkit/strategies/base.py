@@ -282,6 +282,7 @@ class Strategy:
     def micro_step(self) -> None:
         """Called on accumulation micro-steps that do not step the optimizer."""
 
-    def scheduler_optimizer(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
-        """The torch optimizer an LR scheduler should drive."""
+    def torch_optimizer(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+        """The torch optimizer under the strategy's wrapper: what an LR scheduler drives, and
+        where step hooks go (a wrapper may not be a full ``Optimizer``)."""
         return optimizer

@@ -90,7 +90,7 @@ class DeepSpeedStrategy(Strategy):
         """DeepSpeed counts micro-steps itself: it must see every one."""
         self.model.step()
 
-    def scheduler_optimizer(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    def torch_optimizer(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
         assert self.base_optimizer is not None
         return self.base_optimizer
 
