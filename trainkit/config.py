@@ -31,6 +31,9 @@ from trainkit.strategies.base import StrategyOptions
 class DataConfig:
     # Empty: the recipe's dataset in the embedded store (a local directory), prepared on first use.
     url: str = ""
+    # The reader: auto (what data.url holds: a trainkit index.json, else .parquet files, else
+    # .tar files with their wds-index.json), trainkit, parquet or webdataset.
+    format: Literal["auto", "trainkit", "parquet", "webdataset"] = "auto"
     # Global samples per optimizer step, over all ranks and accumulation micro-steps; keeping it
     # global is what lets a run resume on another world size with the same optimisation.
     batch_size: int = 64
@@ -40,14 +43,17 @@ class DataConfig:
     shuffle_window: int = 8
     cache_dir: str = ""
     cache_bytes: int = 1 << 30
-    prefetch: int = 4
+    # Concurrent shard downloads per rank (its loader workers share them); -1: sized from the
+    # shard size and the store's latency (trainkit.data.stream.downloads_for).
+    prefetch: int = -1
 
     def check(self, cfg: Config) -> None:
         positive("data.batch_size", self.batch_size)
         positive("data.num_workers", self.num_workers, allow_zero=True)
         positive("data.shuffle_window", self.shuffle_window)
         positive("data.cache_bytes", self.cache_bytes)
-        positive("data.prefetch", self.prefetch, allow_zero=True)
+        if self.prefetch < -1:
+            raise ConfigError(f"data.prefetch={self.prefetch}: -1 (sized from the store) or 0 and more")
 
 
 @dataclass

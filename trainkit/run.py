@@ -155,7 +155,8 @@ class Run:
         d = self.cfg.data
         return Stream(
             url, cache_dir=d.cache_dir or None, cache_bytes=d.cache_bytes, shuffle=d.shuffle,
-            shuffle_window=d.shuffle_window, prefetch=d.prefetch,
+            shuffle_window=d.shuffle_window, prefetch=None if d.prefetch < 0 else d.prefetch,
+            format=None if d.format == "auto" else d.format,
         )
 
     # -- state -----------------------------------------------------------------------------

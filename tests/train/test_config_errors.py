@@ -16,6 +16,8 @@ from launching import launch, launch_here
         (["launcher.workers=-1"], "launcher.workers=-1 must be > 0"),
         (["model.widht=8"], "unknown key 'model.widht'; valid keys in model: width"),
         (["trainer.precision=fp8"], "trainer.precision='fp8' is not valid; valid: fp32, bf16, fp16"),
+        (["data.format=mds"], "data.format='mds' is not valid; valid: auto, trainkit, parquet, webdataset"),
+        (["data.prefetch=-2"], "data.prefetch=-2: -1 (sized from the store) or 0 and more"),
         (["strategy=single", "launcher.workers=2"], "strategy=single runs one process"),
         (["storage.s4.key=x"], "storage.s4: no fsspec filesystem for protocol 's4'"),
     ],
