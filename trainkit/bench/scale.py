@@ -193,7 +193,8 @@ def data_step(samples: int, shards: int, world: int, *, micro: int = 4, window: 
     """One rank's per-step work, as the loader and the cache do it: its micro-batch's
     positions (``_MicroBatches.batch_positions``), their sample ids (``Order.positions``) and,
     whenever its position enters a new window, the prefetch schedule ``ShardCache.advance``
-    computes (``Order.next_use`` over every shard, then a stable argsort).
+    computes (``Order.upcoming``: the window's shards and the next ``2 × window`` in order of
+    first use, the Stream's look-ahead at its default prefetch).
 
     Weak scaling: ``micro`` samples per rank per step, so the global batch is ``micro × world``
     and a step crosses ``micro × world / window samples`` windows. The epoch plans are built
@@ -223,8 +224,7 @@ def data_step(samples: int, shards: int, world: int, *, micro: int = 4, window: 
         key = (epoch, order.plan(seed, epoch).window_of(idx))
         if key != last_key:
             last_key = key
-            nu = order.next_use(seed, lo)
-            np.argsort(nu, kind="stable")
+            order.upcoming(seed, lo, 2 * window)
             schedules += 1
             return True
         return False
@@ -270,14 +270,14 @@ def data_resume(samples: int, shards: int, world: int, *, micro: int = 4, window
     with _timed_peak() as m:
         lo, hi = mb.batch_positions(0)
         order.positions(seed, lo, hi)
-        np.argsort(order.next_use(seed, lo), kind="stable")
+        order.upcoming(seed, lo, 2 * window)
     return {"s": m["s"], "peak_bytes": m["peak_bytes"], "position": position}
 
 
 def data_eviction(samples: int, shards: int, *, cached: int = 16, window: int = 8, seed: int = 0,
                   repeats: int = 5) -> dict[str, float]:
     """``ShardCache._admit`` for a demand fetch into a full cache of ``cached`` shards: the
-    eviction decision (next use of every shard, victims by furthest next use) and the
+    eviction decision (next use of each cached shard, victims by furthest next use) and the
     bookkeeping around it, on a real cache directory of sparse files. Per fetch, per node."""
     from trainkit.data.cache import ShardCache, ShardInfo
 
@@ -294,7 +294,9 @@ def data_eviction(samples: int, shards: int, *, cached: int = 16, window: int = 
     times = []
     with tempfile.TemporaryDirectory(prefix="trainkit-scale-cache-") as d:
         cache = ShardCache(d, infos, cached * shard_bytes, lambda p: order.next_use(seed, p),
-                           lambda url: (None, url), threads=1)
+                           lambda url: (None, url), threads=1,
+                           next_use_of=lambda p, s: order.next_use_of(seed, p, s),
+                           upcoming=lambda p, a: order.upcoming(seed, p, a))
         cache._position = position
         for _ in range(repeats):
             for i in present:
