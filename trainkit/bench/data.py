@@ -2,7 +2,7 @@
 
 ``run(args)`` (wired as ``python -m trainkit.bench data``; also ``python -m trainkit.bench.data``):
 
-* by default starts moto's S3 server on 127.0.0.1 and a :class:`~trainkit.testing.FaultProxy`
+* by default starts moto's S3 server (``--store gcs``: fake-gcs-server) on 127.0.0.1 and a :class:`~trainkit.testing.FaultProxy`
   (in its own process) in front of it adding ``--latency`` (20 ms) to every request, like a
   real store's time to first byte; or uses ``--url s3://bucket/prefix`` on your own store
   (options via ``FSSPEC_S3_*`` / ``trainkit.storage.configure``);
@@ -19,7 +19,8 @@
   - ``trainkit``: ``Loader(Stream(url))`` (shuffled, default window), ``--workers`` workers;
   - ``trainkit on Parquet``: the same over Parquet files of the same size (one row group each);
   - ``webdataset``: ``wds.WebDataset`` over the tars, one stream per worker, opened with
-    ``pipe:curl`` and a SigV4-signed GET (its fastest opener; through fsspec with ``--url``).
+    ``pipe:curl`` and a SigV4-signed GET (its fastest opener; through fsspec with ``--url`` or
+    ``--store gcs``).
 
 mosaicml-streaming is not measured: it is not installed in this project's environment.
 """
@@ -49,7 +50,9 @@ LABELS = 10
 
 
 def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    p.add_argument("--url", default=None, help="existing bucket prefix to use instead of a local moto server")
+    p.add_argument("--url", default=None, help="existing bucket prefix to use instead of a local emulator")
+    p.add_argument("--store", choices=["s3", "gcs"], default="s3",
+                   help="the local emulator: moto's S3 (default) or fake-gcs-server")
     p.add_argument("--cases", default="small,large", help="comma-separated: small, large")
     p.add_argument("--samples", type=int, default=None, help="override the case's sample count")
     p.add_argument("--sample-bytes", type=int, default=None, help="override the case's sample size (1-D image)")
@@ -289,7 +292,7 @@ def run(args: argparse.Namespace | list[str] | None = None) -> dict[str, Any]:
         args = add_arguments(argparse.ArgumentParser(prog="python -m trainkit.bench data")).parse_args(args)
     from trainkit import storage
     from trainkit.data import Stream, write_shards
-    from trainkit.testing import S3Server
+    from trainkit.testing import GCSServer, S3Server
     from trainkit.testing.faultproxy import ProxyProcess
 
     info = report.machine()
@@ -302,10 +305,11 @@ def run(args: argparse.Namespace | list[str] | None = None) -> dict[str, Any]:
             base = args.url.rstrip("/") + f"/trainkit-bench-{int(time.time())}"
             where = args.url
         else:
-            server = S3Server().start()
+            server = (GCSServer() if args.store == "gcs" else S3Server()).start()
+            protocol = "gs" if args.store == "gcs" else "s3"
             base = server.bucket("trainkit-bench") + "/data"
-            storage.configure({**saved_options, "s3": server.storage_options})
-            where = f"moto S3 on {server.endpoint}"
+            storage.configure({**saved_options, protocol: server.storage_options})
+            where = f"{'fake-gcs-server' if protocol == 'gs' else 'moto S3'} on {server.endpoint}"
         written = {}
         for name in args.cases.split(","):
             case = _case(args, name)
@@ -319,8 +323,8 @@ def run(args: argparse.Namespace | list[str] | None = None) -> dict[str, Any]:
         endpoint = None
         if server is not None:
             proxy = ProxyProcess(server.endpoint, latency=args.latency)
-            endpoint = proxy.endpoint
-            storage.configure({**saved_options, "s3": server.options_for(proxy.endpoint)})
+            endpoint = proxy.endpoint if protocol == "s3" else None  # pipe:curl signs for S3 only
+            storage.configure({**saved_options, protocol: server.options_for(proxy.endpoint)})
             where += f" via a proxy adding {args.latency * 1000:.0f} ms per request"
         for name, (case, tk_url, index, tars, pq_bytes, t_write) in written.items():
             probe = Stream(tk_url, cache_dir=work, **({} if args.prefetch is None else {"prefetch": args.prefetch}))
