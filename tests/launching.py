@@ -39,6 +39,25 @@ def launch(*overrides: str, env: dict[str, str] | None = None, timeout: float = 
     )
 
 
+def launch_and_sigterm(*overrides: str, run_dir: str | Path, after_records: int,
+                       timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """Launches like :func:`launch` and sends SIGTERM (a spot notice) as soon as ``run_dir``
+    holds ``after_records`` metrics records; stdout and stderr together in ``stdout``."""
+    import signal
+    import time
+
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.setdefault("TRAINKIT_STORE", str(ROOT / ".cache" / "test-store"))
+    proc = subprocess.Popen([sys.executable, "-m", "trainkit.launch", *overrides], env=env, cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and len(metrics(run_dir)) < after_records:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=timeout)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, "")
+
+
 def metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     return rundir.read_metrics(str(run_dir))
 

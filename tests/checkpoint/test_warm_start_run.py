@@ -4,17 +4,12 @@ the run's own checkpoint winning over load_from, and the resume config check."""
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import yaml
 
-from launching import GPT_TINY, ROOT, launch, launch_here, metrics
+from launching import GPT_TINY, launch, launch_and_sigterm, launch_here, metrics
 
 # 96 training windows of 33 bytes: two steps of 48 per epoch, unshuffled, so every even step
 # starts an epoch on the same batch and a warm-started run's step 1 sees the batch the source
@@ -129,17 +124,8 @@ def test_a_sigterm_preempted_warm_start_resumes_from_its_own_checkpoint(tmp_path
     run = tmp_path / "run"
     args = [*SMALL, "trainer.max_steps=400", "checkpoint.every_steps=1000", f"checkpoint.load_from={src}",
             f"run_dir={run}"]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TRAINKIT_STORE": str(ROOT / ".cache" / "test-store")}
-    proc = subprocess.Popen([sys.executable, "-m", "trainkit.launch", *args], env=env, cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and not (run / "metrics.jsonl").exists():
-        time.sleep(0.1)
-    while time.monotonic() < deadline and len(metrics(run)) < 3:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
-    out, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 75, out
+    stopped = launch_and_sigterm(*args, run_dir=run, after_records=3)
+    assert stopped.returncode == 75, stopped.stdout
     (stop,) = [e["step"] for e in _events(run) if e["event"] == "preempted"]
     r = launch(*SMALL, f"trainer.max_steps={stop + 2}", *args[-3:])  # the same command, a nearer end
     assert r.returncode == 0, r.stderr

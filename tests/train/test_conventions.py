@@ -4,16 +4,10 @@ metrics that survive a resume exactly, and the grace period checked."""
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import pytest
 
-from launching import RESNET_TINY, ROOT, launch, launch_here, metrics
+from launching import RESNET_TINY, launch, launch_and_sigterm, launch_here, metrics
 from trainkit import rundir
 
 
@@ -83,20 +77,6 @@ def test_credentials_never_land_in_the_run(tmp_path):
     assert secret not in result.stdout + result.stderr
 
 
-def _signal_at(run: Path, args: list[str], after_records: int) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TRAINKIT_STORE": str(ROOT / ".cache" / "test-store")}
-    proc = subprocess.Popen([sys.executable, "-m", "trainkit.launch", *args, f"run_dir={run}"], env=env, cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and len(metrics(run)) < after_records:
-        time.sleep(0.05)
-    # At once: the agreement's lag puts the stop at least a step past the record just seen, and
-    # far before the next regular record (log_every=25) whatever the machine's speed.
-    proc.send_signal(signal.SIGTERM)
-    out, _ = proc.communicate(timeout=120)
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out, "")
-
-
 def test_metrics_survive_a_resume_exactly(tmp_path):
     """A stop between two logging steps: the resumed run's regular records equal an
     uninterrupted run's (the window's sums are in the state tree; the stop record leaves it open)."""
@@ -106,7 +86,9 @@ def test_metrics_survive_a_resume_exactly(tmp_path):
     done = launch(*args, "trainer.max_steps=100", f"run_dir={ref}")
     assert done.returncode == 0, done.stderr
     run = tmp_path / "run"
-    stopped = _signal_at(run, [*args, "trainer.max_steps=400"], after_records=1)
+    # At once after the first record: the agreement's lag puts the stop at least a step past it,
+    # and far before the next regular record (log_every=25) whatever the machine's speed.
+    stopped = launch_and_sigterm(*args, "trainer.max_steps=400", f"run_dir={run}", run_dir=run, after_records=1)
     assert stopped.returncode == 75, stopped.stdout
     (stop,) = [e["step"] for e in rundir.of(rundir.read_events(str(run)), rundir.PREEMPTED)]
     assert stop % 25 and stop < 100, f"the stop should land between logging steps, at {stop}"

@@ -3,14 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-from launching import GPT_TINY, RESNET_TINY, ROOT, launch, metrics
+from launching import GPT_TINY, RESNET_TINY, launch, launch_and_sigterm, metrics
 
 # gpt, not resnet: BatchNorm normalises over each rank's micro-batch, so a ResNet's loss
 # legitimately depends on the world size. Constant LR: the schedule would otherwise depend
@@ -40,17 +35,9 @@ def test_sigterm_exits_75_and_loses_no_step(tmp_path: Path) -> None:
     run = tmp_path / "run"
     args = [*RESNET_TINY, "strategy=ddp", "launcher.workers=2", "trainer.max_steps=400", "checkpoint.every_steps=1000",
             f"run_dir={run}"]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TRAINKIT_STORE": str(ROOT / ".cache" / "test-store")}
-    proc = subprocess.Popen([sys.executable, "-m", "trainkit.launch", *args], env=env, cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and not (run / "metrics.jsonl").exists():
-        time.sleep(0.1)
-    while time.monotonic() < deadline and len(metrics(run)) < 5:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
-    out, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 75, out
+    stopped = launch_and_sigterm(*args, run_dir=run, after_records=5)
+    out = stopped.stdout
+    assert stopped.returncode == 75, out
     assert "preemption (signal SIGTERM)" in out and "exiting with code 75" in out
     events = [json.loads(x) for x in (run / "events.jsonl").read_text().splitlines()]
     (stop,) = [e["step"] for e in events if e["event"] == "preempted"]
