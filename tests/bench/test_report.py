@@ -38,4 +38,4 @@ def test_section_names_machine_commit_load_and_raw_figures(tmp_path):
 
 def test_bench_cli_lists_every_bench():
     proc = subprocess.run([sys.executable, "-m", "trainkit.bench"], capture_output=True, text=True)
-    assert proc.returncode == 2 and "step|data|checkpoint|node-loss|spot" in proc.stderr
+    assert proc.returncode == 2 and "step|data|checkpoint|memory|node-loss|spot|scale" in proc.stderr

@@ -35,8 +35,9 @@ def _run(tmp_path: Path, steps: int, kills: int, sigterms: int, seed: int) -> No
     assert exits[-1] == 0
 
 
-def test_chaos_five_kills_two_sigterms(tmp_path: Path) -> None:
-    _run(tmp_path, steps=60, kills=5, sigterms=2, seed=1)
+def test_chaos_three_kills_one_sigterm(tmp_path: Path) -> None:
+    """The default sample: a kill mid-save, two other kills and a SIGTERM (the 20-kill run is slow)."""
+    _run(tmp_path, steps=60, kills=3, sigterms=1, seed=1)
 
 
 @pytest.mark.slow

@@ -16,6 +16,7 @@ from trainkit.checkpoint.warm import warm_start
 from trainkit.errors import StorageError
 
 
+@pytest.mark.slow  # the run-level test in test_warm_start_run.py covers ddp@2 -> fsdp@3 by default
 def test_ddp_on_2_warm_starts_fsdp_on_3_with_its_optimizer(tmp_path):
     out, root = tmp_path / "out", str(tmp_path / "src")
     ckpt_mp.run("train", 2, {"strategy": "ddp", "steps": 3, "root": root, "save_at": [3], "dump_at": [3],

@@ -104,6 +104,7 @@ def test_node_lost_mid_run_resumes_bitwise(ray_cluster, reference, tmp_path):
     assert summary["steps"] == 60 and summary["world_size"] == 2
 
 
+@pytest.mark.slow  # ~35 s; a lost Ray node (test_node_lost_mid_run_resumes_bitwise) is the default proof of Ray restart + bitwise resume
 def test_worker_sigkill_restarts_group_and_resumes(ray_cluster, reference, tmp_path):
     ray_cluster.ensure(2)
 
@@ -150,6 +151,7 @@ def test_restart_takes_warm_standby_processes(ray_cluster, tmp_path):
              "the job's idle warm processes to end with it")
 
 
+@pytest.mark.slow  # ~25 s; the sweep itself runs by default on the local launcher (test_ray_units.py)
 def test_sweep_two_trials_on_ray(ray_cluster, tmp_path):
     ray_cluster.ensure(2)  # both trials at once: 2 trials x 1 worker x 1 CPU
     base = tmp_path / "sweep"

@@ -3,6 +3,8 @@ attempts, crashes, preemptions and recomputed steps matches the known interrupti
 
 from __future__ import annotations
 
+import pytest
+
 import json
 import os
 import signal
@@ -33,6 +35,7 @@ def _wait_for_step(run: Path, step: int, proc: subprocess.Popen[str]) -> int:
     raise AssertionError(f"run never reached step {step}")
 
 
+@pytest.mark.slow  # ~35 s; goodput on hand-made logs runs by default (test_goodput.py)
 def test_goodput_and_recomputed_steps_of_an_interrupted_run(tmp_path: Path) -> None:
     run = tmp_path / "run"
     proc = _start(run)

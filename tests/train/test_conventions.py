@@ -41,7 +41,7 @@ def test_hydra_flags():
     assert both.returncode == 0 and "task: gpt" in both.stdout and "hydra:" in both.stdout
     helped = launch_here("--help")
     assert helped.returncode == 0, helped.stderr
-    assert "strategy: auto, ddp, deepspeed, fsdp, single" in helped.stdout
+    assert "strategy: accelerate, auto, ddp, deepspeed, fsdp, single" in helped.stdout
     assert "recipe: gpt, resnet" in helped.stdout and "launcher: local, ray" in helped.stdout
     assert "strategy=deepspeed: backend='auto' zero_stage=2" in helped.stdout
 

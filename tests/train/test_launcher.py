@@ -15,6 +15,7 @@ from launching import RESNET_TINY, launch, losses
 DDP2 = ["strategy=ddp", "launcher.workers=2", "trainer.max_steps=8", "checkpoint.enabled=false"]
 
 
+@pytest.mark.slow  # ~25 s; every bitwise resume test compares two same-seed runs by default
 def test_same_seed_same_losses(tmp_path: Path) -> None:
     for name in ("a", "b"):
         result = launch(*RESNET_TINY, *DDP2, "seed=3", f"run_dir={tmp_path / name}")

@@ -17,10 +17,16 @@ STRATEGIES = {
     "zero3": ["strategy=deepspeed", "strategy.zero_stage=3", "launcher.workers=2"],
 }
 RECIPES = {"resnet": RESNET_TINY, "gpt": GPT_TINY}
+# By default a diagonal of the matrix: every strategy once, both recipes, in half the time;
+# --runslow runs all of it.
+CASES = [
+    pytest.param(strategy, recipe, id=f"{strategy}-{recipe}",
+                 marks=() if (i + j) % 2 else pytest.mark.slow)
+    for i, strategy in enumerate(STRATEGIES) for j, recipe in enumerate(RECIPES)
+]
 
 
-@pytest.mark.parametrize("recipe", RECIPES)
-@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize(("strategy", "recipe"), CASES)
 def test_strategy_trains_recipe(tmp_path: Path, strategy: str, recipe: str) -> None:
     run_dir = tmp_path / "run"
     result = launch(*RECIPES[recipe], *STRATEGIES[strategy], "trainer.max_steps=16", f"run_dir={run_dir}")
