@@ -7,14 +7,9 @@ arguments (after ``--``) reach it untouched; bad input is one line and exit 2.
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-from launching import ROOT, launch, launch_here, metrics
+from launching import ROOT, launch, launch_and_sigterm, launch_here, metrics
 from trainkit import rundir
 
 SCRIPT = ROOT / "docs" / "examples" / "train_script.py"
@@ -36,15 +31,9 @@ def test_script_sigterm_exits_75_and_resumes_bitwise(tmp_path: Path) -> None:
     assert len(reference) == STEPS and reference[-1] < 0.2 * reference[0]
 
     run = tmp_path / "run"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "trainkit.launch", *script_args(run)], env=env, cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and len(metrics(run) if (run / rundir.METRICS).exists() else []) < 5:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
-    out, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 75, out
+    stopped = launch_and_sigterm(*script_args(run), run_dir=run, after_records=5)
+    out = stopped.stdout
+    assert stopped.returncode == 75, out
     (stop,) = [e["step"] for e in rundir.read_events(str(run)) if e["event"] == "preempted"]
     assert 5 <= stop < STEPS, out
 
