@@ -68,19 +68,26 @@ def attempt_config(attempt: int) -> str:
 
 @dataclass(frozen=True)
 class Event:
-    """An event kind and the fields (besides ``event`` and ``time``) each record carries."""
+    """An event kind and the fields (besides ``event`` and ``time``) each record carries;
+    ``optional`` fields came later, so readers must do without them (older run dirs, other
+    writers)."""
 
     name: str
     fields: tuple[str, ...]
     doc: str
+    optional: tuple[str, ...] = ()
 
 
 # Every record also has ``event`` (the name) and ``time`` (Unix seconds).
 START = Event("start", ("attempt", "step", "world_size", "strategy"),
-              "an attempt began its loop at ``step``; attempts count from 0")
+              "an attempt began its loop at ``step``; attempts count from 0; ``startup_s``: since "
+              "its ``Run`` was made (process group, model, data, restore); ``nodes``: machines",
+              optional=("startup_s", "nodes"))
 RESTORE = Event("restore", ("step", "recomputed_steps"),
                 "a checkpoint was loaded; ``recomputed_steps`` were logged by the previous "
-                "attempt after it and will run again")
+                "attempt after it and will run again; ``load_s``: the load took this long; "
+                "``dropped_until``: time of the last record it dropped (None: none)",
+                optional=("load_s", "dropped_until"))
 CHECKPOINT = Event("checkpoint", ("step", "blocking_s", "blocking"),
                    "a save was taken; training was blocked for ``blocking_s``")
 CHECKPOINT_COMMITTED = Event("checkpoint_committed", ("step", "at_step"),
@@ -90,7 +97,7 @@ GRACE_CHECK = Event("grace_check", ("step", "save_s", "grace_s", "fits", "source
                     "emergency) against preemption.grace_seconds, the time from notice to forced stop")
 PREEMPTED = Event("preempted", ("step", "reason"),
                   "the ranks stopped at ``step`` after a notice; the process exits 75")
-FINISH = Event("finish", ("step",), "the run reached max_steps and wrote its summary")
+FINISH = Event("finish", ("step",), "the run reached max_steps; its summary.json follows")
 WARM_START = Event("warm_start", ("source", "load_optimizer"),
                    "a run without a checkpoint of its own loaded checkpoint.load_from")
 
@@ -104,7 +111,7 @@ TERMINAL = (PREEMPTED.name, FINISH.name)
 
 def event(kind: Event, time: float, **fields: Any) -> dict[str, Any]:
     """An events.jsonl record; rejects fields the schema does not define for ``kind``."""
-    unknown = set(fields) - set(kind.fields)
+    unknown = set(fields) - set(kind.fields) - set(kind.optional)
     missing = set(kind.fields) - set(fields)
     if unknown or missing:
         raise ValueError(f"event {kind.name}: unknown fields {sorted(unknown)}, missing {sorted(missing)}")
