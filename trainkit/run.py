@@ -51,6 +51,8 @@ def seed_everything(seed: int) -> None:
 
 class Run:
     def __init__(self, cfg: Config | Mapping[str, Any] | None = None) -> None:
+        # The attempt's start-up (process group, model, data, restore) is timed from here.
+        self._start = time.time()
         if cfg is None:
             cfg = Config()
         # Validated again even when built in code: names resolve to their components' options
@@ -80,7 +82,6 @@ class Run:
         self._stepped = False
         # The last step's pre-clip norm, a device tensor until a logging step reads it.
         self._grad_norm: Any = None
-        self._start = time.time()
         self._last_record: dict[str, Any] = {}
         main = self.dist.is_main
         self.metrics = JsonlLog(self.run_dir, rundir.METRICS) if main else None
@@ -197,7 +198,9 @@ class Run:
             inner.register_step_pre_hook(self._wait_staged)
         self.save_policy = SavePolicy(c.every_steps, c.every_seconds)
         self._check_config_change()
+        t_load = time.perf_counter()
         step = self.checkpointer.load(state)
+        load_s = time.perf_counter() - t_load
         if step is None:
             # The run's own checkpoint always wins: a preempted fine-tune resumes where it was.
             self._warm_start(model, optimizer, self.checkpointer.process_group)
@@ -209,7 +212,9 @@ class Run:
             dropped = self.metrics.keep(lambda r: r.get("step", 0) <= step)
             reached = max((r.get("step", 0) for r in dropped), default=step)
             # Steps the previous attempt logged past this checkpoint (exact with log_every=1).
-            self._event(rundir.RESTORE, step=step, recomputed_steps=max(0, reached - step))
+            times = [r["time"] for r in dropped if isinstance(r.get("time"), (int, float))]
+            self._event(rundir.RESTORE, step=step, recomputed_steps=max(0, reached - step), load_s=load_s,
+                        dropped_until=max(times, default=None))
             self._print(f"resumed from checkpoint at step {step}")
         return step
 
@@ -275,7 +280,8 @@ class Run:
         self._tokens_per_sample = tokens_per_sample
         self._mfu_per_sample = _mfu_scale(flops_per_sample, self.dist, self.cfg.trainer.precision)
         self._event(rundir.START, attempt=self.attempt, step=self.step, world_size=self.dist.world_size,
-                    strategy=self.cfg.strategy.name)
+                    strategy=self.cfg.strategy.name, startup_s=time.time() - self._start,
+                    nodes=max(1, self.dist.world_size // max(1, self.dist.local_world_size)))
         self._data = data
         cfg = self.cfg.trainer
         self.progress = Progress(cfg.progress, cfg.max_steps, self.step, self.dist.is_main)
