@@ -9,7 +9,7 @@ PY=${PYTHON:-python3}
 STAMP=.venv/.trainkit-setup
 inputs() { cat pyproject.toml .ci/constraints-*.txt scripts/setup.sh; "$PY" --version; }
 want=$(inputs | sha256sum | cut -d' ' -f1)
-installed() { [ -x .venv/bin/python ] && [ -x .tools/skypilot/bin/python ]; }  # every tool installed below
+installed() { [ -x .venv/bin/python ] && [ -x .tools/skypilot/bin/python ] && [ -x .tools/azurite/node_modules/.bin/azurite-blob ]; }  # every tool installed below
 if installed && [ "$(cat "$STAMP" 2>/dev/null)" = "$want" ]; then
     echo "setup: .venv is up to date (remove $STAMP to reinstall)"
     exit 0
@@ -22,4 +22,9 @@ export PIP_CONSTRAINT="$PWD/.ci/constraints-cpu.txt" PIP_DISABLE_PIP_VERSION_CHE
 # launchers/skypilot-*.yaml with, offline. It pins click<8.2, which huggingface_hub cannot share.
 [ -x .tools/skypilot/bin/python ] || "$PY" -m venv .tools/skypilot
 PIP_CONSTRAINT="$PWD/.ci/constraints-skypilot.txt" .tools/skypilot/bin/python -m pip install -q skypilot==0.14.1
+# Azurite, the Azure Blob emulator the tests start on loopback (npm; node and npm must be on PATH).
+[ -x .tools/azurite/node_modules/.bin/azurite-blob ] || npm install --silent --no-audit --no-fund --prefix .tools/azurite azurite@3.35.0
+# mosaicml-streaming, whose MDSWriter the tests write MDS datasets with: without its dependencies
+# (they would replace torch and numpy), plus the small packages the writer imports.
+.venv/bin/python -m pip install -q --no-deps mosaicml-streaming==0.13.0 Brotli python-snappy cramjam zstd xxhash
 echo "$want" > "$STAMP"
