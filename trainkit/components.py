@@ -31,6 +31,16 @@ LOGGERS.add_path("tensorboard", "trainkit.metrics.loggers:TensorBoardLogger")
 LOGGERS.add_path("wandb", "trainkit.metrics.loggers:WandbLogger")
 LOGGERS.add_path("mlflow", "trainkit.metrics.loggers:MLflowLogger")
 
+# Ray Tune sweeps (``-m ... launcher=ray``): ``sweep.search`` and ``sweep.scheduler``.
+SEARCHERS: Registry[Any] = Registry("sweep.search")
+SEARCHERS.add_path("random", "trainkit.launch.tune.search:RandomSearch")
+SEARCHERS.add_path("grid", "trainkit.launch.tune.search:GridSearch")
+SEARCHERS.add_path("optuna", "trainkit.launch.tune.search:OptunaSearch")
+
+SCHEDULERS: Registry[Any] = Registry("sweep.scheduler")
+SCHEDULERS.add_path("none", "trainkit.launch.tune.search:NoScheduler")
+SCHEDULERS.add_path("asha", "trainkit.launch.tune.search:ASHA")
+
 TASKS: Registry[Any] = Registry("task")
 TASKS.add_path("resnet", "trainkit.tasks.resnet:TASK")
 TASKS.add_path("gpt", "trainkit.tasks.gpt:TASK")
