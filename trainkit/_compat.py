@@ -69,7 +69,9 @@ def drop_save_plans(key: str) -> None:
 
 
 __all__ = ["FileSystem", "FsspecReader", "FsspecWriter", "StorageInfo", "caching_save_planner", "dcp_debug_loggers",
-           "drop_save_plans", "hydra_sweep_grid", "staging_stream"]
+           "drop_save_plans", "hydra_sweep_grid", "staging_stream", "RayKV", "RAY_PRIVATE_NAMES", "RAY_TRAIN_WORKER_MODULE",
+           "ray_drain_node", "ray_draining_nodes", "ray_is_worker_process", "ray_keep_loopback", "ray_preload_train_worker",
+           "ray_prestart_workers", "ray_runtime_env_hash", "ray_setup_hook_env", "ray_train_storage"]
 
 
 
@@ -96,3 +98,172 @@ def detach_forked_loop(loop: Any) -> None:
     loop._thread_id = None
     old, loop._selector = loop._selector, selectors.DefaultSelector()
     old.close()  # the child's descriptor of the shared epoll instance only
+
+
+# -- Ray (checked with ray 2.60; pyproject allows ray>=2.60,<2.61 for these) -----------------
+# launcher=ray uses Ray Train's public API (TorchTrainer, FailureConfig, ray.train.report,
+# get_preemption_info, Checkpoint). What follows has no public equivalent in Ray 2.60.
+
+
+def ray_keep_loopback() -> None:
+    """Ray's "no cluster on this OS" switch, read per call from ``ray._private.ray_constants``:
+    set by the environment variable ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` before Ray is
+    imported, and here when Ray was imported already (a test, a notebook). With it off, a Ray
+    started with ``_node_ip_address="127.0.0.1"`` keeps listening and advertising 127.0.0.1."""
+    import sys
+
+    constants = sys.modules.get("ray._private.ray_constants")
+    if constants is not None:
+        constants.ENABLE_RAY_CLUSTER = False
+
+
+def ray_train_storage() -> tuple[str, Any]:
+    """The Ray Train run's experiment directory and its pyarrow filesystem, in a training worker.
+
+    ``ray.train.get_context().get_storage()`` is a DeveloperAPI that returns Ray's internal
+    ``StorageContext``; a reported pointer checkpoint must live under that directory for
+    ``CheckpointUploadMode.NO_UPLOAD`` to accept it without a copy."""
+    import ray.train
+
+    storage = ray.train.get_context().get_storage()
+    return storage.experiment_fs_path, storage.storage_filesystem
+
+
+class RayKV:
+    """Ray's key-value store in the GCS (warm standby's heartbeats): in a process connected to
+    Ray (``ray.experimental.internal_kv._internal_kv_*``), or from outside through a GCS
+    address (``ray._raylet.GcsClient``). Ray offers no public KV store."""
+
+    def __init__(self, namespace: str, gcs_address: str | None = None) -> None:
+        self.namespace = namespace
+        self._client = None
+        if gcs_address:
+            from ray._raylet import GcsClient
+
+            self._client = GcsClient(address=gcs_address)
+
+    def put(self, key: bytes, value: bytes) -> None:
+        if self._client is not None:
+            self._client.internal_kv_put(key, value, True, self.namespace.encode())
+            return
+        from ray.experimental import internal_kv
+
+        internal_kv._internal_kv_put(key, value, overwrite=True, namespace=self.namespace)
+
+    def get(self, key: bytes) -> bytes | None:
+        if self._client is not None:
+            return self._client.internal_kv_get(key, self.namespace.encode())
+        from ray.experimental import internal_kv
+
+        return internal_kv._internal_kv_get(key, namespace=self.namespace)
+
+    def delete(self, key: bytes) -> None:
+        if self._client is not None:
+            self._client.internal_kv_del(key, False, self.namespace.encode())
+            return
+        from ray.experimental import internal_kv
+
+        internal_kv._internal_kv_del(key, namespace=self.namespace)
+
+    def keys(self, prefix: bytes) -> list[bytes]:
+        if self._client is not None:
+            return list(self._client.internal_kv_keys(prefix, self.namespace.encode()))
+        from ray.experimental import internal_kv
+
+        return list(internal_kv._internal_kv_list(prefix, namespace=self.namespace))
+
+
+def ray_draining_nodes() -> dict[str, int]:
+    """``{node_id_hex: deadline_ms}`` of the nodes Ray is draining (``ray._private.state``);
+    Ray Train's public ``get_preemption_info`` covers only the run's own nodes, from a worker."""
+    import ray._private.state
+
+    return dict(ray._private.state.state.get_draining_nodes() or {})
+
+
+def ray_drain_node(gcs_address: str, node_id: str, reason: str, deadline_ms: int) -> tuple[bool, str]:
+    """Drains a node for preemption, as the autoscaler does on a spot notice (tests and benches:
+    ``ray drain-node`` does the same from a shell, seconds slower). Returns (accepted, why not)."""
+    from ray._raylet import GcsClient
+    from ray.core.generated import autoscaler_pb2
+
+    client = GcsClient(address=gcs_address)
+    return client.drain_node(node_id, autoscaler_pb2.DrainNodeReason.Value("DRAIN_NODE_REASON_PREEMPTION"), reason,
+                             deadline_ms)
+
+
+def ray_is_worker_process() -> bool:
+    """Whether this process is a Ray worker process (not a driver): ``global_worker.mode``."""
+    import ray
+    import ray._private.worker
+
+    return ray._private.worker.global_worker.mode == ray.WORKER_MODE
+
+
+def ray_setup_hook_env(hook: str) -> dict[str, str]:
+    """The runtime-env variable that makes Ray run ``hook`` (``module.function``) in each new
+    worker process: what ``ray.init(runtime_env={"worker_process_setup_hook": ...})`` sets, which
+    Ray accepts only for the whole job, not in Ray Train's ``worker_runtime_env``."""
+    from ray._private import ray_constants
+
+    return {ray_constants.WORKER_PROCESS_SETUP_HOOK_ENV_VAR: hook}
+
+
+RAY_TRAIN_WORKER_MODULE = "ray.train.v2._internal.execution.worker_group.worker"
+
+
+def ray_preload_train_worker() -> None:
+    """Imports the module that defines Ray Train's worker actor (what a new worker imports first)."""
+    import importlib
+
+    importlib.import_module(RAY_TRAIN_WORKER_MODULE)
+
+
+def ray_runtime_env_hash(argv: list[str]) -> str:
+    """The hash the raylet matches idle worker processes by: it starts each one with
+    ``--runtime-env-hash`` (``ray/_private/workers/default_worker.py``). Asking Ray for the
+    runtime env from a thread without a task crashes the process (Ray 2.60)."""
+    for i, arg in enumerate(argv):
+        if arg.startswith("--runtime-env-hash="):
+            return arg.split("=", 1)[1]
+        if arg == "--runtime-env-hash" and i + 1 < len(argv):
+            return argv[i + 1]
+    return ""
+
+
+def ray_prestart_workers(address: str, port: int, job_id_hex: str, runtime_env: str, n: int,
+                         keep_alive_s: int) -> bool:
+    """The raylet's ``PrestartWorkers`` gRPC call (what Ray itself uses for task backlogs):
+    ``n`` idle worker processes for ``job_id_hex`` with ``runtime_env``. False when the node did
+    not answer (going away); a refusal (no such method, authentication) raises."""
+    import grpc
+    from ray.core.generated import common_pb2, node_manager_pb2, node_manager_pb2_grpc
+
+    request = node_manager_pb2.PrestartWorkersRequest(
+        language=common_pb2.PYTHON, job_id=bytes.fromhex(job_id_hex), keep_alive_duration_secs=keep_alive_s,
+        num_workers=n,
+    )
+    request.runtime_env_info.serialized_runtime_env = runtime_env
+    with grpc.insecure_channel(f"{address}:{port}") as channel:
+        try:
+            node_manager_pb2_grpc.NodeManagerServiceStub(channel).PrestartWorkers(request, timeout=10)
+        except grpc.RpcError as exc:
+            if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                return False
+            raise
+    return True
+
+
+RAY_PRIVATE_NAMES = (
+    "ray._private.ray_constants.ENABLE_RAY_CLUSTER",
+    "ray.train.TrainContext.get_storage (DeveloperAPI) -> StorageContext.experiment_fs_path, .storage_filesystem",
+    "ray.experimental.internal_kv._internal_kv_put/_get/_del/_list",
+    "ray._raylet.GcsClient.internal_kv_put/get/del/keys, .drain_node",
+    "ray.core.generated.autoscaler_pb2.DrainNodeReason",
+    "ray._private.state.state.get_draining_nodes",
+    "ray._private.worker.global_worker.mode",
+    "ray._private.ray_constants.WORKER_PROCESS_SETUP_HOOK_ENV_VAR",
+    RAY_TRAIN_WORKER_MODULE,
+    "--runtime-env-hash (default_worker.py argument)",
+    "ray.core.generated.node_manager_pb2(_grpc).PrestartWorkers, common_pb2.PYTHON",
+)

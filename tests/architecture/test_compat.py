@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 
+import pytest
 import torch
 from torch.distributed.checkpoint import StorageReader, StorageWriter
 
@@ -103,3 +104,123 @@ def test_forked_child_cannot_unregister_the_parents_sockets():
     assert got.wait(5), "the parent's reader was unregistered by the child"
     loop.call_soon_threadsafe(loop.stop)
     assert _compat.fsspec_io_loop() is None or isinstance(_compat.fsspec_io_loop(), asyncio.AbstractEventLoop)
+
+
+# -- Ray: every private name in _compat's Ray section (_compat.RAY_PRIVATE_NAMES) ------------
+
+
+def test_ray_private_names_are_all_checked_here():
+    """The list this file checks is the list _compat uses (a new name needs a test below)."""
+    assert len(_compat.RAY_PRIVATE_NAMES) == 11
+
+
+def test_ray_loopback_switch_is_where_ray_reads_it():
+    import sys
+
+    from ray._private import ray_constants
+
+    before = ray_constants.ENABLE_RAY_CLUSTER
+    try:
+        _compat.ray_keep_loopback()
+        assert sys.modules["ray._private.ray_constants"].ENABLE_RAY_CLUSTER is False
+        assert ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR == "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = before
+
+
+def test_ray_train_storage_context_has_the_fields_read(tmp_path):
+    import pyarrow.fs
+    from ray.train import get_context  # noqa: F401 - v2's public entry point to the storage
+    from ray.train.v2._internal.execution.storage import StorageContext
+    from ray.train.v2.api.context import TrainContext
+
+    assert callable(TrainContext.get_storage)
+    storage = StorageContext(storage_path=str(tmp_path), experiment_dir_name="exp")
+    assert storage.experiment_fs_path == str(tmp_path / "exp")
+    assert isinstance(storage.storage_filesystem, pyarrow.fs.FileSystem)
+
+
+def test_ray_worker_setup_hook_and_train_worker_module_exist():
+    import importlib.util
+
+    (key, value), = _compat.ray_setup_hook_env("pkg.mod.fn").items()
+    assert key == "__RAY_WORKER_PROCESS_SETUP_HOOK_ENV_VAR" and value == "pkg.mod.fn"
+    assert importlib.util.find_spec(_compat.RAY_TRAIN_WORKER_MODULE) is not None
+
+
+def test_ray_runtime_env_hash_is_a_worker_argument():
+    from pathlib import Path
+
+    import ray._private.workers.default_worker as worker_mod
+
+    assert '"--runtime-env-hash"' in Path(worker_mod.__file__).read_text()
+    assert _compat.ray_runtime_env_hash(["x", "--runtime-env-hash=123"]) == "123"
+    assert _compat.ray_runtime_env_hash(["x", "--runtime-env-hash", "45"]) == "45"
+    assert _compat.ray_runtime_env_hash(["x"]) == ""
+
+
+def test_ray_prestart_workers_request_has_the_fields_set():
+    from ray.core.generated import common_pb2, node_manager_pb2, node_manager_pb2_grpc
+
+    request = node_manager_pb2.PrestartWorkersRequest(language=common_pb2.PYTHON, job_id=b"\x01\x00\x00\x00",
+                                                      keep_alive_duration_secs=5, num_workers=2)
+    request.runtime_env_info.serialized_runtime_env = "{}"
+    assert request.num_workers == 2
+    assert hasattr(node_manager_pb2_grpc.NodeManagerServiceStub, "__init__")
+    assert "PrestartWorkers" in node_manager_pb2.DESCRIPTOR.services_by_name["NodeManagerService"].methods_by_name
+
+
+@pytest.fixture(scope="module")
+def ray_two_nodes():
+    """A head and one worker node on 127.0.0.1 (a drain needs a node that is not the head)."""
+    import os
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    _compat.ray_keep_loopback()
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    import ray
+    from ray.cluster_utils import Cluster
+
+    args = {"node_ip_address": "127.0.0.1", "object_store_memory": 80 * 1024 * 1024}
+    cluster = Cluster(initialize_head=True, head_node_args={**args, "num_cpus": 0, "include_dashboard": False})
+    node = cluster.add_node(**args, num_cpus=1)
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, _node_ip_address="127.0.0.1", logging_level="WARNING")
+    try:
+        yield cluster, node
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+def test_ray_kv_drain_and_worker_mode_on_a_live_cluster(ray_two_nodes):
+    import time
+
+    cluster, node = ray_two_nodes
+    inside, outside = _compat.RayKV("trainkit-test"), _compat.RayKV("trainkit-test", cluster.address)
+    inside.put(b"job/a", b"1")
+    assert outside.keys(b"job/") == [b"job/a"] and outside.get(b"job/a") == b"1"
+    outside.put(b"job/b", b"2")
+    assert sorted(inside.keys(b"job/")) == [b"job/a", b"job/b"] and inside.get(b"job/b") == b"2"
+    inside.delete(b"job/a")
+    outside.delete(b"job/b")
+    assert inside.keys(b"job/") == [] and inside.get(b"job/a") is None
+    import ray
+
+    assert _compat.ray_is_worker_process() is False  # a driver
+    # An actor on the node: its answer, and the work that keeps a drained node from leaving at once.
+    class WorkerMode:  # defined here, so Ray ships it by value
+        def mode(self) -> bool:
+            from trainkit import _compat
+
+            return _compat.ray_is_worker_process()
+
+    busy = ray.remote(num_cpus=1)(WorkerMode).remote()
+    assert ray.get(busy.mode.remote(), timeout=120) is True
+    assert _compat.ray_draining_nodes() == {}
+    deadline = int((time.time() + 60) * 1000)
+    ok, why = _compat.ray_drain_node(cluster.address, node.node_id, "compat test", deadline)
+    assert ok, why
+    draining = _compat.ray_draining_nodes()
+    assert list(draining) == [node.node_id] and abs(draining[node.node_id] - deadline) <= 1000, (draining, deadline)
