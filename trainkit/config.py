@@ -20,6 +20,7 @@ from typing import Any, Literal
 
 from trainkit import storage
 from trainkit.components import AUTO_STRATEGY, LAUNCHERS, STRATEGIES, TASKS
+from trainkit.cost.prices import CostConfig
 from trainkit.distributed import expected_world_size
 from trainkit.errors import ConfigError
 from trainkit.optim import OptimConfig
@@ -185,6 +186,8 @@ class Config:
     launcher: LauncherOptions = field(default_factory=LauncherOptions)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     preemption: PreemptionConfig = field(default_factory=PreemptionConfig)
+    # What the capacity costs an hour (summary.json's cost_usd): trainkit.cost.prices.
+    cost: CostConfig = field(default_factory=CostConfig)
     # fsspec storage options per protocol, e.g. {"s3": {"endpoint_url": "http://127.0.0.1:9000"}}.
     # Prefer environment variables or instance roles for credentials; values of credential-like
     # keys are redacted wherever the config is written (trainkit.redact).
@@ -196,7 +199,7 @@ class Config:
     def sections(self) -> list[Any]:
         """Every section that has a ``check``, in the order errors should be reported."""
         return [self.strategy, self.launcher, self.trainer, self.data, self.optim, self.checkpoint,
-                self.preemption]
+                self.preemption, self.cost]
 
 
 def check_batch(cfg: Config, world: int) -> int:

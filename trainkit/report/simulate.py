@@ -29,6 +29,7 @@ def simulate_run(
     data_wait_s: float = 0.02,
     checkpoint_block_s: float = 0.5,
     startup_s: float = 3.0,
+    load_s: float = 0.4,
     downtime_s: float = 20.0,
     jitter: float = 0.1,
     lr: float = 1e-3,
@@ -40,9 +41,11 @@ def simulate_run(
     ``interruptions`` lists ``(step, kind)``: after optimizer step ``step`` the attempt is
     ``"preempt"``-ed (emergency checkpoint, ``preempted`` event, clean exit) or ``"crash"``-ed
     (SIGKILL: no event; the next attempt restores the last checkpoint and recomputes).
-    Returns the ground truth: ``useful_s`` (the step time charged to each step the final
-    metrics cover), ``unlogged_steps``,
-    ``wall_s``, ``attempts``, ``crashes``, ``preemptions``, ``checkpoints``, ``recomputed_steps``.
+    Returns the ground truth: ``useful_s`` (the compute time charged to each step the final
+    metrics cover), ``unlogged_steps``, ``wall_s`` (from the first attempt's beginning),
+    ``badput_s`` (the clock's own split, bucket by bucket: see :mod:`trainkit.cost.goodput`),
+    ``interruption_s``, ``attempts``, ``crashes``, ``preemptions``, ``checkpoints``,
+    ``recomputed_steps``.
     """
     rng = random.Random(seed)
     plan = dict(interruptions)
@@ -52,17 +55,31 @@ def simulate_run(
     committed = 0  # step of the latest committed checkpoint
     step = 0
     attempt = 0
-    step_times: dict[int, float] = {}  # ground truth: seconds charged to each step, final attempt wins
+    step_times: dict[int, float] = {}  # ground truth: compute charged to each step, final attempt wins
+    # Ground truth of the badput buckets, as the clock advances; crashes are seen at their last
+    # record (the simulated kill comes right after one), a preemption at its last record.
+    truth = dict.fromkeys(("startup", "restore", "checkpoint_save", "data_wait", "recompute", "emergency_save",
+                           "downtime", "other"), 0.0)
+    kept_charges: dict[int, tuple[float, float]] = {}  # step -> (data wait, blocking), final attempt wins
+    interruption = 0.0
     while True:
         # -- an attempt starts: setup, restore, then the loop ---------------------------------
+        began = t
         t += startup_s
         if attempt > 0:
             step = committed
             dropped = [r for r in metrics if r["step"] > step]
             metrics = [r for r in metrics if r["step"] <= step]
-            events.append(rundir.event(rundir.RESTORE, t, step=step, recomputed_steps=len(dropped)))
+            t += load_s
+            events.append(rundir.event(rundir.RESTORE, t, step=step, recomputed_steps=len(dropped), load_s=load_s,
+                                       dropped_until=max((r["time"] for r in dropped), default=None)))
             t += 0.1
-        events.append(rundir.event(rundir.START, t, attempt=attempt, step=step, world_size=1, strategy="ddp"))
+            truth["restore"] += load_s
+            interruption += t - began
+        truth["startup"] += t - began - (load_s if attempt > 0 else 0.0)
+        events.append(rundir.event(rundir.START, t, attempt=attempt, step=step, world_size=1, strategy="ddp",
+                                   startup_s=t - began, nodes=1))
+        start_t = t
         mark_t, mark_step = t, step
         timers = {"data_wait_s": 0.0, "checkpoint_block_s": 0.0}
         outcome = "finish"
@@ -86,20 +103,28 @@ def simulate_run(
                 })
                 # The record's mean is what each covered step is charged.
                 for s in range(mark_step + 1, step + 1):
-                    step_times[s] = elapsed / n
+                    step_times[s] = (elapsed - sum(timers.values())) / n
+                    kept_charges[s] = (timers["data_wait_s"] / n, timers["checkpoint_block_s"] / n)
                 timers = dict.fromkeys(timers, 0.0)
                 mark_t, mark_step = t, step
             kind = plan.pop(step, None) if step < max_steps else None
             if kind == "crash":
                 outcome = "crash"
+                kept = [r["time"] for r in metrics if r["attempt"] == attempt and r["step"] <= committed]
+                truth["recompute"] += t - max(kept, default=start_t)
+                interruption += t - max(kept, default=start_t)
                 break
             if kind == "preempt":
+                last = max(r["time"] for r in metrics if r["attempt"] == attempt) if any(
+                    r["attempt"] == attempt for r in metrics) else start_t
                 if committed != step:
                     t += checkpoint_block_s
                     events.append(rundir.event(rundir.CHECKPOINT, t, step=step, blocking_s=checkpoint_block_s,
                                                blocking=True))
                     committed = step
                 events.append(rundir.event(rundir.PREEMPTED, t, step=step, reason="SIGTERM"))
+                truth["emergency_save"] += t - last
+                interruption += t - last
                 outcome = "preempt"
                 break
             if step % checkpoint_every == 0 and step < max_steps:
@@ -112,9 +137,13 @@ def simulate_run(
             t += checkpoint_block_s
             events.append(rundir.event(rundir.CHECKPOINT, t, step=step, blocking_s=checkpoint_block_s, blocking=True))
             t += 0.2
+            truth["checkpoint_save"] += checkpoint_block_s
+            truth["other"] += 0.2  # export and summary
             events.append(rundir.event(rundir.FINISH, t, step=step))
             break
         t += downtime_s
+        truth["downtime"] += downtime_s
+        interruption += downtime_s
         attempt += 1
 
     final_steps = {r["step"] for r in metrics}
@@ -131,14 +160,18 @@ def simulate_run(
     }
     for name, text in files.items():
         fs.pipe_file(storage.join(root, name) if root else name, text.encode())
-    first_start = rundir.of(events, rundir.START)[0]["time"]
+    for wait, block in kept_charges.values():
+        truth["data_wait"] += wait
+        truth["checkpoint_save"] += block
     kinds = [e["event"] for e in events]
     return {
         "useful_s": sum(step_times.values()),
         # Steps an attempt ran after its last metrics record and before a preemption at a step
         # that is not a multiple of log_every: done once, but in no record.
         "unlogged_steps": max_steps - len(step_times),
-        "wall_s": t - first_start,
+        "wall_s": t - t0,
+        "badput_s": truth,
+        "interruption_s": interruption,
         "attempts": attempt + 1,
         "crashes": sum(1 for _, k in interruptions if k == "crash"),
         "preemptions": kinds.count(rundir.PREEMPTED.name),
