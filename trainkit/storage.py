@@ -62,7 +62,7 @@ def protocol(url: str) -> str:
 
 def storage_options(url: str) -> dict[str, Any]:
     proto = protocol(url)
-    aliases = {"gcs": "gs", "s3a": "s3"}
+    aliases = {"gcs": "gs", "s3a": "s3", "abfs": "az", "abfss": "az"}  # adlfs serves all three
     return dict(_STORAGE_OPTIONS.get(proto) or _STORAGE_OPTIONS.get(aliases.get(proto, proto)) or {})
 
 
@@ -114,16 +114,21 @@ class Failures(Exception):
 _TRANSIENT_ERRNOS = {errno.EBUSY, errno.EAGAIN, errno.ETIMEDOUT, errno.ECONNRESET, errno.ECONNABORTED,
                      errno.ECONNREFUSED, errno.EPIPE}
 _TRANSIENT_HTTP = {408, 429, 500, 502, 503, 504}
+# azure-core's errors for a request that never got an answer or lost it midway (adlfs passes
+# them on); its own retry policy repeats these too. By name: azure is an optional dependency.
+_AZURE_TRANSIENT = {"ServiceRequestError", "ServiceResponseError", "ServiceRequestTimeoutError",
+                    "ServiceResponseTimeoutError", "IncompleteReadError"}
 
 
 def is_transient(exc: BaseException) -> bool:
     """Whether a failed store request is worth repeating.
 
-    s3fs turns 503 SlowDown into ``OSError(EBUSY, "Please reduce your request rate.")`` and
-    gcsfs keeps the HTTP status in ``.code``, so the errno and the status are checked before
-    the message. A :class:`StorageError` is trainkit's own wrapping: it is as transient as
-    its cause. :class:`Failures` (one per rank, e.g. a DCP save) are transient only when every
-    one is: repeating the operation cannot help a rank that failed for good.
+    s3fs turns 503 SlowDown into ``OSError(EBUSY, "Please reduce your request rate.")``,
+    gcsfs keeps the HTTP status in ``.code`` and azure-core (adlfs) in ``.status_code``, so the
+    errno and the status are checked before the message. A :class:`StorageError` is trainkit's
+    own wrapping: it is as transient as its cause. :class:`Failures` (one per rank, e.g. a DCP
+    save) are transient only when every one is: repeating the operation cannot help a rank
+    that failed for good.
     """
     if isinstance(exc, Failures):
         return bool(exc.errors) and all(is_transient(e) for e in exc.errors)
@@ -135,7 +140,9 @@ def is_transient(exc: BaseException) -> bool:
         return True
     if isinstance(exc, OSError) and exc.errno in _TRANSIENT_ERRNOS:
         return True
-    if getattr(exc, "code", None) in _TRANSIENT_HTTP or getattr(exc, "status", None) in _TRANSIENT_HTTP:
+    if any(getattr(exc, a, None) in _TRANSIENT_HTTP for a in ("code", "status", "status_code")):
+        return True
+    if type(exc).__name__ in _AZURE_TRANSIENT:
         return True
     text = f"{type(exc).__name__} {exc}".lower()
     markers = ("503", "500", "502", "504", "429", "slowdown", "slow down", "throttl", "reset",

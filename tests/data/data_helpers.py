@@ -61,3 +61,56 @@ def run_loaders(stream: Stream, *, world: int, workers: int, batch_size: int, st
     if check_state:
         assert all(s == states[0] for s in states), states
     return seq, states[0]
+
+
+MDS_COLUMNS = {"id": "int64", "x": "ndarray:float32:8", "y": "ndarray:int16:3", "raw": "bytes", "name": "str"}
+
+
+def mds_writer():
+    """mosaicml-streaming's own ``MDSWriter``. ``streaming/__init__`` imports its dataloader and
+    vision modules (transformers, torchvision: not installed, not needed to write), so its two
+    package modules are stood in for while the writer's modules are imported, then removed:
+    a later ``import streaming`` still runs the real ones."""
+    import importlib.util
+    import sys
+    import types
+    from pathlib import Path
+
+    real = sys.modules.get("streaming")
+    if real is not None and hasattr(real, "MDSWriter"):
+        return real.MDSWriter
+    root = Path(importlib.util.find_spec("streaming").origin).parent
+    stand_ins = {}
+    for name, path in (("streaming", root), ("streaming.base", root / "base")):
+        if name not in sys.modules:
+            stand_ins[name] = sys.modules[name] = types.ModuleType(name)
+            stand_ins[name].__path__ = [str(path)]
+    try:
+        from streaming.base.format.mds.writer import MDSWriter
+    finally:
+        for name, module in stand_ins.items():
+            if sys.modules.get(name) is module:
+                del sys.modules[name]
+    return MDSWriter
+
+
+def write_mds(url: str, samples, columns: dict[str, str] = MDS_COLUMNS, *, size_limit: int = 2500,
+              compression: str | None = None, hashes: tuple[str, ...] = ("sha256",), tmp=None) -> str:
+    """Writes ``samples`` with MDSWriter into a local folder, then uploads it to ``url`` (what a
+    user of a remote store does); returns ``url``."""
+    import os
+    import tempfile
+
+    from trainkit import storage
+
+    local = url.removeprefix("file://") if storage.is_local(url) else tempfile.mkdtemp(dir=tmp, prefix="mds-")
+    with mds_writer()(out=local, columns=columns, size_limit=size_limit, compression=compression,
+                      hashes=list(hashes) or None) as w:
+        for s in samples:
+            w.write({k: s[k].numpy() if isinstance(s[k], torch.Tensor) else s[k] for k in columns})
+    if not storage.is_local(url):
+        fs, path = storage.filesystem(url)
+        for name in sorted(os.listdir(local)):
+            with open(os.path.join(local, name), "rb") as f:
+                fs.pipe_file(f"{path}/{name}", f.read())
+    return url

