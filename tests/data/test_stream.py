@@ -58,11 +58,15 @@ def test_roundtrip_gcs(gcs_server, gcs_url, tmp_path, storage_options):
 
 
 def test_s3_with_loader_workers(s3_url, tmp_path):
-    """Real DataLoader workers sharing one cache directory."""
+    """Real DataLoader workers sharing one cache directory; the main process fetches for them
+    (a worker that downloads pays for a store client of its own)."""
     write_shards(make_samples(96), s3_url, shard_bytes=2000)
     stream = Stream(s3_url, cache_dir=str(tmp_path), shuffle_window=2)
     seq, state = run_loaders(stream, world=2, workers=2, batch_size=16, steps=6, seed=4)
     assert sorted(seq) == list(range(96)) and state["position"] == 96
+    cached = {e.name for e in stream.cache_dir.iterdir() if not e.name.startswith(".")}
+    assert cached == {stream.shards[i].local_name for i in stream.cache.fetched}
+    assert len(cached) == stream.num_shards
 
 
 def test_dtypes_roundtrip(memory_url, tmp_path):

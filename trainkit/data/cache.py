@@ -148,6 +148,10 @@ class ShardCache:
         self.next_use_of = next_use_of  # (position, shards) -> next_use(position)[shards]
         self.upcoming = upcoming  # (position, ahead) -> the current window's shards, then the next ahead
         self.on_evict: Callable[[int], None] | None = None  # told when this process evicts a shard
+        # > 0 in a DataLoader worker whose main process fetches ahead for it: how long a demand
+        # for a shard nobody fetches yet waits for that process to start it before fetching it
+        # here (a worker that never downloads never pays for a store client of its own)
+        self.follow_wait = 0.0
         biggest = max((s.bytes for s in self.shards), default=0)
         if self.cache_bytes < biggest:
             raise ConfigError(
@@ -216,7 +220,21 @@ class ShardCache:
             if got is not None and os.path.exists(got):
                 self.stats["waits"] += 1
                 return got
+        elif self.follow_wait > 0:
+            self._await_leader(i)
         return self._fetch(i, demand=True)
+
+    def _await_leader(self, i: int) -> None:
+        """Returns once shard ``i`` is complete or being fetched by some process (the demand
+        fetch then waits for it), or after ``follow_wait`` seconds."""
+        shard = self.shards[i]
+        final, busy = shard.local_name, f".tmp.{shard.name}."
+        deadline = time.monotonic() + self.follow_wait
+        while time.monotonic() < deadline:
+            if any(n == final or n.startswith(busy) for n in os.listdir(self.dir)):
+                return
+            time.sleep(0.005)
+        self.stats["lead_timeouts"] += 1
 
     def forget(self, i: int) -> None:
         """Shard ``i`` turned out to be gone (evicted by another process)."""

@@ -50,6 +50,12 @@ class _MicroBatches(IterableDataset):
         self.transform, self.collate = transform, collate
         self.pin = pin
 
+    @property
+    def lag(self) -> int:
+        """How far other readers of this node may be behind one of them: a round of micro-batches
+        of every worker of every rank, twice for slack (for eviction decisions only)."""
+        return 2 * self.num_workers * self.world_size * self.micro
+
     def batch_positions(self, k: int) -> tuple[int, int]:
         lo = self.start + (k * self.world_size + self.rank) * self.micro
         return lo, lo + self.micro
@@ -58,11 +64,8 @@ class _MicroBatches(IterableDataset):
         info = get_worker_info()
         w = info.id if info is not None else 0
         if info is not None:
-            self.stream.share_downloads(info.num_workers)
-        stride = self.world_size * self.micro
-        # how far other readers of this node may be behind us: one round of micro-batches of
-        # every worker of every rank, twice for slack (used for eviction decisions only)
-        lag = 2 * self.num_workers * stride
+            self.stream.follow()
+        lag = self.lag
         # the default collate of untransformed samples is what read_batch builds directly
         batched = self.transform is None and self.collate is default_collate
         k = w
@@ -182,12 +185,24 @@ class Loader:
             if cuda:
                 source = map(pin, source)
         else:
+            # this process fetches ahead for its workers (they only read the cache): the first
+            # shards are on their way before the workers start, and no worker builds a store
+            # client of its own
+            self.stream.advance(self.seed, start, ds.lag)
             source = iter(DataLoader(ds, batch_size=None, num_workers=self.num_workers, collate_fn=_identity,
                                      prefetch_factor=self.prefetch_factor, persistent_workers=False,
                                      pin_memory=cuda))
+            source = self._lead(source, ds)
         if cuda:
             source = to_device(source, self.device)
         return self._count(source, self._generation)
+
+    def _lead(self, source, ds: _MicroBatches) -> Iterator[Any]:
+        """Tells the stream where the furthest micro-batch the workers may be reading is."""
+        ahead = self.num_workers * self.prefetch_factor
+        for k, batch in enumerate(source):
+            self.stream.advance(self.seed, ds.batch_positions(k + ahead)[0], ds.lag)
+            yield batch
 
     def _count(self, source, generation: int) -> Iterator[Any]:
         for batch in source:

@@ -23,6 +23,7 @@ from trainkit.errors import ConfigError, StorageError
 CONNECTION_BYTES_PER_S = 100e6  # what one connection to an object store typically delivers
 NODE_CONNECTIONS = 4  # connections that fill a node's link when latency is negligible
 MAX_DOWNLOADS = 32
+FOLLOW_WAIT = 1.0  # s a worker waits for its main process to start fetching a shard it needs
 
 
 def downloads_for(shards: Sequence[ShardInfo], url: str) -> int:
@@ -108,6 +109,7 @@ class Stream:
         self._maps_pid = os.getpid()
         self._map_key: tuple | None = None
         self._batch_shards = 0  # shards the batch being read touches: all stay mapped while it is
+        self._follower = False  # a DataLoader worker: its main process fetches ahead (follow)
         if isinstance(self.cache, ShardCache):
             self.cache.on_evict = self._drop_map
 
@@ -153,7 +155,7 @@ class Stream:
         """Reader hint: global ``position`` reached (``lag``: how far other readers on this node
         may be behind, for eviction decisions); starts prefetching."""
         self._seed = seed
-        self.cache.advance(position, self.lookahead, max(0, position - lag))
+        self.cache.advance(position, 0 if self._follower else self.lookahead, max(0, position - lag))
         key = self._window_key(position)
         if key != self._map_key:  # a new window: unmap shards of earlier ones
             self._map_key = key
@@ -162,12 +164,14 @@ class Stream:
             for i in [i for i in self._maps_for_pid() if i not in keep]:
                 self._drop_map(i)
 
-    def share_downloads(self, readers: int) -> None:
-        """This process is one of ``readers`` (a rank's DataLoader workers) that fetch into the
-        same cache: each runs its share of ``prefetch`` downloads, so the node keeps the
-        concurrency it was sized for (more only slows a store down: the shards are the same)."""
+    def follow(self) -> None:
+        """This process is one of a rank's DataLoader workers: their main process fetches ahead
+        for them (:meth:`advance` called there), so they fetch nothing ahead, and a shard one
+        needs is fetched by it only if the main process has not started it within
+        ``FOLLOW_WAIT`` s (one store client per rank, not per worker)."""
         if isinstance(self.cache, ShardCache):
-            self.cache.threads = max(1, -(-max(1, self.prefetch) // max(1, readers)))
+            self._follower = True
+            self.cache.follow_wait = FOLLOW_WAIT
 
     # -- samples -----------------------------------------------------------------------
     def shard_of(self, sample_id: int) -> tuple[int, int]:
