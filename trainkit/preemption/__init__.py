@@ -13,8 +13,8 @@ See docs/preemption.md.
 """
 
 from trainkit.errors import EXIT_PREEMPTED, Preempted
-from trainkit.preemption.agreement import Decision, StepAgreement
+from trainkit.preemption.agreement import Decision, StepAgreement, add_boundary_hook, remove_boundary_hook
 from trainkit.preemption.watcher import AWSSpotPoller, GCPPreemptionPoller, PreemptionWatcher, request
 
 __all__ = ["AWSSpotPoller", "Decision", "EXIT_PREEMPTED", "GCPPreemptionPoller", "Preempted", "PreemptionWatcher",
-           "StepAgreement", "request"]
+           "StepAgreement", "add_boundary_hook", "remove_boundary_hook", "request"]

@@ -9,6 +9,11 @@ one step after the earliest flag, deterministically, with no host-device synchro
 
 Step-based saves (``every_steps``) need no agreement: every rank computes them alike.
 One process has no peers: its own flags count at once.
+
+A launcher can add its own boundary work (:func:`add_boundary_hook`; Ray's reports and drain
+probe are such hooks): a hook's ``due()`` is read on every rank at every boundary and travels
+in the same all-reduce; ``act()`` then runs on every rank at the one boundary where any rank
+said due, so it may itself be a collective, and returns True to stop there.
 """
 
 from __future__ import annotations
@@ -21,6 +26,18 @@ import torch.distributed as dist
 
 from trainkit import distributed
 from trainkit.preemption.watcher import PreemptionWatcher
+
+# Hooks of this process, taken by each StepAgreement made while they are registered.
+_HOOKS: list[Any] = []
+
+
+def add_boundary_hook(hook: Any) -> None:
+    _HOOKS.append(hook)
+
+
+def remove_boundary_hook(hook: Any) -> None:
+    if hook in _HOOKS:
+        _HOOKS.remove(hook)
 
 
 @dataclass(frozen=True)
@@ -42,6 +59,7 @@ class StepAgreement:
         self._pending: tuple[Any, torch.Tensor] | None = None
         # Told when a stop comes from a peer, so every rank can say why it stopped.
         self._watcher = watcher
+        self._hooks = list(_HOOKS)
 
     @property
     def lag(self) -> int:
@@ -50,9 +68,9 @@ class StepAgreement:
 
     def decide(self, stop: bool, save: bool) -> Decision:
         if self._group is None:
-            return Decision(stop, save)
+            return Decision(self._act([h.due() for h in self._hooks]) or stop, save)
         decision = self._collect()
-        flags = torch.tensor([int(stop), int(save)], dtype=torch.int32)
+        flags = torch.tensor([int(stop), int(save), *(int(h.due()) for h in self._hooks)], dtype=torch.int32)
         work = dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self._group, async_op=True)
         self._pending = (work, flags)
         return decision
@@ -63,10 +81,18 @@ class StepAgreement:
         work, flags = self._pending
         self._pending = None
         work.wait()
-        decision = Decision(bool(flags[0]), bool(flags[1]))
+        stop = self._act([bool(f) for f in flags[2:]])
+        decision = Decision(bool(flags[0]) or stop, bool(flags[1]))
         if decision.stop and self._watcher is not None and not self._watcher.requested:
             self._watcher.request("peer rank requested a stop (agreed at a step boundary)")
         return decision
+
+    def _act(self, due: list[bool]) -> bool:
+        stop = False
+        for hook, wanted in zip(self._hooks, due):
+            if wanted:
+                stop = bool(hook.act()) or stop
+        return stop
 
     def drain(self) -> None:
         """Waits for the collective in flight (all ranks call it), e.g. before leaving the group."""
