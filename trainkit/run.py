@@ -451,11 +451,28 @@ class Run:
         summary.update({k: self._last_record[k] for k in ("loss", "samples_per_s") if k in self._last_record})
         summary.update(final)
         if self.dist.is_main:
-            _put(rundir.path(self.run_dir, rundir.SUMMARY), json.dumps(summary, indent=2))
+            # Written first, so that the accounting of the whole run ends with it.
             self._event(rundir.FINISH, step=self.step)
+            summary.update(self._accounting())
+            _put(rundir.path(self.run_dir, rundir.SUMMARY), json.dumps(summary, indent=2))
             self._print(format_summary(summary))
         self._close()
         return summary
+
+    def _accounting(self) -> dict[str, Any]:
+        """The whole run's goodput, badput buckets and, with a price, its cost: every attempt,
+        from the run's own logs (rank 0 holds them)."""
+        from trainkit.cost import bill, goodput
+
+        assert self.metrics is not None and self.events is not None
+        g = goodput(self.metrics.records(), self.events.records())
+        out: dict[str, Any] = {key: g[key] for key in ("goodput", "steady_goodput", "useful_s")}
+        out.update(run_wall_s=g["wall_s"], attempts=g["attempts"], badput_s=g["badput_s"])
+        price = self.cfg.cost.price()
+        if price is not None:
+            cost = bill(g, price)
+            out.update(cost_usd=cost["usd"], cost=cost)
+        return out
 
     def _close(self) -> None:
         if self.checkpointer is not None:

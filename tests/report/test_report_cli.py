@@ -18,7 +18,14 @@ from trainkit.report.plots import PIXELS
 from trainkit.report.simulate import simulate_run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-FIGURES = ("loss.png", "throughput.png", "step_time.png", "timeline.png")
+FIGURES = ("loss.png", "throughput.png", "step_time.png", "timeline.png", "badput.png")
+PRICE = "cost:\n  spot: true\n  spot_usd_per_hour: 1.2\n  on_demand_usd_per_hour: 4.0\n"
+
+
+def priced(run_dir: str) -> None:
+    """Gives a simulated run the price its config.yaml would name."""
+    with open(os.path.join(run_dir, "config.yaml"), "a") as f:
+        f.write(PRICE)
 
 
 def cli(*args: str, cwd: str | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -47,6 +54,7 @@ def interrupted_run(tmp_path_factory):
     run_dir = str(tmp_path_factory.mktemp("runs") / "interrupted")
     truth = simulate_run(run_dir, max_steps=300, log_every=10, checkpoint_every=50,
                          interruptions=[(80, "crash"), (170, "preempt")])
+    priced(run_dir)
     return run_dir, truth
 
 
@@ -61,11 +69,23 @@ def test_single_run_report(interrupted_run):
     goodput_line = next(line for line in out.splitlines() if line.startswith("goodput"))
     assert f"{truth['useful_s'] / truth['wall_s']:.1%}" in goodput_line
     assert "300 (finished)" in out
+    for label in ("start-up", "checkpoint restore", "checkpoint save (blocking)", "data wait",
+                  "recomputed after a failure", "emergency save", "downtime (waiting for capacity)", "other"):
+        assert f"  {label} " in out, label
+    wall = truth["wall_s"]
+    usd = wall * 1.2 / 3600  # one node, on spot
+    assert f"${usd:.4f} (spot, $1.2000/h per node" in out
+    rows = [line.split() for line in out.splitlines()]
+    lost = truth["interruption_s"] * 1.2 / 3600
+    assert ["lost", "to", "interruptions", f"${lost:.4f}"] in rows
+    saving = (wall - truth["interruption_s"]) * 4.0 / 3600 - usd
+    assert ["saving", "vs", "on-demand", f"${saving:.4f}"] == next(r[:4] for r in rows if r[:1] == ["saving"])
     report = os.path.join(run_dir, "report")
     for name in FIGURES:
         check_png(os.path.join(report, name))
     data = json.load(open(os.path.join(report, "report.json")))
     assert data["attempts"] == 3 and data["crashes"] == 1 and data["preemptions"] == 1
+    assert data["cost_usd"] == pytest.approx(usd) and data["badput_s"] == pytest.approx(truth["badput_s"])
 
 
 def test_sweep_comparison(tmp_path):
@@ -73,13 +93,15 @@ def test_sweep_comparison(tmp_path):
     for lr in ("lr1e-3", "lr3e-3", "lr1e-2"):
         runs.append(str(tmp_path / lr))
         simulate_run(runs[-1], max_steps=100, seed=len(runs))
+        priced(runs[-1])
     out = str(tmp_path / "cmp")
     proc = cli(*runs, "--out", out)
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
-    assert lines[0].split() == ["run", "final", "loss", "steps", "goodput"]
+    assert lines[0].split() == ["run", "final", "loss", "steps", "goodput", "cost_usd"]
     for lr in ("lr1e-3", "lr3e-3", "lr1e-2"):
-        assert any(line.startswith(lr) and " 100 " in line for line in lines), lr
+        assert any(line.startswith(lr) and " 100 " in line and line.rstrip().endswith(tuple("0123456789"))
+                   and " $0.0" in line for line in lines), lr
     check_png(os.path.join(out, "loss.png"))
     assert len(json.load(open(os.path.join(out, "report.json")))) == 3
 

@@ -54,7 +54,14 @@ class Progress:
 
 
 def format_summary(summary: dict[str, Any]) -> str:
-    width = max(len(k) for k in summary)
+    """One line a key; a nested dict (``badput_s``, ``cost``) as indented ``key.sub`` lines."""
+    rows: list[tuple[str, str]] = []
+    for key, value in summary.items():
+        if isinstance(value, dict):
+            rows += [(f"  {key}.{sub}", _fmt(v)) for sub, v in value.items()]
+        else:
+            rows.append((key, _fmt(value)))
+    width = max((len(k) for k, _ in rows), default=0)
     lines = ["", "trainkit run summary", "-" * (width + 24)]
-    lines += [f"{k.ljust(width)}  {_fmt(v)}" for k, v in summary.items()]
+    lines += [f"{k.ljust(width)}  {v}" for k, v in rows]
     return "\n".join(lines)

@@ -16,6 +16,8 @@ class RunLog:
     metrics: list[dict[str, Any]] = field(default_factory=list)
     events: list[dict[str, Any]] = field(default_factory=list)
     summary: dict[str, Any] = field(default_factory=dict)
+    # config.yaml: the latest attempt's resolved config (its ``cost`` section prices the run).
+    config: dict[str, Any] = field(default_factory=dict)
 
 
 def run_name(url: str) -> str:
@@ -24,8 +26,8 @@ def run_name(url: str) -> str:
 
 
 def load_run(url: str) -> RunLog:
-    """``metrics.jsonl``, ``events.jsonl`` and ``summary.json`` of the run at ``url``; a line
-    cut short by a kill is skipped with a warning."""
+    """``metrics.jsonl``, ``events.jsonl``, ``summary.json`` and ``config.yaml`` of the run at
+    ``url``; a line cut short by a kill is skipped with a warning."""
     log = RunLog(url=url, name=run_name(url))
     found = False
     for name, records in ((rundir.METRICS, log.metrics), (rundir.EVENTS, log.events)):
@@ -36,4 +38,10 @@ def load_run(url: str) -> RunLog:
     if not found:
         raise StorageError(f"{url}: no {rundir.METRICS} or {rundir.EVENTS} here; is this a trainkit run_dir?")
     log.summary = rundir.read_summary(url) or {}
+    text = rundir.read_bytes(rundir.path(url, rundir.CONFIG))
+    if text:
+        import yaml
+
+        loaded = yaml.safe_load(text)
+        log.config = loaded if isinstance(loaded, dict) else {}
     return log

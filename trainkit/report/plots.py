@@ -14,7 +14,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from trainkit import rundir
-from trainkit.report.goodput import covered_steps, final_metrics
+from trainkit.cost.goodput import BUCKETS, covered_steps, final_metrics
 
 FIGSIZE = (8.0, 4.5)
 DPI = 100
@@ -193,6 +193,55 @@ def timeline_figure(events: list[dict[str, Any]], result: dict[str, Any], title:
                           f"{result['attempts']} attempt(s)")
     if marked:
         fig.legend(loc="outside lower center", fontsize="x-small", ncols=len(marked))
+    ax.grid(axis="x", alpha=0.3)
+    return fig
+
+
+BUCKET_LABELS = {"useful": "useful steps", "startup": "start-up", "restore": "checkpoint restore",
+                 "checkpoint_save": "checkpoint save (blocking)", "data_wait": "data wait",
+                 "recompute": "recomputed after a failure", "emergency_save": "emergency save",
+                 "downtime": "downtime (waiting for capacity)", "other": "other"}
+BUCKET_COLORS = {"useful": "tab:green", "startup": "tab:purple", "restore": "tab:blue", "checkpoint_save": "tab:red",
+                 "data_wait": "tab:orange", "recompute": "tab:brown", "emergency_save": "gold",
+                 "downtime": "tab:gray", "other": "lightgray"}
+
+
+# The order of an attempt's time: start-up and restore, its steps (useful, waiting for data,
+# blocked on saves: interleaved, drawn as their totals), then how it ended, then the wait.
+TIMELINE_ORDER = ("startup", "restore", "useful", "data_wait", "checkpoint_save", "recompute", "emergency_save",
+                  "downtime", "other")
+
+
+def badput_figure(result: dict[str, Any], title: str = "") -> Figure:
+    """Where the wall time went, stacked: the whole run on the top row, then each attempt on a
+    wall-clock axis from its beginning (start-up, restore, its steps, its recompute or
+    emergency save, then the downtime until the next attempt began)."""
+    fig, ax = _figure()
+    spans = [s for s in result["spans"] if s.get("badput_s")]
+    t0 = min((s["began"] for s in spans), default=0.0)
+    rows = [("run", 0.0, {"useful": result["useful_s"], **result["badput_s"]})]
+    rows += [(f"attempt {s['attempt']} ({s['status']})", s["began"] - t0,
+              {"useful": s.get("useful_s", 0.0), **s["badput_s"]}) for s in spans]
+    scale, unit = _time_unit(max(result["wall_s"], 1.0))
+    for y, (_, start, parts) in enumerate(rows):
+        left = start / scale
+        for key in TIMELINE_ORDER:
+            width = max(0.0, float(parts.get(key) or 0.0)) / scale
+            if width <= 0:
+                continue
+            ax.barh(y, width, left=left, height=0.6, color=BUCKET_COLORS[key], edgecolor="black", lw=0.3,
+                    label=BUCKET_LABELS[key] if y == 0 else None)
+            left += width
+    ax.set_yticks(range(len(rows)), [name for name, _, _ in rows], fontsize="small")
+    ax.invert_yaxis()
+    ax.set_xlabel(f"wall-clock time since the first attempt began ({unit})")
+    g = result.get("goodput")
+    head = f"goodput {g:.1%}" if g is not None else "goodput n/a"
+    cost = result.get("cost")
+    if cost:
+        head += f", ${cost['usd']:.2f} on {cost['capacity']}"
+    ax.set_title(title or f"where the wall time went ({head})")
+    fig.legend(loc="outside lower center", fontsize="x-small", ncols=5)
     ax.grid(axis="x", alpha=0.3)
     return fig
 
