@@ -1,19 +1,22 @@
-"""``python -m trainkit.launch -m key=a,b other=x,y``: a grid of trials, each its own run.
+"""``python -m trainkit.launch -m key=a,b other=x,y``: a sweep, each trial its own run.
 
-The overrides are expanded by Hydra's own parser and BasicSweeper (choice sweeps
-``a,b``, ``choice(a,b)``, ``range(1,4)``, globs of config groups...), so what a Hydra user
-types means the same here. Every trial is composed and validated before any starts (one
-bad value: exit 2, nothing launched). Each trial gets ``<base>/trial-<i>-<params>`` as its
+With ``launcher=ray`` a sweep is a Ray Tune experiment (:mod:`trainkit.launch.tune`): search
+spaces from a sweep file (``sweep=<name>``) or Hydra's sweep grammar, random, grid or Optuna
+search, ASHA early stopping, and a sweep that resumes after its driver is lost.
+
+With any other launcher it is a grid, run in turn (:meth:`~trainkit.launch.base.Launcher.run_many`):
+the overrides are expanded the way Hydra's basic sweeper expands them (choice sweeps ``a,b``,
+``choice(a,b)``, ``range(1,4)``), through Hydra's public override parser, so what a Hydra user
+types means the same here. Every trial is composed and validated before any starts (one bad
+value: exit 2, nothing launched). Each trial gets ``<base>/trial-<i>-<params>`` as its
 ``run_dir``, where ``<base>`` is the ``run_dir`` given on the command line or
-``runs/<recipe>-sweep``; relaunching the same sweep resumes every unfinished trial.
-
-The trials go to the launcher's :meth:`~trainkit.launch.base.Launcher.run_many`: with
-``launcher=ray`` they run concurrently on the cluster, as many at once as its CPUs (GPUs)
-hold; with ``launcher=local`` one after the other. A results table follows.
+``runs/<recipe>-sweep``; relaunching the same sweep resumes every unfinished trial. A results
+table follows.
 """
 
 from __future__ import annotations
 
+import itertools
 import re
 import sys
 import threading
@@ -31,12 +34,24 @@ def expand(overrides: list[str]) -> list[list[str]]:
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
 
-    from trainkit._compat import hydra_sweep_grid
-
     try:
-        return hydra_sweep_grid(OverridesParser.create().parse_overrides(overrides=list(overrides)))
+        parsed = OverridesParser.create().parse_overrides(overrides=list(overrides))
     except HydraException as exc:
         raise ConfigError(f"sweep: {str(exc).strip().splitlines()[0]}") from exc
+    # One list of "key=value" per key, a later override of a key replacing an earlier one.
+    axes: dict[str, list[str]] = {}
+    for o in parsed:
+        key = o.get_key_element()
+        if not o.is_sweep_override():
+            axes[key] = [f"{key}={o.get_value_element_as_str()}"]
+        elif o.value_type is not None and o.value_type.name == "GLOB_CHOICE_SWEEP":
+            raise ConfigError(f"sweep: {o.input_line}: glob() is not supported; list the choices (a,b)")
+        elif not o.is_discrete_sweep():
+            raise ConfigError(f"sweep: {o.input_line}: {o.value_type.name} sweeps are sampled, which needs "
+                              "launcher=ray (Ray Tune); a grid takes lists (a,b), choice() or range()")
+        else:
+            axes[key] = [f"{key}={v}" for v in o.sweep_string_iterator()]
+    return [list(trial) for trial in itertools.product(*axes.values())]
 
 
 def swept_keys(overrides: list[str]) -> list[str]:
@@ -83,7 +98,26 @@ def plan(overrides: list[str], config_dirs: list[str] = ()) -> list[tuple[list[s
 
 
 def sweep(overrides: list[str], config_dirs: list[str] = ()) -> int:
-    """Validates every trial, runs them, prints the table; 0 when all finished."""
+    """Runs the sweep on Ray Tune (``launcher=ray``) or as a grid in turn; 0 when all finished."""
+    from trainkit.launch.compose import compose_config
+    from trainkit.launch.tune import options, space
+
+    name, keys, rest = options.split(overrides)
+    data = options.load(name, keys, config_dirs) if name is not None or keys else {}
+    fixed, _ = space.from_overrides(rest)
+    if compose_config([*data.get("overrides", []), *fixed], config_dirs).launcher.name == "ray":
+        from trainkit.launch.tune.driver import tune_sweep
+
+        return tune_sweep(data, rest, config_dirs)
+    if name is not None or keys:
+        given = f"sweep={name}" if name is not None else keys[0]
+        raise ConfigError(f"{given}: search spaces and schedulers run on Ray Tune: add launcher=ray "
+                          "(launcher.address='' starts a private Ray on this machine)")
+    return grid_sweep(rest, config_dirs)
+
+
+def grid_sweep(overrides: list[str], config_dirs: list[str] = ()) -> int:
+    """Validates every trial, runs them with the launcher's ``run_many``, prints the table."""
     from trainkit.components import LAUNCHERS
     from trainkit.launch.prepare import prepare
 
@@ -120,24 +154,34 @@ def sweep(overrides: list[str], config_dirs: list[str] = ()) -> int:
 COLUMNS = ("loss", "eval_loss", "eval_accuracy", "steps")
 
 
+def cell(value: object) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else ("-" if value is None else str(value))
+
+
+def cost_cell(summary: dict) -> str:
+    """``cost_usd`` from a trial's summary.json (written when a price is known), else "-"."""
+    usd = summary.get("cost_usd")
+    return f"${usd:.4f}" if isinstance(usd, (int, float)) else "-"
+
+
+def columns(rows: list[list[str]]) -> list[str]:
+    """Left-aligned text columns, a rule under the header row."""
+    widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return lines
+
+
 def table(planned: list[tuple[list[str], Config]], results: list[JobResult]) -> str:
-    """Params, final metrics from each trial's summary, status; plain text columns."""
-    header = ["trial", "params", *COLUMNS, "status", "run_dir"]
-    rows = [header]
+    """Params, final metrics and cost from each trial's summary, status; plain text columns."""
+    rows = [["trial", "params", *COLUMNS, "cost", "status", "run_dir"]]
     for i, ((params, cfg), res) in enumerate(zip(planned, results)):
         summary = rundir.read_summary(cfg.run_dir) or {}
-        cells = [str(i), " ".join(params) or "-"]
-        for col in COLUMNS:
-            v = summary.get(col)
-            cells.append(f"{v:.4g}" if isinstance(v, float) else ("-" if v is None else str(v)))
         status = res.status if res.exit_code in STATUS else f"{res.status} ({res.exit_code})"
-        cells += [status, cfg.run_dir]
-        rows.append(cells)
-    widths = [max(len(r[c]) for r in rows) for c in range(len(header))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
+        rows.append([str(i), " ".join(params) or "-", *(cell(summary.get(c)) for c in COLUMNS),
+                     cost_cell(summary), status, cfg.run_dir])
     errors = [f"trial {i}: {r.message}" for i, r in enumerate(results) if r.exit_code and r.message]
-    return "\n".join(["", "sweep results:", *lines, *errors])
+    return "\n".join(["", "sweep results:", *columns(rows), *errors])
 
 
 def main() -> None:  # pragma: no cover - convenience for `python -m trainkit.launch.sweep`
