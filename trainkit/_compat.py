@@ -19,15 +19,6 @@ from torch.distributed.checkpoint._fsspec_filesystem import FileSystem, FsspecRe
 from torch.distributed.checkpoint.filesystem import _StorageInfo as StorageInfo
 
 
-def hydra_sweep_grid(parsed: list[Any]) -> list[list[str]]:
-    """Hydra's own expansion of parsed sweep overrides into trials (choice, range, globs), in
-    its order; Hydra exposes it only on its private BasicSweeper (hydra-core 1.3)."""
-    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-
-    (batch,) = BasicSweeper.split_arguments(parsed, None)
-    return [list(trial) for trial in batch]
-
-
 def dcp_debug_loggers() -> list[logging.Logger]:
     """DCP's and c10d's module loggers, which log every save at DEBUG even when nobody
     listens; trainkit quiets them only then (no public switch exists)."""
@@ -69,7 +60,7 @@ def drop_save_plans(key: str) -> None:
 
 
 __all__ = ["FileSystem", "FsspecReader", "FsspecWriter", "StorageInfo", "caching_save_planner", "dcp_debug_loggers",
-           "drop_save_plans", "hydra_sweep_grid", "staging_stream", "RayKV", "RAY_PRIVATE_NAMES", "RAY_TRAIN_WORKER_MODULE",
+           "drop_save_plans", "staging_stream", "RayKV", "RAY_PRIVATE_NAMES", "RAY_TRAIN_WORKER_MODULE",
            "ray_drain_node", "ray_draining_nodes", "ray_is_worker_process", "ray_keep_loopback", "ray_preload_train_worker",
            "ray_prestart_workers", "ray_runtime_env_hash", "ray_setup_hook_env", "ray_train_storage"]
 

@@ -44,14 +44,6 @@ def test_default_stager_keeps_its_copy_stream_where_read():
         stager.close()
 
 
-def test_hydra_sweep_grid_expands_like_hydra():
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    parsed = OverridesParser.create().parse_overrides(overrides=["a=1,2", "b=x", "c=range(0,2)"])
-    assert _compat.hydra_sweep_grid(parsed) == [["a=1", "b=x", "c=0"], ["a=1", "b=x", "c=1"],
-                                                ["a=2", "b=x", "c=0"], ["a=2", "b=x", "c=1"]]
-
-
 def test_save_plans_are_cached_under_the_key_given_and_dropped_by_it():
     from torch.distributed.checkpoint.planner import SavePlanner
 
