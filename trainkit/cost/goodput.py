@@ -189,6 +189,11 @@ def attempt_spans(metrics: list[Mapping[str, Any]], events: list[Mapping[str, An
 
 
 BUCKETS = ("startup", "restore", "checkpoint_save", "data_wait", "recompute", "emergency_save", "downtime", "other")
+# What tables and plots call them.
+LABELS = {"useful": "useful steps", "startup": "start-up", "restore": "checkpoint restore",
+          "checkpoint_save": "checkpoint save (blocking)", "data_wait": "data wait",
+          "recompute": "recomputed after a failure", "emergency_save": "emergency save",
+          "downtime": "downtime (waiting for capacity)", "other": "other"}
 # What an interruption costs: charged to the attempt it ended, and to the restart after it.
 ENDED_BY_INTERRUPTION = ("recompute", "emergency_save", "downtime")
 RESTART = ("startup", "restore")
@@ -233,7 +238,7 @@ def goodput(metrics: list[dict[str, Any]], events: list[dict[str, Any]]) -> dict
     see the module doc), ``interruption_s``, ``attempts``, ``preemptions``, ``crashes``,
     ``recomputed_steps``, ``checkpoints``, ``checkpoint_blocking_s`` (the saves' own
     ``blocking_s``), ``steps`` (last logged step), ``finished`` and ``spans``
-    (:func:`attempt_spans`, each with its ``badput_s``).
+    (:func:`attempt_spans`, each with its ``useful_s``, ``badput_s`` and ``interruption_s``).
     """
     final = final_metrics(metrics)
     spans = attempt_spans(final, events)
@@ -246,10 +251,11 @@ def goodput(metrics: list[dict[str, Any]], events: list[dict[str, Any]]) -> dict
     wall = max(times) - min(s["began"] for s in spans) if spans and times else 0.0
     # Each record's loop time goes to the attempt that logged it.
     loops: dict[Any, list[float]] = {}
-    for r, (_, wait, block) in zip(final, parts):
-        loop = loops.setdefault(r.get("attempt"), [0.0, 0.0])
+    for r, (used, wait, block) in zip(final, parts):
+        loop = loops.setdefault(r.get("attempt"), [0.0, 0.0, 0.0])
         loop[0] += wait
         loop[1] += block
+        loop[2] += used
     badput = dict.fromkeys(BUCKETS, 0.0)
     interruption = 0.0
     for i, span in enumerate(spans):
@@ -257,7 +263,8 @@ def goodput(metrics: list[dict[str, Any]], events: list[dict[str, Any]]) -> dict
             span["badput_s"] = {}
             continue
         nxt = spans[i + 1]["began"] if i + 1 < len(spans) else None
-        loop = loops.pop(span["attempt"], [0.0, 0.0])
+        loop = loops.pop(span["attempt"], [0.0, 0.0, 0.0])
+        span["useful_s"] = loop[2]
         span["badput_s"] = _span_badput(span, nxt, (loop[0], loop[1]))
         for k, v in span["badput_s"].items():
             badput[k] += v
@@ -266,7 +273,7 @@ def goodput(metrics: list[dict[str, Any]], events: list[dict[str, Any]]) -> dict
             lost += sum(span["badput_s"][k] for k in ENDED_BY_INTERRUPTION)
         span["interruption_s"] = lost
         interruption += lost
-    for wait, block in loops.values():  # records of attempts no start event names
+    for wait, block, _ in loops.values():  # records of attempts no start event names
         badput["data_wait"] += wait
         badput["checkpoint_save"] += block
     badput["other"] = wall - useful - sum(badput.values())

@@ -14,7 +14,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from trainkit import rundir
-from trainkit.cost.goodput import BUCKETS, covered_steps, final_metrics
+from trainkit.cost.goodput import LABELS, covered_steps, final_metrics
 
 FIGSIZE = (8.0, 4.5)
 DPI = 100
@@ -197,10 +197,6 @@ def timeline_figure(events: list[dict[str, Any]], result: dict[str, Any], title:
     return fig
 
 
-BUCKET_LABELS = {"useful": "useful steps", "startup": "start-up", "restore": "checkpoint restore",
-                 "checkpoint_save": "checkpoint save (blocking)", "data_wait": "data wait",
-                 "recompute": "recomputed after a failure", "emergency_save": "emergency save",
-                 "downtime": "downtime (waiting for capacity)", "other": "other"}
 BUCKET_COLORS = {"useful": "tab:green", "startup": "tab:purple", "restore": "tab:blue", "checkpoint_save": "tab:red",
                  "data_wait": "tab:orange", "recompute": "tab:brown", "emergency_save": "gold",
                  "downtime": "tab:gray", "other": "lightgray"}
@@ -230,7 +226,7 @@ def badput_figure(result: dict[str, Any], title: str = "") -> Figure:
             if width <= 0:
                 continue
             ax.barh(y, width, left=left, height=0.6, color=BUCKET_COLORS[key], edgecolor="black", lw=0.3,
-                    label=BUCKET_LABELS[key] if y == 0 else None)
+                    label=LABELS[key] if y == 0 else None)
             left += width
     ax.set_yticks(range(len(rows)), [name for name, _, _ in rows], fontsize="small")
     ax.invert_yaxis()

@@ -8,7 +8,7 @@ import warnings
 from typing import Any
 
 from trainkit import rundir, storage
-from trainkit.cost.goodput import BUCKETS, covered_steps, final_metrics, goodput, mean_samples_per_s
+from trainkit.cost.goodput import BUCKETS, LABELS, covered_steps, final_metrics, goodput, mean_samples_per_s
 from trainkit.cost.prices import CostConfig, Price, bill
 from trainkit.errors import ConfigError
 from trainkit.options import build
@@ -77,7 +77,8 @@ def _fmt(value: Any, spec: str = "") -> str:
 def _usd(value: float | None) -> str:
     if value is None:
         return "-"
-    return f"${value:,.2f}" if abs(value) >= 10 else f"${value:.4f}"
+    sign = "-" if value < 0 else ""
+    return f"{sign}${abs(value):,.2f}" if abs(value) >= 10 else f"{sign}${abs(value):.4f}"
 
 
 def format_table(s: dict[str, Any]) -> str:
@@ -102,7 +103,7 @@ def format_table(s: dict[str, Any]) -> str:
     rows.append(("where the wall time went", ""))
     for key in ("useful", *BUCKETS):
         seconds = s["useful_s"] if key == "useful" else s["badput_s"][key]
-        rows.append((f"  {plots.BUCKET_LABELS[key]}", f"{share(seconds)}  {_fmt_s(seconds)}"))
+        rows.append((f"  {LABELS[key]}", f"{share(seconds)}  {_fmt_s(seconds)}"))
     rows.append(("  lost to interruptions", f"{share(s['interruption_s'])}  {_fmt_s(s['interruption_s'])} "
                                             "(restarts' start-up and restore, recompute, emergency saves, downtime)"))
     cost = s.get("cost")
