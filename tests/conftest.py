@@ -7,17 +7,29 @@
 * ``fault_proxy`` (function): factory ``fault_proxy(upstream=None, **faults) -> FaultProxy``
   in front of the S3 server by default; every proxy made is stopped at teardown.
 * ``s3_url`` / ``gcs_url``: a fresh ``s3://bucket/prefix`` / ``gs://bucket/prefix`` per test.
+
+Markers that bound the default suite (``--runslow`` runs everything):
+
+* ``slow``: soak and secondary proofs, skipped by default.
+* ``rotate(group)``: cases that prove the same contract on different members of a matrix
+  (strategies × stores, readers × stores). By default one case per group runs, picked by the
+  rotation number (env ``TRAINKIT_TEST_ROTATION``, else the day of the year), so successive CI
+  days cover the whole matrix while each run stays bounded. The header prints the number; rerun a
+  failure with the same one.
 """
 
 from __future__ import annotations
 
+import datetime
 import os
 import uuid
+from collections import defaultdict
 
 import pytest
 
 os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 
+from servers import az_url, azurite_server  # noqa: E402,F401  (Azure Blob on Azurite, one per session)
 from trainkit.testing import FaultProxy, GCSServer, S3Server  # noqa: E402
 
 
@@ -28,13 +40,39 @@ def pytest_addoption(parser):
         pass
 
 
+def _rotation() -> int:
+    value = os.environ.get("TRAINKIT_TEST_ROTATION")
+    return int(value) if value else datetime.date.today().timetuple().tm_yday
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "rotate(group): one case per group runs by default, in rotation")
+
+
+def pytest_report_header(config):
+    if not config.getoption("--runslow", default=False):
+        return f"trainkit: rotation {_rotation()} (TRAINKIT_TEST_ROTATION; --runslow runs every case)"
+    return None
+
+
 def pytest_collection_modifyitems(config, items):
     if config.getoption("--runslow", default=False):
         return
+    named = any("::" in arg for arg in config.args)  # a case asked for by name runs, whatever the rotation
     skip = pytest.mark.skip(reason="slow: use --runslow")
+    groups: dict[str, list[pytest.Item]] = defaultdict(list)
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
+        elif not named and (mark := item.get_closest_marker("rotate")) is not None:
+            groups[mark.args[0]].append(item)
+    rotation = _rotation()
+    for group, members in groups.items():
+        chosen = sorted(members, key=lambda i: i.nodeid)[rotation % len(members)]
+        for item in members:
+            if item is not chosen:
+                item.add_marker(pytest.mark.skip(
+                    reason=f"rotate({group}): rotation {rotation} runs {chosen.name}; --runslow runs all"))
 
 
 @pytest.fixture(scope="session")

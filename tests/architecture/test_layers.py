@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[2] / "trainkit"
 # The first dotted prefix that matches names a module's layer; lower numbers are lower.
 LAYERS = {
     0: ["errors", "registry", "components", "options", "redact", "storage", "rundir", "_compat"],
-    1: ["distributed", "optim", "strategies", "checkpoint", "data", "preemption", "metrics", "tasks"],
+    1: ["distributed", "optim", "strategies", "checkpoint", "data", "preemption", "metrics", "tasks", "cost"],
     2: ["config"],
     3: ["run", "train"],
     4: ["launch", "report", "chaos", "bench", "testing", "recipes", "__init__", "__main__"],

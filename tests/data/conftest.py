@@ -8,7 +8,6 @@ from trainkit import storage
 from trainkit.data import write_shards
 
 from data_helpers import make_samples  # noqa: E402  (tests/data is on sys.path under pytest)
-from servers import az_url, azurite_server  # noqa: F401  (fixtures: Azure Blob on Azurite)
 
 
 @pytest.fixture(scope="session")

@@ -42,6 +42,6 @@ def test_spot_bench_drain_and_kill(monkeypatch):
     assert kill["notice_to_stop_s"] is None and kill["emergency_save_s"] == 0
     assert kill["recomputed_steps"] == kill["lost_records"]
     assert 0 < result["useful_s"] < result["wall_s"] and 0 < result["goodput"] < 1
-    parts = result["useful_s"] + sum(v for k, v in result["split"].items() if k != "unattributed_s")
+    parts = result["useful_s"] + sum(v for k, v in result["split"].items() if k != "other_s")
     assert abs(result["wall_s"] - parts) < 0.02 * result["wall_s"], result["split"]
-    assert result["split"]["startup_s"] > 0 and result["split"]["restart_s"] > 0
+    assert result["split"]["startup_s"] > 0 and result["split"]["downtime_s"] > 0
