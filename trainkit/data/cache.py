@@ -226,12 +226,15 @@ class ShardCache:
 
     def _await_leader(self, i: int) -> None:
         """Returns once shard ``i`` is complete or being fetched by some process (the demand
-        fetch then waits for it), or after ``follow_wait`` seconds."""
+        fetch then waits for it), once the cache has no room for it (the main process would
+        not prefetch it: fetching it here may evict), or after ``follow_wait`` seconds."""
         shard = self.shards[i]
-        final, busy = shard.local_name, f".tmp.{shard.name}."
+        final = self.dir / shard.local_name
         deadline = time.monotonic() + self.follow_wait
         while time.monotonic() < deadline:
-            if any(n == final or n.startswith(busy) for n in os.listdir(self.dir)):
+            with self._locked():
+                used, _, inflight = self._scan()
+            if final.exists() or shard.name in inflight or used + shard.bytes > self.cache_bytes:
                 return
             time.sleep(0.005)
         self.stats["lead_timeouts"] += 1

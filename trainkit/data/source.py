@@ -8,15 +8,16 @@ shard needs (its header), ``sample`` decodes one sample, ``batch`` builds a micr
 part by part (one part per shard it touches). Several shards may live in one file (Parquet
 row groups): they then share the file's cache entry (same ``local_name``).
 
-``open_source(url, format)`` picks the reader: ``format`` (``trainkit``, ``parquet``,
-``webdataset``), or what it finds at ``url`` (an ``index.json`` of trainkit shards;
-``.parquet`` files; ``.tar`` files with their ``wds-index.json``).
+``open_source(url, format)`` picks the reader: ``format`` (a key of ``READERS``: ``trainkit``,
+``parquet``, ``arrow``, ``webdataset``, ``mds``), or what it finds at ``url`` (an ``index.json``
+of trainkit shards, or of mosaic MDS shards; ``.parquet`` files; ``.arrow`` files, as Hugging
+Face ``save_to_disk`` writes them; ``.tar`` files with their ``wds-index.json``).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import numpy as np
@@ -26,8 +27,6 @@ from trainkit.data.batch import BatchBuilder
 from trainkit.data.cache import ShardInfo
 from trainkit.data.format import FORMAT, INDEX_NAME, READABLE_VERSIONS, ShardHeader, read_sample
 from trainkit.errors import ConfigError, StorageError
-
-FORMATS = ("trainkit", "parquet", "webdataset")
 
 
 class Batch(Protocol):
@@ -108,38 +107,78 @@ class TrainkitSource:
         return BatchBuilder(self.schema, states, size, pin=pin, shared=shared)
 
 
+def _trainkit(url: str) -> Source:
+    return TrainkitSource(url)
+
+
+def _parquet(url: str) -> Source:
+    from trainkit.data.parquet import ParquetSource
+
+    return ParquetSource(url)
+
+
+def _arrow(url: str) -> Source:
+    from trainkit.data.arrow import ArrowSource
+
+    return ArrowSource(url)
+
+
+def _webdataset(url: str) -> Source:
+    from trainkit.data.wds import WebDatasetSource
+
+    return WebDatasetSource(url)
+
+
+def _mds(url: str) -> Source:
+    from trainkit.data.mds import MDSSource
+
+    return MDSSource(url)
+
+
+# data.format -> the reader (a new format: its entry here, and its signature in _detect)
+READERS: dict[str, Callable[[str], Source]] = {
+    "trainkit": _trainkit, "parquet": _parquet, "arrow": _arrow, "webdataset": _webdataset, "mds": _mds,
+}
+FORMATS = tuple(READERS)
+
+
 def open_source(url: str, format: str | None = None) -> Source:
     """The reader for the dataset at ``url``: ``format`` if given, else what is there."""
     url = url.rstrip("/")
-    if format is not None and format not in FORMATS:
+    if format is not None and format not in READERS:
         raise ConfigError(f"data format {format!r} is not one of {', '.join(FORMATS)}")
-    if format == "trainkit":
-        return TrainkitSource(url)
-    if format == "parquet":
-        from trainkit.data.parquet import ParquetSource
-
-        return ParquetSource(url)
-    if format == "webdataset":
-        from trainkit.data.wds import WebDatasetSource
-
-        return WebDatasetSource(url)
+    if format is not None:
+        return READERS[format](url)
     try:
         return TrainkitSource(url)
     except StorageError as exc:
+        if "not a trainkit shard index" in str(exc):
+            from trainkit.data.mds import MDSSource, read_mds_index
+
+            index = read_mds_index(url)  # None: index.json has MDS's shape neither
+            if index is not None:
+                return MDSSource(url, index)
+            raise
         if "no trainkit dataset" not in str(exc):
             raise
         missing = exc
-    names = _listing(url)
+    found = _detect(url, _listing(url))
+    if found is None:
+        raise StorageError(f"no dataset at {url}: neither an index.json (trainkit, MDS), .parquet files, .arrow "
+                           f"files (Hugging Face save_to_disk) nor .tar files ({missing}); pass data.format= to "
+                           "choose the reader") from missing
+    return READERS[found](url)
+
+
+def _detect(url: str, names: list[str]) -> str | None:
+    """The format whose files ``names`` (every path under ``url``) are."""
     if any(n.endswith(".parquet") for n in names):
-        from trainkit.data.parquet import ParquetSource
-
-        return ParquetSource(url)
+        return "parquet"
+    if any(n.endswith((".arrow", "/state.json", "/dataset_dict.json")) for n in names):
+        return "arrow"  # a DatasetDict's root is refused there with the splits to choose from
     if any(n.endswith((".tar", "/wds-index.json")) for n in names):
-        from trainkit.data.wds import WebDatasetSource
-
-        return WebDatasetSource(url)  # without an index: refused with the command that builds it
-    raise StorageError(f"no dataset at {url}: neither a trainkit index.json, .parquet files nor .tar files "
-                       f"({missing}); pass data.format= to choose the reader") from missing
+        return "webdataset"  # without an index: refused with the command that builds it
+    return None
 
 
 def _listing(url: str) -> list[str]:
