@@ -1,4 +1,4 @@
-"""Checkpoints on object stores (moto S3, fake-gcs), under injected faults, and under SIGKILL."""
+"""Checkpoints on object stores (moto S3, fake-gcs, Azurite), under injected faults, and under SIGKILL."""
 
 from __future__ import annotations
 
@@ -7,11 +7,13 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.parse
 
 import pytest
 import torch
 
 import ckpt_mp
+from servers import az_url, azurite_server  # noqa: F401  (fixtures: Azure Blob on Azurite)
 from test_checkpoint_local import make, same, seed_all, snapshot, state_of, step
 from trainkit import storage
 from trainkit.checkpoint import Checkpointer, load_for_export
@@ -56,6 +58,50 @@ def test_s3_roundtrip(s3_server, s3_url, store_options):
 def test_gcs_roundtrip(gcs_server, gcs_url, store_options):
     store_options({"gs": gcs_server.storage_options})
     _roundtrip(gcs_url)
+
+
+def test_azure_roundtrip(azurite_server, az_url, store_options):
+    store_options({"az": azurite_server.storage_options})
+    _roundtrip(az_url)
+
+
+def test_azure_commits_the_manifest_last_and_resumes(azurite_server, az_url, fault_proxy, store_options):
+    """Through a proxy that records every upload (and resets the first manifest upload): the
+    manifest goes up after every file of its step, ``latest`` after the manifest; a step
+    directory left without a manifest is not a checkpoint; the committed step loads exactly,
+    from an ``abfs://`` URL too (the same options serve both)."""
+    puts: list[str] = []
+
+    def record(n: int, method: str, path: str) -> str | None:
+        puts.append(urllib.parse.unquote(urllib.parse.urlsplit(path).path))
+        return "reset" if puts[-1].endswith("/step_000000001/manifest.json") and len(
+            [p for p in puts if p.endswith("manifest.json")]) == 1 else None
+
+    proxy = fault_proxy(azurite_server.endpoint, schedule=record, methods=["PUT"])
+    store_options({"az": azurite_server.options_for(proxy.endpoint)})
+    model, opt = make()
+    seed_all(0)
+    step(model, opt)
+    with Checkpointer(az_url) as ck:
+        ck.save(1, state_of(model, opt, {"step": 1}), blocking=True)
+    saved = snapshot(model, opt)
+    assert proxy.counts["reset"] == 1
+    data = [k for k, p in enumerate(puts) if "/step_000000001/" in p and not p.endswith("/manifest.json")]
+    manifest = [k for k, p in enumerate(puts) if p.endswith("/step_000000001/manifest.json")]
+    latest = [k for k, p in enumerate(puts) if p.endswith("/latest")]
+    assert len(data) >= 2 and len(manifest) == 2 and latest  # the reset manifest upload was repeated
+    assert max(data) < manifest[0] and manifest[-1] < latest[0]
+    fs, root = storage.filesystem(az_url)
+    fs.pipe_file(f"{root}/step_000000002/__0_0.distcp", b"torn")  # a save killed before its manifest
+    for url in (az_url, "abfs://" + az_url.removeprefix("az://")):
+        reader = Checkpointer(url)
+        assert reader.steps() == [1]
+        model2, opt2 = make(seed=5)
+        meta = {"step": -1}
+        with pytest.warns(UserWarning, match=r"ignoring uncommitted checkpoint dir\(s\) \['step_000000002'\]"):
+            assert reader.load(state_of(model2, opt2, meta)) == 1 and meta["step"] == 1
+        assert same(saved, snapshot(model2, opt2))
+        reader.close()
 
 
 def _few_client_retries(options: dict, attempts: int) -> dict:
