@@ -25,6 +25,7 @@ PIP_CONSTRAINT="$PWD/.ci/constraints-skypilot.txt" .tools/skypilot/bin/python -m
 # Azurite, the Azure Blob emulator the tests start on loopback (npm; node and npm must be on PATH).
 [ -x .tools/azurite/node_modules/.bin/azurite-blob ] || npm install --silent --no-audit --no-fund --prefix .tools/azurite azurite@3.35.0
 # mosaicml-streaming, whose MDSWriter the tests write MDS datasets with: without its dependencies
-# (they would replace torch and numpy), plus the small packages the writer imports.
-.venv/bin/python -m pip install -q --no-deps mosaicml-streaming==0.13.0 Brotli python-snappy cramjam zstd xxhash
+# (they would replace torch and numpy), plus the small packages the writer imports (catalogue:
+# its StreamingDataset, which python -m trainkit.bench data reads with).
+.venv/bin/python -m pip install -q --no-deps mosaicml-streaming==0.13.0 Brotli python-snappy cramjam zstd xxhash catalogue
 echo "$want" > "$STAMP"
