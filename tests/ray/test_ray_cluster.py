@@ -124,7 +124,7 @@ def test_worker_sigkill_restarts_group_and_resumes(ray_cluster, reference, tmp_p
     assert losses(run_dir) == reference
 
 
-@pytest.mark.slow  # ~85 s; warm standby is opt-in on joined clusters, not what a default run uses
+@pytest.mark.slow  # ~85 s; warm standby is experimental and opt-in, not what a default run uses
 def test_restart_takes_warm_standby_processes(ray_cluster, tmp_path):
     """The restarted group runs in the idle pre-imported processes the warm pool kept (not
     in cold ones), and those processes end with the job."""
@@ -143,7 +143,7 @@ def test_restart_takes_warm_standby_processes(ray_cluster, tmp_path):
                                   "new warm processes after the restart")
 
     rc, run_dir, log = run_and_disturb(ray_cluster, tmp_path, kill_once_warm, "trainer.max_steps=3000",
-                                       "launcher.warm_refill_s=1")
+                                       "launcher.warm_standby=1", "launcher.warm_refill_s=1")
     assert rc == 0, _tail(log)
     assert set(seen["new"]) <= set(seen["warm"]), (seen, _tail(log))
     assert rundir.of(events(run_dir), rundir.RESTORE), _tail(log)

@@ -12,10 +12,11 @@ from launching import RESNET_TINY, launch
 from trainkit.components import LAUNCHERS
 from trainkit.errors import ConfigError
 from trainkit.launch.compose import compose_config
-from trainkit.launch.ray import RayLauncher, RayOptions, drain, failure
+from trainkit.launch.ray import RayLauncher, RayOptions, drain
 from trainkit.launch.ray.exits import WorkerExit, explain
-from trainkit.launch.ray.launcher import ray_storage, worker_cfg
-from trainkit.launch.ray.worker import ray_worker_main
+from trainkit.launch.ray.launcher import ray_storage, result_exit, worker_cfg
+from trainkit.launch.ray.stop import CRASH_REPEATS, repeated_crash
+from trainkit.launch.ray.worker import crash_signature, ray_worker_main
 from trainkit.launch.sweep import expand, plan, trial_name
 
 
@@ -100,87 +101,48 @@ def test_local_sweep_runs_trials_in_turn(tmp_path):
     assert "sweep results:" in proc.stdout and proc.stdout.count(" done ") + proc.stdout.count(" done\n") >= 2
 
 
-# -- Ray's failure policy with trainkit's exit codes --------------------------------------------
+# -- how a worker's end reaches Ray and the driver (public API: values, not a failure policy) --
 
 
 def _group_error(*exits):
-    from ray.train.v2._internal.exceptions import UserExceptionWithTraceback
-    from ray.train.v2.api.exceptions import WorkerGroupError
+    """A worker group failure as Ray's controller builds it from the workers' exceptions."""
+    from ray.train import WorkerGroupError
 
-    failures = {rank: UserExceptionWithTraceback(e, "tb") for rank, e in enumerate(exits)}
-    return WorkerGroupError("boom", failures)
-
-
-def _policy(max_failures=-1):
-    from ray.train import FailureConfig
-
-    return failure.failure_policy(FailureConfig(max_failures=max_failures))
+    return WorkerGroupError("boom", dict(enumerate(exits)))
 
 
-def test_failure_policy_config_errors_never_retry():
-    from ray.train.v2._internal.execution.failure_handling.failure_policy import FailureDecision
-
+def test_explain_names_the_worker_error_that_explains_the_job():
     err = _group_error(WorkerExit(2, "trainkit: bad"), WorkerExit(1, "lost a peer worker (x)"))
-    assert _policy().make_decision(err) == FailureDecision.RAISE
     assert explain(err) == (2, "worker rank 0: trainkit: bad")
-
-
-def test_failure_policy_preempted_group_restarts_outside_max_failures():
-    from ray.train.v2._internal.execution.failure_handling.failure_policy import FailureDecision
-
-    policy = _policy(max_failures=0)
-    err = _group_error(WorkerExit(75, "preempted at step 4"), WorkerExit(75, "preempted at step 4"))
-    for _ in range(3):
-        assert policy.make_decision(err) == FailureDecision.RETRY
     crash = _group_error(RuntimeError("bug"), WorkerExit(1, "lost a peer worker (x)"))
-    assert policy.make_decision(crash) == FailureDecision.RAISE  # max_failures=0 still holds
-    assert _policy(max_failures=-1).make_decision(crash) == FailureDecision.RETRY
-    assert explain(crash)[0] == 1
+    assert explain(crash) == (1, "worker rank 1: lost a peer worker (x)")
 
 
-def test_failure_policy_gives_up_on_a_repeating_bug_but_not_on_lost_nodes():
-    from ray.exceptions import ActorDiedError
-    from ray.train.v2._internal.execution.failure_handling.failure_policy import FailureDecision
+def test_result_exit_reads_rank_zeros_return_value():
+    class Result:
+        return_value = {"exit_code": 2, "message": "trainkit: no bucket", "summary": None}
 
-    policy = _policy(max_failures=-1)
-    lost = _group_error(WorkerExit(1, "lost a peer worker (x)"), WorkerExit(1, "lost a peer worker (x)"))
-    lost.worker_failures[1] = ActorDiedError()  # the node went away
-    for _ in range(failure.CRASH_REPEATS + 2):
-        assert policy.make_decision(lost) == FailureDecision.RETRY
-    bug = _group_error(ValueError("shapes do not match"), ValueError("shapes do not match"))
-    decisions = [policy.make_decision(bug) for _ in range(failure.CRASH_REPEATS)]
-    assert decisions[:-1] == [FailureDecision.RETRY] * (failure.CRASH_REPEATS - 1)
-    assert decisions[-1] == FailureDecision.RAISE
+    assert result_exit(Result()) == (2, "trainkit: no bucket")
+    Result.return_value = {"exit_code": 0, "message": "", "summary": {"steps": 3}}
+    assert result_exit(Result()) == (0, "")
+    Result.return_value = None  # a training function of one's own
+    assert result_exit(Result()) == (0, "")
 
 
-# -- drain notices --------------------------------------------------------------------------
-
-
-def test_drain_watch_reads_ray_trains_preemption_info(monkeypatch):
-    from ray.train.v2.api.preemption import PreemptionInfo
-
-    class Ctx:
-        class preemption_context:  # noqa: N801 - mirrors Ray's attribute
-            preemption_info = None
-
-    watch = drain.DrainWatch(poll_seconds=0.01)
-    watch._context = Ctx
-    assert watch.check() is None
-    Ctx.preemption_context.preemption_info = PreemptionInfo(
-        deadline_ms=None, preempted_node_to_ranks={"abcdef0123": [1]})
-    assert watch.check() == "ray node drain (abcdef01)"
-
-
-def test_drain_watch_falls_back_to_the_gcs_drain_table(monkeypatch):
-    import ray._private.state
-
-    watch = drain.DrainWatch(poll_seconds=0.01)
-    watch._node_id = "node-a"
-    monkeypatch.setattr(ray._private.state.state, "get_draining_nodes", lambda: {"node-b": 0})
-    assert watch.check() is None
-    watch._last_gcs = 0.0
-    monkeypatch.setattr(ray._private.state.state, "get_draining_nodes", lambda: {"node-a": 0})
-    assert watch.check() == "ray node drain (node-a)"
+def test_a_repeating_crash_gives_up_and_anything_else_resets():
+    bug = crash_signature(ValueError("shapes do not match\ntraceback..."))
+    assert bug == "ValueError: shapes do not match"
+    assert crash_signature(WorkerExit(75, "preempted at step 4")) is None
+    assert crash_signature(WorkerExit(1, "lost a peer worker (Connection closed by peer)")) is None
+    history: list = []
+    for _ in range(CRASH_REPEATS - 1):
+        assert repeated_crash(history, bug) is None
+    assert repeated_crash(history, None) is None  # a lost node in between: bad luck, not the bug
+    for _ in range(CRASH_REPEATS - 1):
+        assert repeated_crash(history, bug) is None
+    assert repeated_crash(history, "RuntimeError: other") is None
+    assert repeated_crash(history, "RuntimeError: other") is None
+    assert "the same error 3 times in a row" in repeated_crash(history, "RuntimeError: other")
 
 
 def test_request_stop_reaches_running_watchers():
@@ -210,21 +172,23 @@ def test_worker_main_translates_outcomes(monkeypatch):
         raise seen.pop("raise")
 
     monkeypatch.setattr(trainkit.train, "train", fake_train)
-    for exc, code in ((Preempted("preempted at step 3"), 75), (StorageError("no bucket"), 2),
-                      (ConfigError("bad"), 2), (RuntimeError("Connection closed by peer"), 1)):
+    for exc, code, returned in ((Preempted("preempted at step 3"), 75, False), (StorageError("no bucket"), 2, True),
+                                (ConfigError("bad"), 2, True), (RuntimeError("Connection closed by peer"), 1, False)):
         seen["raise"] = exc
         box = {}
 
         def run():
             try:
-                ray_worker_main({"preemption": {"signals": ["SIGTERM"], "poll_seconds": 5}})
+                box["value"] = ray_worker_main({"preemption": {"signals": ["SIGTERM"], "poll_seconds": 5}})
             except WorkerExit as e:
                 box["exit"] = e
 
         t = threading.Thread(target=run)  # Ray Train runs the function in a thread, too
         t.start()
         t.join()
-        assert box["exit"].exit_code == code, exc
+        # A config or store error is a value (Ray must not retry it); the rest raise for Ray to restart.
+        got = box["value"]["exit_code"] if returned else box["exit"].exit_code
+        assert got == code and ("exit" in box) is not returned, (exc, box)
         assert seen["signals"] == []  # no signal handlers outside the main thread
     import ray
 
@@ -262,18 +226,38 @@ def test_warm_standby_is_validated():
         compose_config(["recipe=resnet", "launcher=ray", "launcher.warm_standby=-1"])
     with pytest.raises(ConfigError, match="launcher.warm_refill_s"):
         compose_config(["recipe=resnet", "launcher=ray", "launcher.warm_refill_s=-1"])
-    assert compose_config(["recipe=resnet", "launcher=ray"]).launcher.warm_standby == 1
+    assert compose_config(["recipe=resnet", "launcher=ray"]).launcher.warm_standby == 0  # experimental: opt-in
 
 
-@pytest.mark.parametrize("address, warm", [("127.0.0.1:6379", True), ("ray://10.0.0.1:10001", False), ("", False)])
-def test_only_training_workers_get_the_preload_hook(address, warm):
+@pytest.mark.parametrize("address, standby, warm", [("127.0.0.1:6379", 1, True), ("127.0.0.1:6379", 0, False),
+                                                     ("ray://10.0.0.1:10001", 1, False), ("", 1, False)])
+def test_only_training_workers_get_the_preload_hook(address, standby, warm):
     """The hook is in the workers' runtime env (not the job's): Ray Train's controller and
-    helper actors start without importing torch; no warm standby, no hook."""
+    helper actors start without importing torch; no warm standby (the default), no hook."""
     from trainkit.launch.ray.launcher import build_trainer
     from trainkit.launch.ray.warm_pool import preload_env
 
-    cfg = compose_config(["recipe=resnet", "launcher=ray", f"launcher.address={address}"])
+    cfg = compose_config(["recipe=resnet", "launcher=ray", f"launcher.address={address}",
+                          f"launcher.warm_standby={standby}"])
     env = build_trainer(cfg).run_config.worker_runtime_env["env_vars"]
     (key, value), = preload_env().items()
     assert (env.get(key) == value == "trainkit.launch.ray.warm_pool.preload") is warm
     assert warm or key not in env
+
+
+def test_trainer_uses_rays_public_failure_and_checkpoint_config():
+    from ray.train.torch import TorchTrainer
+
+    from trainkit.launch.ray.launcher import build_trainer
+    from trainkit.launch.ray.stop import FLAG_ENV
+
+    cfg = compose_config(["recipe=resnet", "launcher=ray", "launcher.max_failures=3",
+                          "launcher.max_preemption_failures=5", "checkpoint.keep_last=4"])
+    trainer = build_trainer(cfg, flag="trainkit-stop-x")
+    assert type(trainer) is TorchTrainer  # no subclass, no private hook
+    rc = trainer.run_config
+    assert (rc.failure_config.max_failures, rc.failure_config.max_preemption_failures) == (3, 5)
+    assert rc.checkpoint_config.num_to_keep == 4
+    assert rc.worker_runtime_env["env_vars"][FLAG_ENV] == "trainkit-stop-x"
+    with pytest.raises(ConfigError, match="launcher.max_preemption_failures"):
+        compose_config(["recipe=resnet", "launcher=ray", "launcher.max_preemption_failures=-2"])

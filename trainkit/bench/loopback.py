@@ -63,28 +63,21 @@ class LoopbackCluster:
         """Tells Ray the node goes away in ``deadline_s`` seconds, as a spot notice does.
 
         This is what the autoscaler (or KubeRay) does on a reclaim notice: the node takes no
-        new work, and Ray Train's preemption watcher and trainkit's DrainWatch see it.
+        new work, and Ray Train's preemption watcher sees it (``ray.train.get_preemption_info``).
         """
-        from ray._raylet import GcsClient
-        from ray.core.generated import autoscaler_pb2
+        from trainkit import _compat
 
-        client = GcsClient(address=self.address)
-        ok, why = client.drain_node(
-            node.node_id, autoscaler_pb2.DrainNodeReason.Value("DRAIN_NODE_REASON_PREEMPTION"),
-            reason, int((time.time() + deadline_s) * 1000),
-        )
+        ok, why = _compat.ray_drain_node(self.address, node.node_id, reason, int((time.time() + deadline_s) * 1000))
         if not ok:
             raise RuntimeError(f"Ray refused to drain node {node.node_id[:8]}: {why}")
 
     def warm_pids(self) -> list[int]:
         """PIDs of idle warm standby processes (:mod:`trainkit.launch.ray.warm_pool`), any job."""
-        from ray._raylet import GcsClient
-
+        from trainkit import _compat
         from trainkit.launch.ray.warm_pool import NAMESPACE, idle_processes
 
-        client, ns = GcsClient(address=self.address), NAMESPACE.encode()
-        keys = client.internal_kv_keys(b"", ns)
-        return [pid for _, _, pid in idle_processes({k: client.internal_kv_get(k, ns) for k in keys})]
+        kv = _compat.RayKV(NAMESPACE, self.address)
+        return [pid for _, _, pid in idle_processes({k: kv.get(k) for k in kv.keys(b"")})]
 
     def worker_pids(self) -> list[int]:
         """PIDs of Ray Train worker processes on our worker nodes (not other sessions')."""

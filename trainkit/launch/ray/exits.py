@@ -9,6 +9,7 @@ worker would have exited with (:func:`trainkit.launch.worker.exit_for`), and
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from trainkit.errors import EXIT_PREEMPTED
@@ -31,14 +32,23 @@ class WorkerExit(Exception):
         return f"[exit {self.exit_code}] {self.message}"
 
 
+# How a WorkerExit reads in the traceback text Ray keeps of a worker's exception.
+_RAISED = re.compile(r"WorkerExit: \[exit (\d+)\] (.*)")
+
+
+def _as_worker_exit(exc: Any) -> WorkerExit | None:
+    """The WorkerExit a worker raised, from the exception Ray hands back: the exception
+    itself, or (Ray wraps it) the last ``WorkerExit: [exit N] ...`` line of its text."""
+    if isinstance(exc, WorkerExit):
+        return exc
+    found = _RAISED.findall(str(exc))
+    return WorkerExit(int(found[-1][0]), found[-1][1].strip()) if found else None
+
+
 def worker_exits(error: Any) -> dict[int, WorkerExit | None]:
     """rank -> the WorkerExit it raised (None for any other failure, e.g. a dead actor)."""
     failures = getattr(error, "worker_failures", None) or {}
-    out: dict[int, WorkerExit | None] = {}
-    for rank, exc in failures.items():
-        base = getattr(exc, "_base_exc", exc)
-        out[rank] = base if isinstance(base, WorkerExit) else None
-    return out
+    return {rank: _as_worker_exit(exc) for rank, exc in failures.items()}
 
 
 def explain(exc: Exception) -> tuple[int, str]:
@@ -54,6 +64,6 @@ def explain(exc: Exception) -> tuple[int, str]:
     failures = getattr(exc, "worker_failures", None)
     if failures:
         rank, err = sorted(failures.items())[0]
-        text = str(getattr(err, "_base_exc", err)) or type(err).__name__
+        text = str(err) or type(err).__name__
         return EXIT_FAILED, f"worker rank {rank}: {text.strip().splitlines()[-1]}"
     return EXIT_FAILED, str(exc).strip().splitlines()[-1]

@@ -14,9 +14,8 @@ from trainkit.errors import ConfigError
 from trainkit.launch.base import EXIT_FAILED, JobResult, Launcher, attempt, ignore
 from trainkit.launch.ray.exits import explain
 from trainkit.launch.ray.options import RayOptions
-from trainkit.launch.ray.stop import driver_stop
-from trainkit.launch.ray.session import (LOOPBACK, check_resources, dashboard_up, driver_ip, ray_env,
-                                         ray_session, warm_standby_on)
+from trainkit.launch.ray.stop import FLAG_ENV, driver_stop, job_outcome
+from trainkit.launch.ray.session import LOOPBACK, check_resources, driver_ip, ray_env, ray_session, warm_standby_on
 
 # Environment the workers need to find the same stores as the driver (not credentials:
 # those come from the node's role / service account, see docs/clusters.md).
@@ -35,8 +34,8 @@ class RayLauncher(Launcher):
                 check_resources(lc, own_cluster=own and not lc.address)
                 print(f"ray: {lc.world_size} workers, run_dir {worker_cfg(cfg)['run_dir']}, "
                       f"max_failures {lc.max_failures}", flush=True)
-                with driver_stop(cfg.preemption.signals):
-                    return fit(cfg)
+                with driver_stop(cfg.preemption.signals) as flag:
+                    return fit(cfg, flag=flag)
 
         return attempt(start)
 
@@ -57,7 +56,7 @@ class RayLauncher(Launcher):
             def one(i: int) -> None:
                 started(i)
                 try:
-                    results[i] = attempt(lambda: fit(cfgs[i], name=f"trainkit-trial-{i}"))
+                    results[i] = attempt(lambda: _fit_trial(cfgs[i], f"trainkit-trial-{i}"))
                 except Exception as exc:  # noqa: BLE001 - one job's crash must not hide the others
                     results[i] = JobResult(EXIT_FAILED, f"{type(exc).__name__}: {exc}")
                 ended(i, results[i])
@@ -65,6 +64,11 @@ class RayLauncher(Launcher):
             with ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="trainkit-trial") as pool:
                 list(pool.map(one, range(len(cfgs))))
         return [r or JobResult(EXIT_FAILED, "no result") for r in results]
+
+
+def _fit_trial(cfg: Config, name: str) -> tuple[int, str]:
+    with driver_stop([]) as flag:
+        return fit(cfg, name=name, flag=flag)
 
 
 def _concurrency(cfgs: Sequence[Config]) -> int:
@@ -79,15 +83,26 @@ def _concurrency(cfgs: Sequence[Config]) -> int:
     return int(max(1, min(len(cfgs), *fits)))
 
 
-def fit(cfg: Config, *, name: str = "trainkit") -> tuple[int, str]:
-    """Runs one job with Ray Train on the connected cluster: (exit code, why it failed)."""
+def fit(cfg: Config, *, name: str = "trainkit", flag: str | None = None) -> tuple[int, str]:
+    """Runs one job with Ray Train on the connected cluster: (exit code, why it failed).
+
+    ``flag`` names the job's stop flag actor (:func:`~trainkit.launch.ray.stop.driver_stop`).
+    """
     from ray.train import TrainingFailedError
 
-    trainer = build_trainer(cfg, name=name)
+    trainer = build_trainer(cfg, name=name, flag=flag)
     try:
-        trainer.fit()
+        result = trainer.fit()
     except TrainingFailedError as exc:
-        return explain(exc)
+        return job_outcome(flag) or explain(exc)
+    return result_exit(result)
+
+
+def result_exit(result: Any) -> tuple[int, str]:
+    """The job's exit code and message from rank 0's return value (``Result.return_value``)."""
+    value = getattr(result, "return_value", None)
+    if isinstance(value, dict) and "exit_code" in value:
+        return int(value["exit_code"]), str(value.get("message") or "")
     return 0, ""
 
 
@@ -108,7 +123,10 @@ def worker_cfg(cfg: Config) -> dict[str, Any]:
 
 
 def ray_storage(run_dir: str) -> str:
-    """Where Ray Train keeps its own run state (a marker file; we report no checkpoints)."""
+    """Where Ray Train keeps its own run state and the checkpoint pointers trainkit reports.
+
+    Inside a local run_dir; for one in an object store, on the driver's disk: the pointers
+    written there are readable where that disk is (one machine, or a shared file system)."""
     if storage.is_local(run_dir):
         return os.path.join(os.path.abspath(storage.local_path(run_dir)), "ray")
     digest = hashlib.sha1(run_dir.encode()).hexdigest()[:12]
@@ -125,45 +143,17 @@ def _propagated_env() -> dict[str, str]:
     return env
 
 
-def _trainer_class() -> type:
-    from ray.train.torch import TorchTrainer
-
-    from trainkit.launch.ray.failure import failure_policy
-
-    class TrainkitTorchTrainer(TorchTrainer):
-        """TorchTrainer whose controller uses :func:`~trainkit.launch.ray.failure.failure_policy`."""
-
-        def _create_default_callbacks(self) -> list[Any]:
-            callbacks = super()._create_default_callbacks()
-            if not self.datasets:
-                # trainkit streams its own data; without Ray Datasets this callback would
-                # still start a DatasetManager actor (one more Python process importing
-                # Ray Data) on every worker-group start, i.e. on every restart.
-                callbacks = [c for c in callbacks if type(c).__name__ != "DatasetsCallback"]
-            if not dashboard_up():
-                # It polls the state API, which needs the dashboard, and otherwise only logs
-                # a warning every few seconds; a Ray without a dashboard is one we own.
-                callbacks = [c for c in callbacks if type(c).__name__ != "PlacementGroupCleanerCallback"]
-            return callbacks
-
-        def _initialize_and_run_controller(self, **kwargs: Any) -> Any:
-            if "failure_policy" in kwargs:
-                kwargs["failure_policy"] = failure_policy(self.run_config.failure_config)
-            return super()._initialize_and_run_controller(**kwargs)
-
-    return TrainkitTorchTrainer
-
-
-def build_trainer(cfg: Config, *, name: str = "trainkit") -> Any:
+def build_trainer(cfg: Config, *, name: str = "trainkit", flag: str | None = None) -> Any:
+    """The ``TorchTrainer`` of one job: trainkit's worker function, Ray's failure handling."""
     ray_env()
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig
-    from ray.train.v2._internal.constants import is_v2_enabled
+    import ray.train
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
 
     from trainkit.launch.ray.warm_pool import preload_env
     from trainkit.launch.ray.worker import ray_worker_main
 
-    if not is_v2_enabled():
+    if not hasattr(ray.train, "get_preemption_info"):  # defined only with Ray Train v2 on
         raise ConfigError("launcher=ray needs Ray Train v2 (unset RAY_TRAIN_V2_ENABLED=0)")
     lc = cfg.launcher
     resources: dict[str, float] = {"CPU": lc.cpus_per_worker}
@@ -173,7 +163,11 @@ def build_trainer(cfg: Config, *, name: str = "trainkit") -> Any:
     if backend == "auto":
         backend = "nccl" if lc.gpus_per_worker else "gloo"
     data = worker_cfg(cfg)
-    return _trainer_class()(
+    env = {**_propagated_env(), **(preload_env() if warm_standby_on(lc) else {})}
+    if flag:
+        env[FLAG_ENV] = flag
+    keep = cfg.checkpoint.keep_last if not cfg.checkpoint.keep_every else None
+    return TorchTrainer(
         train_loop_per_worker=ray_worker_main,
         train_loop_config=data,
         scaling_config=ScalingConfig(
@@ -186,7 +180,10 @@ def build_trainer(cfg: Config, *, name: str = "trainkit") -> Any:
         run_config=RunConfig(
             name=name,
             storage_path=ray_storage(data["run_dir"]),
-            failure_config=FailureConfig(max_failures=lc.max_failures),
-            worker_runtime_env={"env_vars": {**_propagated_env(), **(preload_env() if warm_standby_on(lc) else {})}},
+            failure_config=FailureConfig(max_failures=lc.max_failures,
+                                         max_preemption_failures=lc.max_preemption_failures),
+            # Ray keeps the pointers (report.py) of the checkpoints trainkit keeps.
+            checkpoint_config=CheckpointConfig(num_to_keep=keep),
+            worker_runtime_env={"env_vars": env},
         ),
     )

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -31,7 +30,8 @@ def ray_env() -> None:
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     # Rank 0's progress lines stay plain stdout lines instead of Ray Train's log records.
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
-    # Ray Train's drain watcher feeds DrainWatch; poll a little faster than its 5 s default.
+    # Ray Train's drain watcher feeds ray.train.get_preemption_info(); poll a little faster
+    # than its 5 s default.
     os.environ.setdefault("RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S", "2")
     # Ray Train's controller polls the worker group every 2 s by default, and a restart waits
     # for one poll (a lost node) or two (a drain: the notice, then the group's exit 75); a
@@ -51,14 +51,16 @@ def pin_loopback() -> None:
     network interface unless its "no cluster" switch is off; with it, every Ray process
     (which inherits this environment) binds and advertises 127.0.0.1.
     """
+    from trainkit import _compat
+
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-    if "ray._private.ray_constants" in sys.modules:  # imported already: the flag is read per call
-        sys.modules["ray._private.ray_constants"].ENABLE_RAY_CLUSTER = False
+    _compat.ray_keep_loopback()  # when Ray was imported already: the flag is read per call
 
 
 def warm_standby_on(lc: Any) -> bool:
-    """Only on a cluster we join: a private local Ray has no spare node to restart on and no
-    spare cores to import on. Over Ray Client the driver cannot reach the raylets."""
+    """Opt-in (experimental, on Ray internals: see warm_pool), and only on a cluster we join: a
+    private local Ray has no spare node to restart on and no spare cores to import on. Over
+    Ray Client the driver cannot reach the raylets."""
     return bool(lc.warm_standby > 0 and lc.address and not lc.address.startswith("ray://"))
 
 
@@ -151,14 +153,3 @@ def driver_ip() -> str:
         return ray.util.get_node_ip_address()
     except Exception:  # noqa: BLE001
         return ""
-
-
-def dashboard_up() -> bool:
-    """Whether Ray's state API (served by the dashboard) is there; unknown counts as yes."""
-    try:
-        import ray
-
-        node = ray._private.worker.global_worker.node
-        return bool(node.address_info.get("webui_url"))
-    except Exception:  # noqa: BLE001
-        return True

@@ -1,5 +1,10 @@
 """Warm standby worker processes, so a restarted Ray Train worker group trains again in seconds.
 
+Experimental and opt-in (``launcher.warm_standby=1``): Ray has no public API for any of it,
+so it stands on the Ray internals in :mod:`trainkit._compat` (the raylet's
+``PrestartWorkers`` call, the GCS key-value store, the worker setup-hook variable), which a
+Ray release may change without notice; ``tests/architecture/test_compat.py`` fails then.
+
 Every restart of the worker group (a drain, a lost node, a crash) starts new worker
 processes, and a new process spends most of a restart importing: Ray Train, torch,
 ``torch._dynamo`` (DDP's constructor imports it) and trainkit, about 5 s of the 7 s a drain
@@ -57,9 +62,9 @@ KEEP_ALIVE_S = 7 * 24 * 3600
 
 def _kv() -> Any:
     """Ray's KV store in the GCS (every process of the job reaches it)."""
-    from ray.experimental import internal_kv
+    from trainkit import _compat
 
-    return internal_kv
+    return _compat.RayKV(NAMESPACE)
 
 
 def _job_and_node() -> tuple[str, str]:
@@ -77,9 +82,9 @@ def preload_env() -> dict[str, str]:
     process of the job would import torch first, Ray Train's controller and its helper
     actors included: ~3 s more to start the job and a few CPU-seconds at each restart.
     """
-    from ray._private import ray_constants
+    from trainkit import _compat
 
-    return {ray_constants.WORKER_PROCESS_SETUP_HOOK_ENV_VAR: f"{__name__}.preload"}
+    return _compat.ray_setup_hook_env(f"{__name__}.preload")
 
 
 def preload() -> None:
@@ -95,7 +100,10 @@ def preload() -> None:
         import torch._dynamo  # noqa: F401
         import torch.distributed.checkpoint  # noqa: F401
         import ray.train.torch  # noqa: F401
-        import ray.train.v2._internal.execution.worker_group.worker  # noqa: F401
+
+        from trainkit import _compat
+
+        _compat.ray_preload_train_worker()
 
         import trainkit.launch.ray.worker  # noqa: F401
         import trainkit.strategies  # noqa: F401
@@ -109,17 +117,10 @@ def preload() -> None:
 
 
 def env_tag() -> str:
-    """The hash the raylet matches idle processes by (their runtime env's), from our command line.
+    """The hash the raylet matches idle processes by (their runtime env's), from our command line."""
+    from trainkit import _compat
 
-    Asking Ray for the runtime env from a thread without a task crashes the process (Ray
-    2.60), and the raylet hands every worker this hash as ``--runtime-env-hash``.
-    """
-    for i, arg in enumerate(sys.argv):
-        if arg.startswith("--runtime-env-hash="):
-            return arg.split("=", 1)[1]
-        if arg == "--runtime-env-hash" and i + 1 < len(sys.argv):
-            return sys.argv[i + 1]
-    return ""
+    return _compat.ray_runtime_env_hash(sys.argv)
 
 
 def _heartbeat(env: str) -> None:
@@ -130,8 +131,10 @@ def _heartbeat(env: str) -> None:
     """
     import ray
 
+    from trainkit import _compat
+
     try:
-        if not ray.is_initialized() or ray._private.worker.global_worker.mode != ray.WORKER_MODE:
+        if not ray.is_initialized() or not _compat.ray_is_worker_process():
             return  # a driver is never an idle worker
         kv = _kv()
         job, node = _job_and_node()
@@ -142,9 +145,9 @@ def _heartbeat(env: str) -> None:
         time.sleep(BEAT_S)
         try:
             if ray.get_runtime_context().get_actor_id() is not None:
-                kv._internal_kv_del(key, namespace=NAMESPACE)
+                kv.delete(key)
                 return
-            kv._internal_kv_put(key, str(time.time()).encode(), overwrite=True, namespace=NAMESPACE)
+            kv.put(key, str(time.time()).encode())
         except Exception:  # noqa: BLE001 - a GCS hiccup or shutdown: try again, or end with the process
             pass
 
@@ -159,8 +162,7 @@ def publish_runtime_env() -> None:
     with contextlib.suppress(Exception):
         job, _ = _job_and_node()
         value = {"runtime_env": ray.get_runtime_context().get_runtime_env_string(), "tag": env_tag()}
-        _kv()._internal_kv_put(f"env/{job}".encode(), json.dumps(value).encode(), overwrite=True,
-                               namespace=NAMESPACE)
+        _kv().put(f"env/{job}".encode(), json.dumps(value).encode())
 
 
 def idle_processes(beats: dict[bytes, bytes | None], now: float | None = None,
@@ -218,14 +220,16 @@ class WarmPool(threading.Thread):
                 return
         with contextlib.suppress(Exception):
             kv = _kv()
-            for key in kv._internal_kv_list(f"{self._job}/".encode(), namespace=NAMESPACE):
-                kv._internal_kv_del(key, namespace=NAMESPACE)
+            for key in kv.keys(f"{self._job}/".encode()):
+                kv.delete(key)
 
     def tick(self) -> int:
         """One round: counts idle warm processes per node, starts the missing ones. Returns how many."""
         import ray
 
-        published = _kv()._internal_kv_get(f"env/{self._job}".encode(), namespace=NAMESPACE)
+        from trainkit import _compat
+
+        published = _kv().get(f"env/{self._job}".encode())
         if not published:
             return 0
         env = json.loads(published)
@@ -234,7 +238,7 @@ class WarmPool(threading.Thread):
             self._quiet_until = time.time() + self.refill_after_s
         if time.time() < self._quiet_until:
             return 0
-        draining = set((ray._private.state.state.get_draining_nodes() or {}).keys())
+        draining = set(_compat.ray_draining_nodes())
         started = 0
         for node in ray.nodes():
             node_id = node["NodeID"]
@@ -254,12 +258,11 @@ class WarmPool(threading.Thread):
 
     def _idle_by_node(self, env: str) -> dict[str, int]:
         kv = _kv()
-        keys = kv._internal_kv_list(f"{self._job}/".encode(), namespace=NAMESPACE)
-        beats = {k: kv._internal_kv_get(k, namespace=NAMESPACE) for k in keys}
+        beats = {k: kv.get(k) for k in kv.keys(f"{self._job}/".encode())}
         for key, beat in beats.items():  # processes gone with their node leave their key behind
             with contextlib.suppress(TypeError, ValueError):
                 if beat is None or time.time() - float(beat) > FORGET_S:
-                    kv._internal_kv_del(key, namespace=NAMESPACE)
+                    kv.delete(key)
         idle: dict[str, int] = {}
         fresh = idle_processes(beats, env=env)
         keys = {key for key, _, _ in fresh}
@@ -281,19 +284,7 @@ class WarmPool(threading.Thread):
         A node that is going away is skipped for this round; a raylet that refuses the call
         (no such method, authentication) raises, which turns the pool off.
         """
-        import grpc
-        from ray.core.generated import common_pb2, node_manager_pb2, node_manager_pb2_grpc
+        from trainkit import _compat
 
-        request = node_manager_pb2.PrestartWorkersRequest(
-            language=common_pb2.PYTHON, job_id=bytes.fromhex(self._job),
-            keep_alive_duration_secs=KEEP_ALIVE_S, num_workers=n,
-        )
-        request.runtime_env_info.serialized_runtime_env = runtime_env
-        with grpc.insecure_channel(f"{node['NodeManagerAddress']}:{node['NodeManagerPort']}") as channel:
-            try:
-                node_manager_pb2_grpc.NodeManagerServiceStub(channel).PrestartWorkers(request, timeout=10)
-            except grpc.RpcError as exc:
-                if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-                    return False
-                raise
-        return True
+        return _compat.ray_prestart_workers(node["NodeManagerAddress"], node["NodeManagerPort"], self._job,
+                                            runtime_env, n, KEEP_ALIVE_S)
