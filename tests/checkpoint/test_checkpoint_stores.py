@@ -13,7 +13,6 @@ import pytest
 import torch
 
 import ckpt_mp
-from servers import az_url, azurite_server  # noqa: F401  (fixtures: Azure Blob on Azurite)
 from test_checkpoint_local import make, same, seed_all, snapshot, state_of, step
 from trainkit import storage
 from trainkit.checkpoint import Checkpointer, load_for_export

@@ -11,7 +11,6 @@ import fsspec
 import pytest
 
 from launching import RESNET_TINY, ROOT, launch
-from servers import az_url, azurite_server  # noqa: F401  (fixtures: Azure Blob on Azurite)
 from trainkit.testing.servers import AZURITE_KEY
 
 
