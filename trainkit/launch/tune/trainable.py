@@ -64,7 +64,7 @@ class TrialRun(tune.Trainable):
             return
         self.finished_already = False
         trial_spec = {"overrides": trial_overrides(spec["fixed"], config), "config_dirs": spec["config_dirs"],
-                      "run_dir": self.run_dir, "parent_pid": os.getpid()}
+                      "run_dir": self.run_dir}
         path = os.path.join(self.logdir, "trainkit-trial.json")
         with open(path, "w") as f:
             json.dump(trial_spec, f)

@@ -7,36 +7,18 @@ this node; a one-worker trial runs in this process), with the same training func
 resume semantics as any trainkit run: a relaunched trial continues from its run_dir's
 ``latest`` checkpoint.
 
-A stop signal (SIGTERM: the scheduler stopped the trial) reaches the workers, which agree on
-a step, save and leave with 75. When the trial actor that started this process dies without
-a word (its driver was SIGKILLed and Ray reaped the actor), a watcher sends this process the
-same signal, so the run still ends on a committed checkpoint instead of training unwatched.
+A stop signal (SIGTERM: the scheduler stopped the trial) reaches the run, which agrees on a
+step, saves and leaves with 75. When the trial's driver is lost, Ray ends the trial actor and
+every process it started (this one and its workers), so no run trains on unwatched; the
+resumed trial continues from its last committed checkpoint.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import signal
 import sys
-import threading
-import time
 
-from trainkit.errors import TrainkitError
-
-# How often the orphan watch looks at the parent (a stop costs at most this much more).
-PARENT_POLL_S = 0.5
-
-
-def watch_parent(parent: int) -> None:
-    """SIGTERM to this process once ``parent`` is no longer its parent."""
-
-    def loop() -> None:
-        while os.getppid() == parent:
-            time.sleep(PARENT_POLL_S)
-        os.kill(os.getpid(), signal.SIGTERM)
-
-    threading.Thread(target=loop, name="trainkit-trial-orphan-watch", daemon=True).start()
+from trainkit.errors import EXIT_PREEMPTED, TrainkitError
 
 
 def run(spec: dict) -> int:
@@ -52,7 +34,7 @@ def run(spec: dict) -> int:
     if cfg.launcher.world_size == 1:
         return alone(cfg.to_dict())
     result = LocalLauncher().run(cfg)
-    if result.exit_code not in (0, 75) and result.message:
+    if result.exit_code not in (0, EXIT_PREEMPTED) and result.message:
         print(f"error: {result.message}", file=sys.stderr, flush=True)
     return result.exit_code
 
@@ -69,7 +51,7 @@ def alone(cfg_dict: dict) -> int:
         if outcome is None:
             raise
         code, message = outcome
-        if code != 75:
+        if code != EXIT_PREEMPTED:
             print(f"error: {message}", file=sys.stderr, flush=True)
         return code
     return 0
@@ -78,7 +60,6 @@ def alone(cfg_dict: dict) -> int:
 def main() -> None:
     with open(sys.argv[1]) as f:
         spec = json.load(f)
-    watch_parent(spec["parent_pid"])
     try:
         code = run(spec)
     except TrainkitError as exc:
