@@ -172,6 +172,51 @@ class PreemptionConfig:
 
 
 @dataclass
+class FaultToleranceConfig:
+    """``ft.mode=replicas``: replica groups each hold the whole model; a torchft lighthouse forms a
+    quorum every step, a lost group drops out of the next step while the others go on, and its
+    replacement heals from a live peer (docs/fault-tolerance.md)."""
+
+    mode: Literal["off", "replicas"] = "off"
+    # Replica groups (one process each in this version); each step's global batch is cut into
+    # this many fixed chunks, dealt over the groups that take part in the step.
+    groups: int = 2
+    # Fewest groups that may commit a step; = groups waits for a lost group's replacement.
+    min_replicas: int = 1
+    # A group silent for this long is dropped from the next quorum.
+    heartbeat_timeout_s: float = 1.0
+    # The longest a replacement may take from its start to its first quorum (process start,
+    # imports, model build): the quorum timeout must exceed it, or the wait for it is fatal.
+    replacement_s: float = 60.0
+    # How long a group waits for a quorum; fatal when exceeded (torchft does not retry it).
+    quorum_timeout_s: float = 120.0
+    # A collective or a peer transfer stuck this long counts as a lost peer.
+    timeout_s: float = 30.0
+    # Replacements the local launcher starts per group before it gives up on the job.
+    max_restarts: int = 5
+
+    def check(self, cfg: Config) -> None:
+        if self.mode == "off":
+            return
+        positive("ft.groups", self.groups)
+        positive("ft.heartbeat_timeout_s", self.heartbeat_timeout_s)
+        positive("ft.timeout_s", self.timeout_s)
+        positive("ft.max_restarts", self.max_restarts, allow_zero=True)
+        if not 1 <= self.min_replicas <= self.groups:
+            raise ConfigError(f"ft.min_replicas={self.min_replicas} must be between 1 and ft.groups={self.groups}")
+        if self.quorum_timeout_s <= self.replacement_s + self.heartbeat_timeout_s:
+            raise ConfigError(
+                f"ft.quorum_timeout_s={self.quorum_timeout_s} must exceed ft.replacement_s + ft.heartbeat_timeout_s "
+                f"= {self.replacement_s + self.heartbeat_timeout_s}: a replacement may take that long to join")
+        if cfg.launcher.name != "local" or cfg.strategy.name != "ddp" or cfg.launcher.workers != 1:
+            raise ConfigError("ft.mode=replicas runs with launcher=local strategy=ddp launcher.workers=1 (one "
+                              "process per replica group) in this version")
+        if cfg.trainer.grad_accum != 1 or cfg.data.batch_size % self.groups:
+            raise ConfigError(f"ft.mode=replicas needs trainer.grad_accum=1 and data.batch_size a multiple of "
+                              f"ft.groups={self.groups}")
+
+
+@dataclass
 class Config:
     task: str = ""
     recipe: str = ""
@@ -186,6 +231,7 @@ class Config:
     launcher: LauncherOptions = field(default_factory=LauncherOptions)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     preemption: PreemptionConfig = field(default_factory=PreemptionConfig)
+    ft: FaultToleranceConfig = field(default_factory=FaultToleranceConfig)
     # What the capacity costs an hour (summary.json's cost_usd): trainkit.cost.prices.
     cost: CostConfig = field(default_factory=CostConfig)
     # fsspec storage options per protocol, e.g. {"s3": {"endpoint_url": "http://127.0.0.1:9000"}}.
@@ -199,7 +245,7 @@ class Config:
     def sections(self) -> list[Any]:
         """Every section that has a ``check``, in the order errors should be reported."""
         return [self.strategy, self.launcher, self.trainer, self.data, self.optim, self.checkpoint,
-                self.preemption, self.cost]
+                self.preemption, self.cost, self.ft]
 
 
 def check_batch(cfg: Config, world: int) -> int:
