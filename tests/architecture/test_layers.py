@@ -15,7 +15,7 @@ LAYERS = {
     0: ["errors", "registry", "components", "options", "redact", "storage", "rundir", "_compat"],
     1: ["distributed", "optim", "strategies", "checkpoint", "data", "preemption", "metrics", "tasks", "cost"],
     2: ["config"],
-    3: ["run", "train"],
+    3: ["run", "train", "ft"],
     4: ["launch", "report", "chaos", "bench", "testing", "recipes", "__init__", "__main__"],
 }
 
