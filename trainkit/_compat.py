@@ -258,3 +258,30 @@ RAY_PRIVATE_NAMES = (
     "--runtime-env-hash (default_worker.py argument)",
     "ray.core.generated.node_manager_pb2(_grpc).PrestartWorkers, common_pb2.PYTHON",
 )
+
+
+def torchft_manager_bound_to(host: str) -> Any:
+    """A context in which ``torchft.Manager(...)`` binds its ManagerServer to ``host``.
+
+    torchft 0.2's Manager builds its server with a hard-coded wildcard bind (``[::]:port``)
+    and takes the class from the module global ``torchft.manager.ManagerServer``; there is no
+    argument for the address, so the global is swapped for the Manager's construction.
+    """
+    import contextlib
+
+    import torchft.manager as manager_module
+
+    @contextlib.contextmanager
+    def bound() -> Any:
+        original = manager_module.ManagerServer
+
+        def server(*args: Any, bind: str, **kwargs: Any) -> Any:
+            return original(*args, bind=f"{host}:{bind.rsplit(':', 1)[1]}", **kwargs)
+
+        manager_module.ManagerServer = server
+        try:
+            yield
+        finally:
+            manager_module.ManagerServer = original
+
+    return bound()

@@ -216,3 +216,36 @@ def test_ray_kv_drain_and_worker_mode_on_a_live_cluster(ray_two_nodes):
     assert ok, why
     draining = _compat.ray_draining_nodes()
     assert list(draining) == [node.node_id] and abs(draining[node.node_id] - deadline) <= 1000, (draining, deadline)
+
+
+def test_torchft_manager_server_binds_where_told():
+    """The swapped global is the one Manager uses, and its server then listens on loopback only."""
+    import datetime
+
+    import psutil
+    import torchft.manager
+    from torch.distributed import TCPStore
+    from torchft import Manager, ProcessGroupGloo
+    from torchft._torchft import ManagerServer
+    from torchft.coordination import LighthouseServer
+
+    assert torchft.manager.ManagerServer is ManagerServer
+    lighthouse = LighthouseServer(bind="127.0.0.1:0", min_replicas=1)
+    store = TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    before = {c.laddr for c in psutil.Process().net_connections("tcp") if c.status == psutil.CONN_LISTEN}
+    with _compat.torchft_manager_bound_to("127.0.0.1"):
+        manager = Manager(pg=ProcessGroupGloo(), load_state_dict=None, state_dict=None, min_replica_size=1,
+                          rank=0, world_size=1, store_addr="127.0.0.1", store_port=store.port,
+                          lighthouse_addr=f"http://127.0.0.1:{lighthouse.address().rsplit(':', 1)[1]}",
+                          replica_id="compat", hostname="127.0.0.1",
+                          connect_timeout=datetime.timedelta(seconds=10))
+    try:
+        assert torchft.manager.ManagerServer is ManagerServer
+        # The address the Manager published for its group (its checkpoint transport is another server).
+        port = int(store.get(torchft.manager.MANAGER_ADDR_KEY).decode().rsplit(":", 1)[1])
+        opened = {c.laddr for c in psutil.Process().net_connections("tcp")
+                  if c.status == psutil.CONN_LISTEN} - before
+        assert {addr.ip for addr in opened if addr.port == port} == {"127.0.0.1"}, opened
+    finally:
+        manager.shutdown(wait=False)
+        lighthouse.shutdown()
