@@ -66,6 +66,14 @@ def attempt_config(attempt: int) -> str:
     return f"{CONFIGS}/attempt-{attempt}.yaml"
 
 
+# ft.mode=replicas: what each replica group committed, step by step (trainkit.ft.ledger).
+FT_LEDGERS = "ft"
+
+
+def ft_ledger(group: int) -> str:
+    return f"{FT_LEDGERS}/group-{group}.jsonl"
+
+
 @dataclass(frozen=True)
 class Event:
     """An event kind and the fields (besides ``event`` and ``time``) each record carries;
