@@ -106,6 +106,9 @@ def sweep(overrides: list[str], config_dirs: list[str] = ()) -> int:
     data = options.load(name, keys, config_dirs) if name is not None or keys else {}
     fixed, _ = space.from_overrides(rest)
     if compose_config([*data.get("overrides", []), *fixed], config_dirs).launcher.name == "ray":
+        from trainkit.launch.ray.session import ray_env
+
+        ray_env()  # Ray reads these settings when it is imported, which the driver module does
         from trainkit.launch.tune.driver import tune_sweep
 
         return tune_sweep(data, rest, config_dirs)
