@@ -152,6 +152,16 @@ def test_corrupt_file_names_its_url(hf, s3_url, tmp_path):
     check_row(stream[0], 0)  # the other file still reads
     with pytest.raises(StorageError, match=rf"{bad}: corrupt Arrow file"):
         stream[N - 1]
+    url = _upload(hf / "disk", s3_url + "/disk2")  # now a body: offsets that point past the values
+    first = Stream(url, cache_dir=str(tmp_path / "cache2")).shards[0].url
+    fs, path = storage.filesystem(first)
+    data = bytearray(fs.cat_file(path))
+    off, length = stream.source._where[0]
+    data[off + length - 64 * 1024: off + length] = b"\x7f" * (64 * 1024)
+    fs.pipe_file(path, bytes(data))
+    stream = Stream(url, cache_dir=str(tmp_path / "cache3"))
+    with pytest.raises(StorageError, match=rf"{first}: corrupt Arrow file"):
+        stream[0]
 
 
 def test_through_the_fault_proxy(hf, s3_url, fault_proxy, storage_options, tmp_path, monkeypatch):

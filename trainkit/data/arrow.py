@@ -115,35 +115,46 @@ def _storage(a):
 
 def fixed_view(a) -> np.ndarray | None:
     """``(rows, *shape)`` numpy view of a numeric column (or lists of lists ... of numbers) whose
-    rows all have one shape; None when the shape varies. Zero-copy for numbers without nulls."""
+    rows all have one shape; None when the shape varies. Zero-copy for numbers without nulls.
+    The offsets it reads are checked against the values they index (a corrupt file must not
+    read out of bounds)."""
     rows = len(a)
     shape: list[int] = []
     while _is_list(a.type):
         if a.null_count:
             raise ConfigError(f"a column has {a.null_count} null lists; trainkit needs a value in every row")
         if hasattr(a.type, "list_size"):
-            n = a.type.list_size
-        else:
-            lengths = np.diff(a.offsets.to_numpy())
-            if len(lengths) and not (lengths == lengths[0]).all():
-                return None
-            n = int(lengths[0]) if len(lengths) else 0
-        shape.append(n)
+            shape.append(a.type.list_size)
+            a = a.flatten()
+            continue
+        off = a.offsets.to_numpy()
+        n = len(off) - 1
+        step = int(off[-1] - off[0]) // n if n else 0
+        if n and (off[0] < 0 or off[-1] > len(a.values)):
+            raise ValueError(f"list offsets [{off[0]}, {off[-1]}] outside the {len(a.values)} values")
+        if n and not (off[1:] - off[:-1] == step).all():
+            return None
+        shape.append(step)
         a = a.flatten()
     if a.null_count:
         raise ConfigError(f"a column has {a.null_count} nulls; trainkit needs a value in every row")
     return a.to_numpy(zero_copy_only=False).reshape(rows, *shape)
 
 
-def prepare(table, schema: Mapping[str, Mapping[str, str]]) -> list[tuple[np.ndarray | None, Any]]:
+def prepare(table, schema: Mapping[str, Mapping[str, str]], *,
+            full_check: bool = False) -> list[tuple[np.ndarray | None, Any]]:
     """A read shard (a record batch or a table of one row group): per field (its fixed-shape
-    view or None, its Arrow array)."""
+    view or None, its Arrow array). ``full_check``: the shard's buffers come from a file as it
+    is (Arrow IPC, not decoded by a reader that checks them): the offsets of variable fields
+    are validated too (fixed-shape ones are by :func:`fixed_view`)."""
     out = []
     for name, spec in schema.items():
         a = _storage(table.column(name))
         if a.null_count:
             raise ConfigError(f"column {name!r} has {a.null_count} nulls; trainkit needs a value in every row")
         view = fixed_view(a) if spec["kind"] in SCALARS or spec["kind"] == "ndarray" else None
+        if view is None and full_check:
+            a.validate(full=True)  # offsets into strings, binary, ragged lists
         out.append((view, a))
     return out
 
@@ -361,13 +372,12 @@ class ArrowSource:
         try:
             message = pa.ipc.read_message(pa.py_buffer(buf).slice(off, length))
             batch = pa.ipc.read_record_batch(message, self._schema)
-            batch.validate(full=True)
+            batch.validate()  # buffer sizes; offsets: in prepare
+            if batch.num_rows != shard.num_samples:
+                raise ValueError(f"a record batch has {batch.num_rows} rows, its header said {shard.num_samples}")
+            return prepare(batch, self.schema, full_check=True)
         except (pa.ArrowException, OSError, ValueError) as exc:
             raise StorageError(f"{shard.url}: corrupt Arrow file: {exc}") from exc
-        if batch.num_rows != shard.num_samples:
-            raise StorageError(f"{shard.url}: a record batch has {batch.num_rows} rows, its header said "
-                               f"{shard.num_samples}")
-        return prepare(batch, self.schema)
 
     def sample(self, buf: Any, state: list, j: int) -> dict[str, Any]:
         return sample_of(self.schema, state, j)
