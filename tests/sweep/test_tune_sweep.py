@@ -4,7 +4,9 @@
   cost column; a trial the scheduler stopped left a committed checkpoint;
 * the driver SIGKILLed mid-sweep, the same command again: the experiment resumes, the
   finished trial is not rerun, the interrupted one continues from its checkpoint, and
-  numbering continues with the trial that had not started.
+  numbering continues with the trial that had not started;
+* (slow) the experiment and the runs on S3 (moto): the same command again restores it from
+  the bucket.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import time
 from pathlib import Path
 
 import psutil
+import pytest
 
 from launching import RESNET_TINY, ROOT, launch, metrics
 from trainkit import rundir
@@ -124,3 +127,28 @@ def test_sweep_resumes_after_its_driver_is_killed(tune_cluster, tmp_path):
     assert restores and restores[0]["step"] > 0, events(second)[-5:]
     assert rundir.read_summary(str(second))["steps"] == 150
     assert rundir.read_summary(str(third))["steps"] == 8
+
+
+@pytest.mark.slow  # a second cluster (its raylets must start with the store's settings); 218 s loaded
+def test_sweep_on_an_object_store_resumes_from_it(s3_server, tmp_path):
+    """Tune's experiment state and the trials' run_dirs on S3: a second run of the finished
+    sweep restores it from the bucket and runs nothing again."""
+    from trainkit.bench.loopback import LoopbackCluster
+
+    base = f"{s3_server.bucket('trainkit-test')}/sweep-{tmp_path.name}"
+    cluster = LoopbackCluster(workers=2)  # started after the store: its trials inherit its settings
+    try:
+        args = ["-m", *ONE_WORKER, "trainer.max_steps=6", "optim.lr=0.01,0.05", f"launcher.address={cluster.address}",
+                f"run_dir={base}"]
+        first = launch(*args, timeout=600)
+        assert first.returncode == 0, (first.stdout + first.stderr)[-4000:]
+        second = launch(*args, timeout=600)
+        out = second.stdout + second.stderr
+        assert second.returncode == 0 and "sweep: resuming" in out, out[-4000:]
+        _, rows = table_rows(out)
+        assert [(r[0], r[-2]) for r in rows] == [("0", "done"), ("1", "done")], out[-3000:]
+        for row in rows:
+            assert row[-1].startswith(base + "/trial-"), row
+            assert len(rundir.of(rundir.read_events(row[-1]), rundir.START)) == 1, row
+    finally:
+        cluster.shutdown()

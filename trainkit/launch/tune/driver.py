@@ -191,13 +191,17 @@ def run_experiment(plan: Plan) -> Any:
     from ray import tune
 
     from trainkit.components import SCHEDULERS, SEARCHERS
+    from trainkit.launch.ray.launcher import PROPAGATE_PREFIXES
     from trainkit.launch.tune.trainable import TrialRun
 
     opts, lc = plan.options, plan.cfg.launcher
     searcher = SEARCHERS.get(opts.search.name, "sweep.search")(opts.search)
     scheduler = SCHEDULERS.get(opts.scheduler.name, "sweep.scheduler")(opts.scheduler)
-    spec = {"base": plan.base, "fixed": plan.fixed, "config_dirs": plan.config_dirs, "stop_grace_s": STOP_GRACE_S,
-            "metric": opts.metric,
+    # The trials find the same stores and embedded data as this driver (not credentials: those
+    # come from the node's role, as for launcher=ray).
+    env = {k: v for k, v in os.environ.items() if k.startswith(PROPAGATE_PREFIXES)}
+    spec = {"base": plan.base, "fixed": plan.fixed, "config_dirs": plan.config_dirs, "env": env,
+            "stop_grace_s": STOP_GRACE_S, "metric": opts.metric,
             "last_step": scheduler.last_step(plan.cfg.trainer.max_steps)}
     resources = {"CPU": lc.world_size * lc.cpus_per_worker}
     if lc.gpus_per_worker:

@@ -73,7 +73,8 @@ class TrialRun(tune.Trainable):
         # stderr to a file (read when the run ends): a pipe nobody reads would stall the run.
         self.stderr_path = os.path.join(self.logdir, "trainkit-trial.stderr")
         with open(self.stderr_path, "w") as err:
-            self.proc = subprocess.Popen([sys.executable, "-m", "trainkit.launch.tune.trial", path], stderr=err)
+            self.proc = subprocess.Popen([sys.executable, "-m", "trainkit.launch.tune.trial", path], stderr=err,
+                                         env={**os.environ, **spec["env"]})
 
     def step(self) -> dict[str, Any]:
         if self.finished_already:
