@@ -61,7 +61,7 @@ def drop_save_plans(key: str) -> None:
 
 __all__ = ["FileSystem", "FsspecReader", "FsspecWriter", "StorageInfo", "caching_save_planner", "dcp_debug_loggers",
            "drop_save_plans", "staging_stream", "RayKV", "RAY_PRIVATE_NAMES", "RAY_TRAIN_WORKER_MODULE",
-           "ray_drain_node", "ray_draining_nodes", "ray_is_worker_process", "ray_keep_loopback", "ray_preload_train_worker",
+           "ray_dashboard_up", "ray_drain_node", "ray_draining_nodes", "ray_lean_trainer", "ray_is_worker_process", "ray_keep_loopback", "ray_preload_train_worker",
            "ray_prestart_workers", "ray_runtime_env_hash", "ray_setup_hook_env", "ray_train_storage"]
 
 
@@ -245,6 +245,39 @@ def ray_prestart_workers(address: str, port: int, job_id_hex: str, runtime_env: 
     return True
 
 
+def ray_dashboard_up() -> bool:
+    """Whether the connected Ray serves its dashboard (and with it the state API): the node's
+    ``address_info["webui_url"]`` (``ray._private.worker.global_worker.node``); unknown: yes."""
+    try:
+        import ray._private.worker
+
+        return bool(ray._private.worker.global_worker.node.address_info.get("webui_url"))
+    except Exception:  # noqa: BLE001 - not connected, or another layout: assume the default
+        return True
+
+
+def ray_lean_trainer(trainer_cls: type) -> type:
+    """``trainer_cls`` (a ``TorchTrainer``) without two of Ray Train's default controller
+    callbacks that cost a restart seconds and give a trainkit job nothing, by overriding the
+    private ``_create_default_callbacks`` (Ray 2.60 has no switch for either):
+
+    * ``DatasetsCallback`` without Ray Datasets: it still starts a ``DatasetManager`` actor,
+      a Python process importing Ray Data, at every worker-group start, i.e. every restart;
+    * ``PlacementGroupCleanerCallback`` on a Ray without a dashboard: it polls the state API,
+      which needs the dashboard, and only logs a failure every second."""
+
+    class LeanTrainer(trainer_cls):  # type: ignore[misc, valid-type]
+        def _create_default_callbacks(self) -> list[Any]:
+            callbacks = super()._create_default_callbacks()
+            drop = set() if self.datasets else {"DatasetsCallback"}
+            if not ray_dashboard_up():
+                drop.add("PlacementGroupCleanerCallback")
+            return [c for c in callbacks if type(c).__name__ not in drop]
+
+    LeanTrainer.__name__ = LeanTrainer.__qualname__ = f"Lean{trainer_cls.__name__}"
+    return LeanTrainer
+
+
 RAY_PRIVATE_NAMES = (
     "ray._private.ray_constants.ENABLE_RAY_CLUSTER",
     "ray.train.TrainContext.get_storage (DeveloperAPI) -> StorageContext.experiment_fs_path, .storage_filesystem",
@@ -257,6 +290,8 @@ RAY_PRIVATE_NAMES = (
     RAY_TRAIN_WORKER_MODULE,
     "--runtime-env-hash (default_worker.py argument)",
     "ray.core.generated.node_manager_pb2(_grpc).PrestartWorkers, common_pb2.PYTHON",
+    "ray._private.worker.global_worker.node.address_info['webui_url']",
+    "DataParallelTrainer._create_default_callbacks (DatasetsCallback, PlacementGroupCleanerCallback)",
 )
 
 

@@ -103,7 +103,7 @@ def test_forked_child_cannot_unregister_the_parents_sockets():
 
 def test_ray_private_names_are_all_checked_here():
     """The list this file checks is the list _compat uses (a new name needs a test below)."""
-    assert len(_compat.RAY_PRIVATE_NAMES) == 11
+    assert len(_compat.RAY_PRIVATE_NAMES) == 13
 
 
 def test_ray_loopback_switch_is_where_ray_reads_it():
@@ -162,6 +162,34 @@ def test_ray_prestart_workers_request_has_the_fields_set():
     assert "PrestartWorkers" in node_manager_pb2.DESCRIPTOR.services_by_name["NodeManagerService"].methods_by_name
 
 
+def test_ray_lean_trainer_drops_only_the_two_callbacks_it_names():
+    import inspect
+
+    from ray.train.torch import TorchTrainer
+    from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
+
+    source = inspect.getsource(DataParallelTrainer._create_default_callbacks)
+    assert "DatasetsCallback(" in source and "PlacementGroupCleanerCallback()" in source
+    lean = _compat.ray_lean_trainer(TorchTrainer)
+    assert issubclass(lean, TorchTrainer) and lean.__name__ == "LeanTorchTrainer"
+
+    class DatasetsCallback: ...
+
+    class PlacementGroupCleanerCallback: ...
+
+    class BackendSetupCallback: ...
+
+    class Base:
+        datasets: dict = {}
+
+        def _create_default_callbacks(self):
+            return [DatasetsCallback(), PlacementGroupCleanerCallback(), BackendSetupCallback()]
+
+    kept = [type(c).__name__ for c in _compat.ray_lean_trainer(Base)()._create_default_callbacks()]
+    assert kept == (["BackendSetupCallback"] if not _compat.ray_dashboard_up()
+                    else ["PlacementGroupCleanerCallback", "BackendSetupCallback"])
+
+
 @pytest.fixture(scope="module")
 def ray_two_nodes():
     """A head and one worker node on 127.0.0.1 (a drain needs a node that is not the head)."""
@@ -201,6 +229,7 @@ def test_ray_kv_drain_and_worker_mode_on_a_live_cluster(ray_two_nodes):
     import ray
 
     assert _compat.ray_is_worker_process() is False  # a driver
+    assert _compat.ray_dashboard_up() is False  # the fixture's head has none
     # An actor on the node: its answer, and the work that keeps a drained node from leaving at once.
     class WorkerMode:  # defined here, so Ray ships it by value
         def mode(self) -> bool:
