@@ -301,6 +301,8 @@ def scan(url: str, size: int):
             elif htype == _RECORD_BATCH:
                 batches.append((off, end - off, rows))
             off = end
+            if size - off <= 8:
+                break  # only the end-of-stream marker is left: no request to read it
     except (struct.error, IndexError, pa.ArrowException) as exc:
         raise StorageError(f"{url}: not a readable Arrow IPC file ({exc})") from exc
     if schema is None:

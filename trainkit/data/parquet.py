@@ -21,6 +21,7 @@ INT32 (4 bytes each before the codec), and a list column carries levels per valu
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -31,6 +32,7 @@ from trainkit.data.cache import ShardInfo
 from trainkit.errors import StorageError
 
 SUFFIX = ".parquet"
+FOOTER_GUESS = 64 << 10  # bytes read from a file's end for its footer
 
 
 class ParquetSource:
@@ -39,6 +41,7 @@ class ParquetSource:
     format = "parquet"
 
     def __init__(self, url: str) -> None:
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
         self.url = url.rstrip("/")
@@ -48,9 +51,17 @@ class ParquetSource:
 
         def footer(f: dict[str, Any]):
             def read():
+                # one range request for the tail (a second only for a footer > 64 KiB); the
+                # footer is parsed alone, behind the magic a file starts with
                 fs, path = storage.filesystem(f["url"])
-                with fs.open(path, "rb") as fh:
-                    return pq.read_metadata(fh)
+                size = f["bytes"]
+                tail = fs.cat_file(path, start=max(0, size - FOOTER_GUESS), end=size)
+                if len(tail) < 12 or tail[-4:] != b"PAR1":
+                    raise StorageError(f"{f['url']}: not a readable Parquet file (no Parquet magic at its end)")
+                need = struct.unpack("<I", tail[-8:-4])[0] + 8
+                if need > len(tail):
+                    tail = fs.cat_file(path, start=max(0, size - need), end=size)
+                return pq.read_metadata(pa.BufferReader(pa.py_buffer(b"PAR1" + tail[-need:])))
 
             try:
                 return storage.retry(read, what=f["url"])
