@@ -119,3 +119,13 @@ def test_spot_without_a_spot_price_in_the_table():
     name = next(n for n, e in price_table()["instances"].items() if e["spot"] is None)
     with pytest.raises(ConfigError, match="no spot price for"):
         load_config({"cost": {"instance": name, "spot": True}})
+
+
+def test_the_closing_summary_prints_nested_figures_one_a_line():
+    from trainkit.metrics.progress import format_summary
+
+    text = format_summary({"steps": 40, "cost_usd": 0.0381, "badput_s": {"startup": 20.6, "downtime": 53.0},
+                           "cost": {"usd": 0.0381, "capacity": "spot"}})
+    lines = [line.split() for line in text.splitlines()]
+    assert ["badput_s.startup", "20.6"] in lines and ["badput_s.downtime", "53"] in lines
+    assert ["cost.capacity", "spot"] in lines and ["cost_usd", "0.0381"] in lines
