@@ -49,10 +49,10 @@ def test_goodput_and_split_add_up_to_the_wall_time(scenario):
     assert r["useful_s"] == pytest.approx(19.8)  # 20 kept steps less 0.2 s blocked on a save
     assert r["goodput"] == pytest.approx(19.8 / 53)
     assert r["steady_goodput"] == pytest.approx(20 / 53)
-    # The run report's buckets; the launcher's own start-up (10 s) and exit (1.5 s) added.
+    # The run report's buckets; the launcher's own start-up (10 s) added, and its exit (1.5 s).
     assert r["split"] == pytest.approx({
         "startup_s": 10 + 1, "restore_s": 1, "checkpoint_save_s": 0.2, "data_wait_s": 0, "recompute_s": 2,
-        "emergency_save_s": 0.5, "downtime_s": 10 + 6.5, "other_s": 0.5 + 1.5,
+        "emergency_save_s": 0.5, "downtime_s": 10 + 6.5, "other_s": 0.5, "exit_s": 1.5,
     })
     assert r["useful_s"] + sum(r["split"].values()) == pytest.approx(r["wall_s"])
     assert r["interruption_s"] == pytest.approx(2 + 10 + 0.5 + 6.5 + 2)

@@ -252,8 +252,9 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
              f"({result['median_step_s'] * 1000:.1f} ms) over the wall time",
              ""]
     split = [["useful steps", f"{result['useful_s']:.1f}", f"{result['useful_s'] / wall:.1%}"]]
-    split += [[LABELS[key], f"{result['split'][f'{key}_s']:.1f}", f"{result['split'][f'{key}_s'] / wall:.1%}"]
-              for key in BUCKETS]
+    names = {**LABELS, "exit": "launcher exit (after the run's last record)"}
+    split += [[names[key], f"{result['split'][f'{key}_s']:.1f}", f"{result['split'][f'{key}_s'] / wall:.1%}"]
+              for key in (*BUCKETS, "exit")]
     split.append(["(lost to the events: their recompute, saves, downtime, restarts)", f"{result['interruption_s']:.1f}",
                   f"{result['interruption_s'] / wall:.1%}"])
     lines += [report.table(["where the wall time went (launch -> exit)", "s", "share"], split), ""]

@@ -13,8 +13,8 @@ saw, on hand-made records as easily as on a real job:
 * ``t_launch`` / ``t_end``: when the launcher process was started and when it exited.
 
 ``wall_s = t_end - t_launch``: the launcher's time before the first attempt began (driver,
-Ray, the worker group) is added to ``startup``, its time after the run's last record (final
-shutdown) to ``other``. ``goodput = useful_s / wall_s``; ``useful_s`` is the kept steps' time
+Ray, the worker group) is added to ``startup``; its time after the run's last record (Ray's
+and the driver's shutdown) is ``exit``, a bucket of the bench's own. ``goodput = useful_s / wall_s``; ``useful_s`` is the kept steps' time
 less their data wait and checkpoint blocking. ``steady_goodput`` puts the same steps at the
 median step time. Each fired event gets one row: what the attempt it hit lost (recompute,
 emergency save, downtime) and what the next attempt took to start (start-up, restore).
@@ -61,7 +61,7 @@ def account(final: Sequence[Record], seen: Sequence[Record], events: Sequence[Re
     if spans:
         first = min(s["began"] for s in spans)
         split["startup_s"] += first - t_launch
-        split["other_s"] += t_end - (first + g["wall_s"])
+        split["exit_s"] = t_end - (first + g["wall_s"])
     else:
         split["other_s"] = wall_s - g["useful_s"] - sum(v for k, v in split.items() if k != "other_s")
     seen_by = _by_attempt(seen)
@@ -110,7 +110,7 @@ def account(final: Sequence[Record], seen: Sequence[Record], events: Sequence[Re
         "median_step_s": g["median_step_s"],
         "steps": g["steps"] if final else 0,
         "attempts": g["attempts"],
-        "split": {f"{k}_s": split[f"{k}_s"] for k in BUCKETS},
+        "split": {f"{k}_s": split.get(f"{k}_s", 0.0) for k in (*BUCKETS, "exit")},
         "interruption_s": g["interruption_s"],
         "events": rows,
         "unscheduled_restarts": unscheduled,
