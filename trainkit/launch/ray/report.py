@@ -7,8 +7,13 @@ flag travels in the agreement's all-reduce, and every rank makes the call at the
 boundary, one step later. Nothing here touches the device: records are the Python values
 trainkit already read on its logging steps.
 
-* :class:`RayReporter` sends each logged record (rank 0's, handed over by
-  :class:`RayReportLogger`) and each committed checkpoint. A checkpoint reaches Ray as a
+* :class:`RayReporter` sends the logged records (rank 0's, handed over by
+  :class:`RayReportLogger`) and the committed checkpoints, at most one report every
+  ``REPORT_GAP_S`` (the newest record and checkpoint since the last one; the run's end
+  always reports). Ray's worker hands each report to its controller through a queue of one,
+  emptied at the controller's poll (``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S``, 2 s by default):
+  a report made sooner waits for that poll, which, made at every step, held each step
+  ~0.5 s on the project's 2-core machine. A checkpoint reaches Ray as a
   *pointer*: a directory under Ray's experiment directory holding ``trainkit_checkpoint.json``
   (the run_dir checkpoint's URL and step), reported with ``CheckpointUploadMode.NO_UPLOAD``,
   so Ray copies nothing. Ray keeps a checkpoint only under its own storage path, hence the
@@ -30,6 +35,8 @@ from trainkit import rundir
 
 log = logging.getLogger(__name__)
 
+# Longer than Ray's default controller poll (2 s), so a report never waits for the previous one.
+REPORT_GAP_S = 2.5
 POINTER_FILE = "trainkit_checkpoint.json"
 POINTER_FORMAT = "trainkit-checkpoint-pointer/1"
 # The logger the Ray worker adds to ``trainer.loggers`` (rank 0 builds it; it feeds the reporter).
@@ -41,9 +48,11 @@ _ACTIVE: RayReporter | None = None
 class RayReporter:
     """Rank 0 collects; every rank reports at the agreed boundaries (a boundary hook)."""
 
-    def __init__(self, run_dir: str, rank: int) -> None:
+    def __init__(self, run_dir: str, rank: int, gap_s: float = REPORT_GAP_S) -> None:
         self.run_dir = run_dir
         self.rank = rank
+        self.gap_s = gap_s
+        self._last_report = -gap_s
         self._pending: dict[str, Any] = {}
         self._batch: dict[str, Any] = {}
         self._last_record: dict[str, Any] = {}
@@ -59,8 +68,9 @@ class RayReporter:
 
     # -- the boundary hook -------------------------------------------------------------------
     def due(self) -> bool:
-        """Rank 0 wishes when it holds something new; what it holds now is what it sends."""
-        if not self._pending:
+        """Rank 0 wishes when it holds something new and the last report is ``gap_s`` old;
+        what it holds then is what it sends."""
+        if not self._pending or time.monotonic() - self._last_report < self.gap_s:
             return False
         self._batch, self._pending = self._pending, {}
         return True
@@ -86,6 +96,7 @@ class RayReporter:
             metrics = {**metrics, "checkpoint_step": checkpoint_step}
         ray.train.report(metrics if self.rank == 0 else {}, checkpoint=checkpoint,
                          checkpoint_upload_mode=ray.train.CheckpointUploadMode.NO_UPLOAD)
+        self._last_report = time.monotonic()
         self.reports += 1
 
     def _pointer(self, step: int) -> Any:
