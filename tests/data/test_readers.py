@@ -193,7 +193,9 @@ def test_through_the_fault_proxy(reader, store, store_url, through_proxy, tmp_pa
     proxy = through_proxy(store, schedule=_faults, latency=0.01, methods=["GET", "HEAD"])
     stream = Stream(url, cache_dir=str(tmp_path / "cache"), shuffle_window=2)
     tf = TRANSFORM[reader]
-    first, state = run_loaders(stream, world=2, workers=1, batch_size=24, steps=4, seed=6, transform=tf)
+    # in-process readers: a DataLoader worker forked while the in-process proxy holds a connection
+    # shares its socket, and the proxy's resets then reach the client only at its read timeout
+    first, state = run_loaders(stream, world=2, workers=0, batch_size=24, steps=4, seed=6, transform=tf)
     rest, end = run_loaders(stream, world=1, workers=0, batch_size=24, steps=6, seed=6, state=state, transform=tf)
     assert end["position"] == N and first + rest == expected_sequence(stream, 6, 0, N)
     assert sorted(first + rest) == list(range(N))

@@ -61,8 +61,10 @@ def read_mds_index(url: str) -> dict | None:
         index = json.loads(storage.retry(get, what=target))
     except ValueError as exc:
         raise StorageError(f"{target}: not valid JSON: {exc}") from exc
-    shards = index.get("shards") if isinstance(index, dict) else None
-    if index.get("version") != 2 or not isinstance(shards, list) or not shards:
+    if not isinstance(index, dict) or index.get("version") != 2:
+        return None
+    shards = index.get("shards")
+    if not isinstance(shards, list) or not shards:
         return None
     if not all(isinstance(s, dict) and s.get("format") == "mds" for s in shards):
         return None
