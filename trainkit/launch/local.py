@@ -43,6 +43,11 @@ class LocalLauncher(Launcher):
     Options = LocalOptions
 
     def run(self, cfg: Config) -> JobResult:
+        if cfg.ft.mode == "replicas":
+            from trainkit.ft.supervisor import ReplicaSupervisor
+
+            forward_signals(cfg.preemption.signals)
+            return attempt(lambda: ReplicaSupervisor(cfg).run())
         return attempt(lambda: launch(cfg))
 
 

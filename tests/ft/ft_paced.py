@@ -1,0 +1,54 @@
+"""The resnet task with a pace, for the replica-group tests (``task=ft_paced:TASK``).
+
+A survivor trains tiny steps in milliseconds, a replacement takes seconds to start (tens on a
+loaded machine): left alone, the survivor would finish before its peer rejoins. So while
+group 1's replacement is not yet healed, every chunk waits ``PACE_S``, and after
+``MIN_ALONE`` steps alone the survivor waits for the replacement's process to start (it
+must keep stepping after that, since the replacement heals at the survivor's next quorum).
+Nothing here changes what is computed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from pathlib import Path
+
+from trainkit.tasks.resnet import TASK as RESNET
+
+LEDGERS_ENV = "FT_TEST_LEDGERS"
+PACE_S = 0.15
+MIN_ALONE = 5
+START_WAIT_S = 300
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text()
+    except OSError:
+        return ""
+
+
+def _pace() -> None:
+    ledgers = os.environ.get(LEDGERS_ENV)
+    if not ledgers:
+        return
+    deadline = time.monotonic() + START_WAIT_S
+    while True:
+        replacement = _read(Path(ledgers, "group-1.jsonl"))
+        alone = _read(Path(ledgers, "group-0.jsonl")).count('"participants": 1,')
+        if not alone or '"event": "healed"' in replacement:
+            return
+        if alone < MIN_ALONE or '"incarnation": 1' in replacement or time.monotonic() > deadline:
+            time.sleep(PACE_S)
+            return
+        time.sleep(0.05)
+
+
+def _loss(model, batch):
+    _pace()
+    return RESNET.loss(model, batch)
+
+
+TASK = dataclasses.replace(RESNET, loss=_loss)

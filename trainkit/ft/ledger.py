@@ -1,0 +1,98 @@
+"""What the replica groups committed, and the exactly-once check over it.
+
+Each group appends to ``ft/group-<g>.jsonl`` (:func:`trainkit.rundir.ft_ledger`): its starts,
+how it healed (``source``: ``peer`` or ``checkpoint``), one record per committed step (its
+replica rank, the number of participants, its chunks of global positions, the step's
+global-batch loss) and one per step it had to redo. A step's update is the sum over its
+participants' chunks, so the step trained exactly its positions when the chunks recorded for
+it by every group that logged it agree with one membership and tile ``[s * B, (s + 1) * B)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from trainkit import rundir, storage
+from trainkit.errors import TrainkitError
+
+
+def read(run_dir: str, groups: int) -> dict[int, list[dict[str, Any]]]:
+    return {g: rundir.read_jsonl(storage.join(run_dir, rundir.ft_ledger(g))) for g in range(groups)}
+
+
+@dataclass
+class Accounting:
+    losses: list[float]
+    participants: list[int]
+    # Per group: how each incarnation after the first got its state ("peer" / "checkpoint").
+    healed: dict[int, list[dict[str, Any]]] = field(default_factory=dict)
+    redone: int = 0  # steps tried and not committed (redone with the same positions)
+    # Steps committed again after a restore from a checkpoint (no live peer): trained twice in
+    # the run's history, once in the final model.
+    recomputed: list[int] = field(default_factory=list)
+
+
+def account(run_dir: str, *, groups: int, steps: int, batch: int) -> Accounting:
+    """Checks that steps ``0 .. steps - 1`` each committed their positions exactly once (the
+    last commit of a step wins when a checkpoint restore redid it); raises TrainkitError with
+    the first violation."""
+    from trainkit.ft.loop import chunks
+
+    ledgers = read(run_dir, groups)
+    # (step) -> list of commits, in the order the groups wrote them per restore lineage.
+    by_step: dict[int, list[dict[str, Any]]] = {}
+    healed: dict[int, list[dict[str, Any]]] = {}
+    redone = 0
+    for g, records in ledgers.items():
+        for rec in records:
+            if rec.get("event") == "healed":
+                healed.setdefault(g, []).append(rec)
+            elif rec.get("redo"):
+                redone += 1
+            elif "loss" in rec:
+                by_step.setdefault(int(rec["step"]), []).append(rec)
+    extra = sorted(s for s in by_step if not 0 <= s < steps)
+    if extra:
+        raise TrainkitError(f"steps {extra} committed beyond trainer.max_steps={steps}")
+    losses, participants, recomputed = [], [], []
+    for step in range(steps):
+        commits = by_step.get(step)
+        if not commits:
+            raise TrainkitError(f"step {step} was never committed: positions [{step * batch}, {(step + 1) * batch}) "
+                                "not trained")
+        lineages = _lineages(commits)
+        if len(lineages) > 1:
+            recomputed.append(step)
+        final = lineages[-1]
+        n = final[0]["participants"]
+        ranks = [c["rank"] for c in final]
+        if len(set(ranks)) != len(ranks):
+            raise TrainkitError(f"step {step}: replica rank committed twice in one membership: {final}")
+        for c in final:
+            want = [list(p) for p in chunks(step, batch, groups, c["rank"], n)]
+            if [list(p) for p in c["chunks"]] != want:
+                raise TrainkitError(f"step {step}: group {c['group']} trained {c['chunks']}, its share was {want}")
+        if len({c["loss"] for c in final}) != 1:
+            raise TrainkitError(f"step {step}: groups of one membership disagree on the loss: {final}")
+        covered = sorted(p for r in range(n) for p in chunks(step, batch, groups, r, n))
+        if covered[0][0] != step * batch or covered[-1][1] != (step + 1) * batch or any(
+                a[1] != b[0] for a, b in zip(covered, covered[1:])):
+            raise TrainkitError(f"step {step}: chunks {covered} do not tile the step's positions")
+        losses.append(float(final[0]["loss"]))
+        participants.append(int(n))
+    return Accounting(losses, participants, healed, redone, recomputed)
+
+
+def _lineages(commits: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    """A step's commits grouped by membership, oldest first: one group normally; more when a
+    restore from a checkpoint redid the step. Commits of one membership land close together."""
+    ordered = sorted(commits, key=lambda c: c["time"])
+    out: list[list[dict[str, Any]]] = [[ordered[0]]]
+    for c in ordered[1:]:
+        same = c["participants"] == out[-1][0]["participants"] and c["rank"] not in {x["rank"] for x in out[-1]}
+        if same and len(out[-1]) < c["participants"]:
+            out[-1].append(c)
+        else:
+            out.append([c])
+    return out

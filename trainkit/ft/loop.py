@@ -1,0 +1,384 @@
+"""One replica group's training loop under ``ft.mode=replicas`` (one process per group).
+
+Every step: a quorum (torchft ``Manager.start_quorum``, synchronous, so a replacement heals
+before it computes), this group's chunks of the step's global batch, a checked all-reduce of
+the gradients and the loss, ``should_commit``, and only then the optimizer step. The step
+number is the Manager's (committed steps), and the data positions are a function of it:
+step ``s`` trains positions ``[s * B, (s + 1) * B)`` of trainkit's order, cut into
+``ft.groups`` chunks of ``B / ft.groups``; participant ``r`` of ``n`` takes chunks
+``r, r + n, ...``. A step that does not commit is redone with the same positions, so each
+position is trained exactly once, whoever joins or leaves. Each chunk's gradient is computed
+alone and scaled by ``1 / ft.groups``, so the sum over chunks does not depend on who computed
+which (with two groups it is the same float sum in any membership).
+
+Start-up is ordered (model, data, checkpointer, then the Manager last, then a barrier among the
+first incarnations so the first quorum has every group) and the Manager is shut down on every
+exit path, so a dying group stops heartbeating at once.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from trainkit import _compat, rundir, storage
+from trainkit.config import Config, load_config
+from trainkit.data import default_collate
+from trainkit.errors import Preempted, TrainkitError
+from trainkit.optim import optimizer_factory, scheduler
+from trainkit.tasks import TASKS
+from trainkit.tasks.base import default_url
+
+# Set by the supervisor for each group process.
+LIGHTHOUSE_ENV = "TRAINKIT_FT_LIGHTHOUSE"
+INCARNATION_ENV = "TRAINKIT_FT_INCARNATION"
+BARRIER_ENV = "TRAINKIT_FT_BARRIER"
+# Chaos: ``group:step:point[,...]`` makes a group's first incarnation SIGKILL itself at a step,
+# ``point`` = ``allreduce`` (while its peers wait in the all-reduce) or ``commit`` (after the
+# step committed, between steps). What trainkit.chaos and the tests use for repeatable failures.
+KILL_ENV = "TRAINKIT_FT_KILL"
+# A peer that dies while its group's share is in flight: its peers are inside the all-reduce.
+_KILL_DELAY_S = 0.5
+
+
+def chunks(step: int, batch: int, groups: int, rank: int, participants: int) -> list[tuple[int, int]]:
+    """The global positions participant ``rank`` of ``participants`` trains at ``step``."""
+    if not 0 <= rank < participants <= groups:
+        raise TrainkitError(f"replica rank {rank} of {participants} participants with ft.groups={groups}")
+    size, start = batch // groups, step * batch
+    return [(start + c * size, start + (c + 1) * size) for c in range(rank, groups, participants)]
+
+
+@dataclass
+class _Kill:
+    step: int
+    point: str
+
+
+def _kills(group: int) -> list[_Kill]:
+    if os.environ.get(INCARNATION_ENV, "0") != "0":
+        return []
+    out = []
+    for item in filter(None, os.environ.get(KILL_ENV, "").split(",")):
+        g, step, point = item.split(":")
+        if int(g) == group:
+            out.append(_Kill(int(step), point))
+    return out
+
+
+def _die_if(kills: list[_Kill], step: int, point: str) -> None:
+    if any(k.step == step and k.point == point for k in kills):
+        if point == "allreduce":
+            time.sleep(_KILL_DELAY_S)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+class _Replica:
+    """The model, optimizer, schedule and data of one group, and one step's arithmetic."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        task = TASKS.get(cfg.task, "task")
+        self.task = task
+        model_cfg = task.model_config(**cfg.model)
+        torch.manual_seed(cfg.seed)  # identical initial weights in every group, no broadcast
+        self.model = task.build_model(model_cfg)
+        self.model.train()
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = optimizer_factory(cfg.optim)(self.params)
+        self.scheduler = scheduler(self.optimizer, cfg.optim, cfg.trainer.max_steps)
+        from trainkit.data import Stream
+
+        d = cfg.data
+        self.stream = Stream(cfg.data.url or default_url(task, cfg.model), cache_dir=d.cache_dir or None,
+                             cache_bytes=d.cache_bytes, shuffle=d.shuffle, shuffle_window=d.shuffle_window,
+                             prefetch=None if d.prefetch < 0 else d.prefetch,
+                             format=None if d.format == "auto" else d.format)
+        self.batch = d.batch_size
+        self.groups = cfg.ft.groups
+
+    def gradients(self, parts: list[tuple[int, int]]) -> torch.Tensor:
+        """This group's share of the step: flat gradients and loss, each chunk weighted 1/groups."""
+        self.optimizer.zero_grad(set_to_none=True)
+        weight = 1.0 / self.groups
+        loss_sum = torch.zeros((), dtype=torch.float32)
+        for lo, hi in parts:
+            ids = self.stream.ids_at(self.cfg.seed, lo, hi)
+            batch = default_collate([self.stream[int(i)] for i in ids])
+            loss, _ = self.task.loss(self.model, batch)
+            (loss * weight).backward()
+            loss_sum = loss_sum + loss.detach().float() * weight
+        flat = [p.grad.reshape(-1) if p.grad is not None else torch.zeros(p.numel(), dtype=p.dtype)
+                for p in self.params]
+        # The loss, then this group's vote that its share is valid (see checked_allreduce).
+        return torch.cat([*flat, loss_sum.reshape(1).to(flat[0].dtype), torch.ones(1, dtype=flat[0].dtype)])
+
+    def apply(self, buf: torch.Tensor) -> float:
+        """Steps the optimizer on the reduced gradients; returns the step's global-batch loss."""
+        offset = 0
+        for p in self.params:
+            n = p.numel()
+            p.grad = buf[offset:offset + n].view_as(p).clone()
+            offset += n
+        clip = self.cfg.trainer.grad_clip
+        if clip:
+            torch.nn.utils.clip_grad_norm_(self.params, clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        return float(buf[-2])
+
+    def state_dict(self, step: int) -> dict[str, Any]:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "data": {"position": step * self.batch}}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.healed_position = int(state["data"]["position"])
+
+
+def reference_losses(cfg_dict: Mapping[str, Any]) -> list[float]:
+    """The losses of the same steps trained by one group alone in this process, with no
+    torchft: what any membership history must reproduce (within the stated bound)."""
+    cfg = load_config(cfg_dict)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(_threads(cfg))
+    try:
+        replica = _Replica(cfg)
+        losses = []
+        for step in range(cfg.trainer.max_steps):
+            buf = replica.gradients(chunks(step, cfg.data.batch_size, cfg.ft.groups, 0, 1))
+            losses.append(replica.apply(buf))
+        return losses
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _threads(cfg: Config) -> int:
+    """Intra-op threads per group, fixed by the config: kernels then sum in the same order
+    whichever group computes a chunk."""
+    return cfg.trainer.threads or max(1, (os.cpu_count() or 1) // cfg.ft.groups)
+
+
+class _Checkpoints:
+    """The durable state, through trainkit's checkpointer (for when no group is left)."""
+
+    def __init__(self, cfg: Config, replica: _Replica) -> None:
+        from trainkit.checkpoint import Checkpointer, ModelOptimState
+
+        c = cfg.checkpoint
+        self.every = c.every_steps if c.enabled else 0
+        self.enabled = c.enabled
+        self.replica = replica
+        self.position = _Position(cfg.data.batch_size)
+        self.state: dict[str, Any] = {"model_optim": ModelOptimState(replica.model, replica.optimizer),
+                                      "scheduler": replica.scheduler, "data": self.position}
+        self.checkpointer = Checkpointer(storage.join(cfg.run_dir, rundir.CHECKPOINTS), keep_last=c.keep_last,
+                                         keep_every=c.keep_every, async_save=False) if c.enabled else None
+
+    def latest(self) -> int | None:
+        return self.checkpointer.latest_step() if self.checkpointer is not None else None
+
+    def load(self) -> int | None:
+        assert self.checkpointer is not None
+        step = self.checkpointer.load(self.state)
+        return None if step is None else self.position.position // self.position.batch
+
+    def save(self, step: int) -> None:
+        if self.checkpointer is not None:
+            self.position.position = step * self.position.batch
+            self.checkpointer.save(step, self.state, blocking=True)
+
+    def close(self) -> None:
+        if self.checkpointer is not None:
+            self.checkpointer.close()
+
+
+class _Position:
+    """The data position in the state tree: global samples trained, ``step * batch``."""
+
+    def __init__(self, batch: int) -> None:
+        self.batch, self.position = batch, 0
+
+    def state_dict(self) -> dict[str, int]:
+        return {"position": self.position, "batch_size": self.batch}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if int(state["batch_size"]) != self.batch:
+            raise TrainkitError(f"the checkpoint was trained with data.batch_size={state['batch_size']}, "
+                                f"this run has {self.batch}: ft.mode=replicas keeps the global batch")
+        self.position = int(state["position"])
+
+
+def _barrier(path: str, group: int, groups: int, timeout: float) -> None:
+    """Waits until every first-incarnation group has built its Manager (they all heartbeat)."""
+    Path(path, f"ready-{group}").touch()
+    deadline = time.monotonic() + timeout
+    while sum(1 for _ in Path(path).glob("ready-*")) < groups:
+        if time.monotonic() > deadline:
+            raise TrainkitError(f"replica groups did not all start within ft.replacement_s={timeout}")
+        time.sleep(0.02)
+
+
+def run_group(cfg_dict: Mapping[str, Any], group: int, *, say: Callable[[str], None] = print) -> int:
+    """Trains as replica group ``group`` until ``trainer.max_steps`` is committed; returns it."""
+    cfg = load_config(cfg_dict)
+    ft = cfg.ft
+    storage.configure(cfg.storage)
+    torch.set_num_threads(_threads(cfg))
+    kills = _kills(group)
+    replica = _Replica(cfg)
+    durable = _Checkpoints(cfg, replica)
+    from trainkit.metrics import JsonlLog
+
+    ledger = JsonlLog(cfg.run_dir, rundir.ft_ledger(group), flush_seconds=0.0)
+    manager = None
+    ledger.write({"event": "start", "group": group, "incarnation": int(os.environ.get(INCARNATION_ENV, "0")),
+                  "pid": os.getpid(), "time": time.time()})
+
+    def stop(signum: int, frame: Any) -> None:
+        raise Preempted(f"replica group {group} stopped by {signal.Signals(signum).name}")
+
+    # A stop signal leaves through the finally below: the Manager stops heartbeating at once.
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        manager, pg, _store = _manager(cfg, group, replica)  # the store must outlive the loop
+        barrier = os.environ.get(BARRIER_ENV)
+        if barrier and os.environ.get(INCARNATION_ENV, "0") == "0":
+            _barrier(barrier, group, ft.groups, ft.replacement_s)
+        expected: int | None = None  # the step this group is at before a quorum; None: no state yet
+        while True:
+            t0 = time.time()
+            manager.start_quorum()
+            if expected is None:
+                # Only a quorum that completed says whether anybody is ahead (a failed heal is
+                # retried at the next one, never replaced by the checkpoint).
+                if manager.errored() is None:
+                    _restore_if_alone(manager, replica, durable, group, ledger, say)
+            elif manager.current_step() != expected:
+                _healed(manager, replica, group, ledger, say)
+            step = manager.current_step()
+            if step >= cfg.trainer.max_steps:
+                break
+            n, r = manager.num_participants(), manager.participating_rank()
+            if r is None:
+                raise TrainkitError(f"replica group {group} is not in the quorum of step {step}")
+            parts = chunks(step, cfg.data.batch_size, ft.groups, r, n)
+            buf = replica.gradients(parts)
+            _die_if(kills, step, "allreduce")
+            reduced = checked_allreduce(manager, pg, buf)
+            if manager.should_commit() and reduced:
+                loss = replica.apply(buf)
+                ledger.write({"step": step, "group": group, "rank": r, "participants": n, "chunks": parts,
+                              "loss": loss, "time": time.time(), "step_s": time.time() - t0})
+                last = step + 1 == cfg.trainer.max_steps
+                if r == 0 and durable.enabled and (last or (durable.every and (step + 1) % durable.every == 0)):
+                    # The last one before the final quorum, which waits for it: once any group
+                    # has left with the run done, the final checkpoint is committed.
+                    durable.save(step + 1)
+                expected = step + 1
+                _die_if(kills, step, "commit")
+            else:
+                if expected is not None or step > 0:
+                    expected = step
+                ledger.write({"step": step, "group": group, "redo": True, "participants": n,
+                              "time": time.time(), "error": str(manager.errored() or "")[:200]})
+        return step
+    finally:
+        if manager is not None:
+            manager.shutdown(wait=False)
+        durable.close()
+        ledger.close()
+
+
+def checked_allreduce(manager: Any, pg: Any, buf: torch.Tensor) -> bool:
+    """Sums ``buf`` over the quorum's groups; False (and the step is not committed) when a peer
+    was lost on the way or had no valid share.
+
+    torchft's DDP comm hook fails ``assert fut._fut`` and kills the survivor when a peer dies
+    mid-all-reduce (torchft 0.2); here the collective runs on the Manager's process group
+    directly and any failure is only reported to the Manager, so ``should_commit`` says no.
+    The last element is each group's vote (1: my share is valid). A group that failed before
+    the collective (a heal that did not complete) still takes part, with zeros and a 0 vote,
+    so its peers learn it at once instead of after the collective's timeout; every group
+    then sees a sum below the participants and redoes the step.
+    """
+    from torch.distributed import AllreduceOptions, ReduceOp
+
+    valid = manager.errored() is None
+    if not valid:
+        buf.zero_()
+    try:
+        manager.wait_quorum()
+        opts = AllreduceOptions()
+        opts.reduceOp = ReduceOp.SUM
+        pg.allreduce([buf], opts).wait()
+    except Exception as exc:  # a lost peer surfaces as whatever gloo raises: all mean "redo"
+        manager.report_error(exc)
+        return False
+    votes, participants = int(buf[-1].item()), manager.num_participants()
+    if valid and votes != participants:
+        manager.report_error(TrainkitError(f"{participants - votes} of {participants} groups had no valid share"))
+    return manager.errored() is None
+
+
+def _manager(cfg: Config, group: int, replica: _Replica) -> tuple[Any, Any, Any]:
+    """The torchft Manager for this group, its process group and the group's store; built
+    last, since the Manager heartbeats from here on."""
+    from torch.distributed import TCPStore
+    from torchft import Manager, ProcessGroupGloo
+
+    from trainkit.ft.transport import LoopbackTransport
+
+    ft = cfg.ft
+    timeout = timedelta(seconds=ft.timeout_s)
+    store = TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    pg = ProcessGroupGloo(timeout=timeout)
+    def state() -> dict[str, Any]:
+        return replica.state_dict(manager.current_step())
+
+    with _compat.torchft_manager_bound_to("127.0.0.1"):
+        manager = Manager(
+            pg=pg, load_state_dict=replica.load_state_dict, state_dict=state, min_replica_size=ft.min_replicas,
+            use_async_quorum=False, timeout=timeout, quorum_timeout=timedelta(seconds=ft.quorum_timeout_s),
+            connect_timeout=timeout, rank=0, world_size=1, store_addr="127.0.0.1", store_port=store.port,
+            lighthouse_addr=os.environ[LIGHTHOUSE_ENV], replica_id=f"trainkit_group_{group}",
+            hostname="127.0.0.1", checkpoint_transport=LoopbackTransport("127.0.0.1", timeout),
+            init_sync=False,
+        )
+    return manager, pg, store
+
+
+def _healed(manager: Any, replica: _Replica, group: int, ledger: Any, say: Callable[[str], None]) -> None:
+    step = manager.current_step()
+    healed = getattr(replica, "healed_position", None)
+    if healed != step * replica.batch:
+        raise TrainkitError(f"replica group {group} healed to step {step} with data position {healed}")
+    ledger.write({"event": "healed", "group": group, "step": step, "source": "peer", "time": time.time()})
+    say(f"replica group {group}: healed from a live peer at step {step}")
+
+
+def _restore_if_alone(manager: Any, replica: _Replica, durable: _Checkpoints, group: int, ledger: Any,
+                      say: Callable[[str], None]) -> None:
+    """After the first quorum: healed from a live peer, or, with nobody ahead of us, the latest
+    committed checkpoint (never step 0 while one exists)."""
+    if manager.current_step() > 0:
+        _healed(manager, replica, group, ledger, say)
+        return
+    if durable.latest() is None:
+        return
+    loaded = durable.load()
+    if loaded is None:
+        return
+    manager.load_state_dict({"step": loaded, "batches_committed": loaded * replica.groups})
+    ledger.write({"event": "healed", "group": group, "step": loaded, "source": "checkpoint", "time": time.time()})
+    say(f"replica group {group}: no live peer; restored the committed checkpoint at step {loaded}")

@@ -1,0 +1,114 @@
+"""The replica groups of ``ft.mode=replicas`` on this machine (``launcher=local``).
+
+Starts a torchft lighthouse on loopback and one process per replica group, and restarts a
+group that dies in place while the others go on (the local counterpart of Ray replacing one
+group). The replacement heals from a live peer through the quorum; the job ends when a group
+has committed ``trainer.max_steps``, or fails when a group exits with a trainkit error or is
+lost more than ``ft.max_restarts`` times.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any
+
+from trainkit.config import Config, run_dir_default
+from trainkit.errors import EXIT_PREEMPTED
+from trainkit.ft.loop import BARRIER_ENV, INCARNATION_ENV, LIGHTHOUSE_ENV
+
+# Exit codes that say the group's own job is wrong (config, store): restarting cannot help.
+_FATAL = (2,)
+
+
+class ReplicaSupervisor:
+    def __init__(self, cfg: Config, *, poll_s: float = 0.05) -> None:
+        self.cfg = cfg
+        self.poll_s = poll_s
+        self.restarts: dict[int, int] = {}
+        self.lost: list[tuple[float, int, int]] = []  # (time, group, exit code)
+
+    def run(self) -> tuple[int, str]:
+        """(exit code, what failed) of the job."""
+        os.environ.setdefault("RUST_LOG", "warn")  # torchft's Rust side logs every quorum at INFO
+        from torchft.coordination import LighthouseServer
+
+        cfg, ft = self.cfg, self.cfg.ft
+        if not cfg.run_dir:
+            cfg.run_dir = run_dir_default(cfg.recipe)
+        lighthouse = LighthouseServer(bind="127.0.0.1:0", min_replicas=ft.min_replicas,
+                                      join_timeout_ms=int(ft.replacement_s * 1000),
+                                      heartbeat_timeout_ms=int(ft.heartbeat_timeout_s * 1000))
+        work = tempfile.mkdtemp(prefix="trainkit-ft-")
+        config = os.path.join(work, "config.json")
+        with open(config, "w", encoding="utf-8") as f:
+            json.dump(cfg.to_dict(), f)
+        env = {**os.environ, LIGHTHOUSE_ENV: f"http://127.0.0.1:{lighthouse.address().rsplit(':', 1)[1]}",
+               BARRIER_ENV: os.path.join(work, "barrier"), "GLOO_SOCKET_IFNAME": "lo"}
+        os.makedirs(env[BARRIER_ENV])
+        procs: dict[int, subprocess.Popen[Any]] = {}
+        try:
+            for g in range(ft.groups):
+                procs[g] = self._start(config, env, g, 0)
+            return self._watch(config, env, procs)
+        finally:
+            for p in procs.values():
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
+            lighthouse.shutdown()
+            shutil.rmtree(work, ignore_errors=True)
+
+    def _start(self, config: str, env: dict[str, str], group: int, incarnation: int) -> subprocess.Popen[Any]:
+        return subprocess.Popen([sys.executable, "-m", "trainkit.ft", config, str(group)],
+                                env={**env, INCARNATION_ENV: str(incarnation)})
+
+    def _watch(self, config: str, env: dict[str, str], procs: dict[int, subprocess.Popen[Any]]) -> tuple[int, str]:
+        ft = self.cfg.ft
+        finished = False
+        while procs:
+            time.sleep(self.poll_s)
+            for g, p in list(procs.items()):
+                code = p.poll()
+                if code is None:
+                    continue
+                del procs[g]
+                if code == 0:
+                    # Done: the final checkpoint was committed before the last quorum. Others
+                    # still running are a replacement with nothing left to do, or leaving too.
+                    finished = True
+                    _stop(procs.values(), self.cfg.ft.timeout_s)
+                    continue
+                if code in _FATAL:
+                    return code, f"replica group {g} failed (exit code {code})"
+                if finished or code == EXIT_PREEMPTED:
+                    continue  # the run is complete, or the group was told to stop: no replacement
+                self.lost.append((time.time(), g, code))
+                n = self.restarts.get(g, 0) + 1
+                if n > ft.max_restarts:
+                    return 1, f"replica group {g} lost {n} times (exit code {code}); ft.max_restarts={ft.max_restarts}"
+                self.restarts[g] = n
+                print(f"replica group {g} lost (exit code {code}); starting its replacement", flush=True)
+                procs[g] = self._start(config, env, g, n)
+        if not finished:
+            return EXIT_PREEMPTED, ""  # every group was stopped: relaunch to resume
+        return 0, ""
+
+
+def _stop(procs: Any, grace_s: float) -> None:
+    """SIGTERM (a group leaves through its ``finally``), SIGKILL after ``grace_s``."""
+    procs = [p for p in procs if p.poll() is None]
+    for p in procs:
+        p.terminate()
+    deadline = time.monotonic() + grace_s
+    for p in procs:
+        try:
+            p.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
