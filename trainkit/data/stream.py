@@ -55,14 +55,15 @@ class Stream:
     ``cache_dir``/``cache_bytes``: the node-local shard cache (default
     ``$TRAINKIT_CACHE_DIR`` or ``~/.cache/trainkit/data``, one subdirectory per URL).
     ``shuffle``/``shuffle_window``: the epoch order (see :mod:`trainkit.data.order`).
-    ``prefetch``: concurrent shard downloads per rank (shared among its DataLoader workers);
-    shards are fetched ahead in order of first use, up to ``max(2 * prefetch, shuffle_window)``
-    beyond the current window, each only if it evicts nothing needed sooner. ``prefetch=0``:
+    ``prefetch``: concurrent shard downloads per rank (with DataLoader workers, run by the main
+    process for them: see :meth:`follow`); shards are fetched ahead in order of first use, up
+    to ``max(2 * prefetch, shuffle_window)`` beyond the current window, each only if it evicts
+    nothing needed sooner. ``prefetch=0``:
     on demand only; ``None`` (default): sized from the shard size and the store's measured
     latency by :func:`downloads_for`.
-    file:// datasets are read in place, without the cache. ``format``: the reader
-    (``trainkit``, ``parquet``; default: what is found at ``url``, see
-    :func:`trainkit.data.source.open_source`).
+    file:// datasets are read in place, without the cache. ``format``: the reader (a key of
+    :data:`trainkit.data.source.READERS`: ``trainkit``, ``parquet``, ``arrow``, ``webdataset``,
+    ``mds``; default: what is found at ``url``, see :func:`trainkit.data.source.open_source`).
     """
 
     def __init__(
