@@ -72,6 +72,20 @@ def test_lists_only_sweep_is_hydras_grid(tmp_path):
     assert (p.options.search.name, p.options.num_samples, p.trials) == ("grid", 1, 4)
 
 
+def test_grid_checks_number_trials_as_tune_does():
+    """A bad grid trial is named by the number Tune gives it (Tune orders a grid by key name)."""
+    from ray.tune.search.variant_generator import generate_variants
+
+    from trainkit.launch.tune.driver import _grid_trials
+    from trainkit.launch.tune.search import param_space
+
+    params = [Param("model.width", "choice", ("8", "16")), Param("data.batch_size", "choice", ("16", "32", "64"))]
+    tune_order = [[f"{p.key}={c[p.key]}" for p in params]
+                  for _, c in generate_variants(param_space(params, grid_choices=True))]
+    assert tune_order == _grid_trials(params)
+    assert tune_order[1] == ["model.width=8", "data.batch_size=32"]
+
+
 def test_unknown_names_list_the_valid_ones(tmp_path):
     with pytest.raises(ConfigError, match=r"sweep.search='bayes' is unknown; valid: grid, optuna, random"):
         plan(*RAY, "sweep.search=bayes", "optim.lr=0.1,0.2")

@@ -49,7 +49,6 @@ class Plan:
 
 def plan_sweep(data: dict[str, Any], overrides: list[str], config_dirs: list[str]) -> Plan:
     """Composes and validates the sweep before Ray starts; raises ConfigError (exit 2)."""
-    from trainkit.components import SEARCHERS
     from trainkit.launch.compose import compose_config
 
     data = dict(data)
@@ -69,17 +68,14 @@ def plan_sweep(data: dict[str, Any], overrides: list[str], config_dirs: list[str
     cfg = compose_config(fixed, config_dirs)
     opts.check(cfg)
     opts.search.check_space(params)
-    SEARCHERS.get(opts.search.name, "sweep.search")  # an unknown name fails here, before Ray
     for p in params:
         bare = p.key.lstrip("+~")
         if bare == "run_dir":
             raise ConfigError("run_dir cannot be swept: each trial gets <run_dir>/trial-<i>-<params>")
         if bare == "launcher" or bare.startswith("launcher."):
             raise ConfigError(f"{p.key} cannot be swept: the trials share one Ray cluster")
-    grid = [p for p in params if p.finite] if opts.search.name == "grid" else []
-    probes = _grid_trials(grid) if grid and len(grid) == len(params) else None
-    if probes is not None:
-        for i, trial in enumerate(probes):  # a grid is small: every trial, as the local sweep does
+    if opts.search.name == "grid":
+        for i, trial in enumerate(_grid_trials(params)):  # a grid is small: every trial, as the local sweep does
             _probe(fixed, trial, config_dirs, f"sweep trial {i} ({' '.join(trial)})")
     else:
         for p in params:
@@ -95,9 +91,14 @@ def plan_sweep(data: dict[str, Any], overrides: list[str], config_dirs: list[str
 
 
 def _grid_trials(params: list[Param]) -> list[list[str]]:
+    """A grid's trials in Tune's order (its keys sorted, the first varying fastest), each as
+    overrides in the sweep's key order: trial ``i`` here is the trial Tune numbers ``i``."""
     import itertools
 
-    return [list(t) for t in itertools.product(*([f"{p.key}={v}" for v in p.values] for p in params))]
+    by_name = sorted(params, key=lambda p: p.key, reverse=True)
+    combos = itertools.product(*([(p.key, v) for v in p.values] for p in by_name))
+    order = [p.key for p in params]
+    return [[f"{k}={v}" for k, v in sorted(combo, key=lambda kv: order.index(kv[0]))] for combo in combos]
 
 
 def _probe(fixed: list[str], trial: list[str], config_dirs: list[str], what: str) -> None:

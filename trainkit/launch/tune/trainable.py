@@ -5,8 +5,8 @@ Tune calls :meth:`TrialRun.cleanup` when the scheduler ends a trial, and the run
 at an agreed step and leaves with 75, so its run_dir holds a committed checkpoint.
 
 Each :meth:`TrialRun.step` returns the run's next logged step from its ``metrics.jsonl``
-(the values seen so far, latest first, plus ``step``), so the scheduler judges every logged
-step. Steps a resumed run logs again (recomputed after its last checkpoint) are not sent
+(the latest value of every key so far, with its ``step``), so the scheduler judges every
+logged step. Steps a resumed run logs again (recomputed after its last checkpoint) are not sent
 twice. trainkit's ``latest`` pointer is the only checkpoint: Tune keeps none
 (``checkpoint_at_end=False``), and a trial Tune restarts (after a lost driver or node) starts
 its run again on the same run_dir, which resumes from there.
@@ -28,8 +28,8 @@ from ray import tune
 
 from trainkit import rundir, storage
 from trainkit.errors import EXIT_PREEMPTED
+from trainkit.launch.base import EXIT_CONFIG
 
-EXIT_CONFIG = 2
 # Keys of a trial's last result when its run had a bad config (the table shows them).
 EXIT_KEY = "trainkit_exit"
 MESSAGE_KEY = "trainkit_message"
