@@ -1,9 +1,9 @@
 """The resnet task with a pace, for the replica-group tests (``task=ft_paced:TASK``).
 
 A survivor trains tiny steps in milliseconds, a replacement takes seconds to start (tens on a
-loaded machine): left alone, the survivor would finish before its peer rejoins. So while
+loaded machine): left alone, the survivors would finish before their peer rejoins. So while
 group 1's replacement is not yet healed, every chunk waits ``PACE_S``, and after
-``MIN_ALONE`` steps alone the survivor waits for the replacement's process to start (it
+``MIN_ALONE`` steps without group 1 the survivors wait for the replacement's process to start (it
 must keep stepping after that, since the replacement heals at the survivor's next quorum).
 Nothing here changes what is computed.
 """
@@ -18,6 +18,7 @@ from pathlib import Path
 from trainkit.tasks.resnet import TASK as RESNET
 
 LEDGERS_ENV = "FT_TEST_LEDGERS"
+GROUPS_ENV = "FT_TEST_GROUPS"  # ft.groups of the run: a step "alone" has one group fewer
 PACE_S = 0.15
 MIN_ALONE = 5
 START_WAIT_S = 300
@@ -37,7 +38,8 @@ def _pace() -> None:
     deadline = time.monotonic() + START_WAIT_S
     while True:
         replacement = _read(Path(ledgers, "group-1.jsonl"))
-        alone = _read(Path(ledgers, "group-0.jsonl")).count('"participants": 1,')
+        short = int(os.environ.get(GROUPS_ENV, "2")) - 1
+        alone = _read(Path(ledgers, "group-0.jsonl")).count(f'"participants": {short},')
         if not alone or '"event": "healed"' in replacement:
             return
         if alone < MIN_ALONE or '"incarnation": 1' in replacement or time.monotonic() > deadline:
