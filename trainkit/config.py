@@ -33,8 +33,9 @@ class DataConfig:
     # Empty: the recipe's dataset in the embedded store (a local directory), prepared on first use.
     url: str = ""
     # The reader: auto (what data.url holds: a trainkit index.json, else .parquet files, else
-    # .tar files with their wds-index.json; an MDS index.json), trainkit, parquet, webdataset or mds.
-    format: Literal["auto", "trainkit", "parquet", "webdataset", "mds"] = "auto"
+    # .arrow files as save_to_disk writes them, else .tar files with their wds-index.json; an MDS
+    # index.json), or one of trainkit.data.source.READERS by name.
+    format: Literal["auto", "trainkit", "parquet", "arrow", "webdataset", "mds"] = "auto"
     # Global samples per optimizer step, over all ranks and accumulation micro-steps; keeping it
     # global is what lets a run resume on another world size with the same optimisation.
     batch_size: int = 64

@@ -16,7 +16,8 @@ from launching import launch, launch_here
         (["launcher.workers=-1"], "launcher.workers=-1 must be > 0"),
         (["model.widht=8"], "unknown key 'model.widht'; valid keys in model: width"),
         (["trainer.precision=fp8"], "trainer.precision='fp8' is not valid; valid: fp32, bf16, fp16"),
-        (["data.format=mds"], "data.format='mds' is not valid; valid: auto, trainkit, parquet, webdataset"),
+        (["data.format=tfrecord"], "data.format='tfrecord' is not valid; valid: auto, trainkit, parquet, arrow, "
+                                   "webdataset, mds"),
         (["data.prefetch=-2"], "data.prefetch=-2: -1 (sized from the store) or 0 and more"),
         (["strategy=single", "launcher.workers=2"], "strategy=single runs one process"),
         (["storage.s4.key=x"], "storage.s4: no fsspec filesystem for protocol 's4'"),
@@ -34,7 +35,26 @@ def test_bad_input_exits_2_with_one_line(tmp_path, overrides, expected):
 def test_missing_dataset_url_is_named(tmp_path):
     result = launch("recipe=resnet", f"data.url=file://{tmp_path}/none", f"run_dir={tmp_path}/r", timeout=60)
     assert result.returncode == 2
-    assert f"data.url=file://{tmp_path}/none: no data set there" in result.stderr
+    assert f"data.url=file://{tmp_path}/none: no dataset at file://{tmp_path}/none" in result.stderr
+
+
+def test_every_reader_is_a_data_format_and_a_parquet_folder_passes_the_launch_check(tmp_path):
+    """The config's choices are the readers' names, and the launcher checks a dataset the way the
+    loader opens it (any reader's layout), not by looking for trainkit's index.json."""
+    import typing
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from trainkit.config import DataConfig
+    from trainkit.data.source import FORMATS
+    from trainkit.launch.compose import compose_config
+    from trainkit.launch.prepare import prepare
+
+    assert typing.get_args(typing.get_type_hints(DataConfig)["format"]) == ("auto", *FORMATS)
+    (tmp_path / "pq").mkdir()
+    pq.write_table(pa.table({"label": [1, 2, 3]}), tmp_path / "pq" / "part-0.parquet")
+    prepare(compose_config(["recipe=resnet", f"data.url=file://{tmp_path}/pq", f"run_dir={tmp_path}/r"]))
 
 
 def test_cfg_prints_resolved_config(tmp_path):

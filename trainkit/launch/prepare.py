@@ -12,6 +12,7 @@ from typing import Any
 
 from trainkit import storage
 from trainkit.config import Config
+from trainkit.data.source import open_source
 from trainkit.errors import StorageError
 from trainkit.tasks import TASKS
 from trainkit.tasks.base import Task, default_url, store_root, write_data
@@ -37,12 +38,11 @@ def prepare(cfg: Config) -> None:
     task = TASKS.get(cfg.task, "task")
     if cfg.data.url:
         check_store(cfg.data.url, "data.url")
-        fs, path = storage.filesystem(storage.join(cfg.data.url, "index.json"))
-        if not storage.retry(lambda: fs.exists(path), what=cfg.data.url):
-            raise StorageError(
-                f"data.url={cfg.data.url}: no data set there (index.json missing); "
-                "write one with `python -m trainkit.data write`"
-            )
+        try:  # every reader's layout, so a Parquet or WebDataset folder passes as an index.json does
+            open_source(cfg.data.url, None if cfg.data.format == "auto" else cfg.data.format)
+        except StorageError as exc:
+            raise StorageError(f"data.url={cfg.data.url}: {exc}; write a trainkit dataset with "
+                               "`python -m trainkit.data write`") from exc
         return
     prepare_embedded(task, cfg.model)
 
