@@ -2,7 +2,8 @@
 
 * :func:`write_shards` / :class:`ShardWriter`: samples -> shards + index.json at any fsspec URL.
 * :class:`Stream`: random access to a sharded dataset, with a bounded node-local cache; it reads
-  through a :class:`Source` (trainkit's shards, Parquet row groups, WebDataset tars with an index).
+  through a :class:`Source` (trainkit's shards, Parquet row groups, Arrow record batches as
+  Hugging Face ``save_to_disk`` writes them, WebDataset tars with an index, mosaic MDS shards).
 * :class:`Loader`: this rank's micro-batches, resumable exactly from ``state_dict()``.
 
 See docs/data.md.
