@@ -81,8 +81,11 @@ def test_every_shard_is_a_safetensors_file_named_by_key(tmp_path):
     assert same(full, stock_load(d, tmp_path))
 
 
-@pytest.mark.parametrize("store", ["file", "s3"])
-@pytest.mark.parametrize("strategy,world", [("single", 1), ("ddp", 2), ("fsdp2", 2)])
+@pytest.mark.parametrize(("strategy", "world", "store"), [
+    # one strategy per store by default, in rotation (tests/conftest.py); --runslow runs all six
+    pytest.param(strategy, world, store, id=f"{strategy}-{world}-{store}", marks=pytest.mark.rotate(f"stock-dcp-{store}"))
+    for store in ("file", "s3") for strategy, world in (("single", 1), ("ddp", 2), ("fsdp2", 2))
+])
 def test_stock_dcp_load_reads_every_strategy(strategy, world, store, tmp_path, request):
     out = tmp_path / "out"
     args = {"strategy": strategy, "steps": 3, "save_at": [3], "dump_at": [3], "out": str(out), "tag": "a"}

@@ -65,6 +65,7 @@ def test_quickstart_runs_as_written() -> None:
 
 
 @pytest.mark.parametrize("what", BRING)
+@pytest.mark.rotate("quickstart-bring")  # tests/accelerate and tests/launch_script prove both paths every run
 def test_bring_your_own_sections(what: str) -> None:
     title, before, after, run = BRING[what]
     section = _section(title)

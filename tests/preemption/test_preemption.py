@@ -166,6 +166,7 @@ def _env(extra=None):
 
 
 @pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT", "SIGUSR1"])
+@pytest.mark.rotate("stop-signal")
 def test_signal_stops_once_and_second_signal_is_ignored(tmp_path, sig):
     out = tmp_path / "saved.json"
     args = {"signals": ["SIGTERM", "SIGINT", "SIGUSR1"], "save_seconds": 0.6, "out": str(out)}

@@ -75,6 +75,7 @@ def test_unguarded_worker_aborts_at_exit(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("code", [0, 75])
+@pytest.mark.rotate("exit-guard-code")
 def test_guarded_worker_keeps_its_exit_code_and_runs_exit_handlers(tmp_path: Path, code: int) -> None:
     assert _exit_codes(tmp_path, guarded=True, code=code) == (code, 0)
     assert (tmp_path / "handler-ran").read_text() == "ran"
