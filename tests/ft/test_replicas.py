@@ -82,6 +82,8 @@ def test_a_group_killed_mid_allreduce_is_replaced_and_heals_from_its_peer(tmp_pa
     out = launch(tmp_path / "run", kill="1:3:allreduce")
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "replica group 1 lost (exit code -9); starting its replacement" in out.stdout
+    summary = rundir.read_summary(str(tmp_path / "run"))
+    assert summary is not None and summary["ft"]["groups_lost"] == 1 and summary["ft"]["healed_from_peer"] == 1
     acc = ledger.account(str(tmp_path / "run"), groups=2, steps=STEPS, batch=BATCH)
     # The survivor redid the step the peer died in, then committed alone, then with the
     # replacement, which healed from it (not from a checkpoint).

@@ -97,7 +97,34 @@ class ReplicaSupervisor:
                 procs[g] = self._start(config, env, g, n)
         if not finished:
             return EXIT_PREEMPTED, ""  # every group was stopped: relaunch to resume
+        self._summary()
         return 0, ""
+
+    def _summary(self) -> None:
+        """``summary.json`` from the groups' ledgers, after checking from them that every step
+        trained its positions exactly once (a violation fails the job with its step)."""
+        from trainkit import rundir, storage
+        from trainkit.ft.ledger import account
+
+        cfg, ft = self.cfg, self.cfg.ft
+        acc = account(cfg.run_dir, groups=ft.groups, steps=cfg.trainer.max_steps, batch=cfg.data.batch_size)
+        heals = [h["source"] for hs in acc.healed.values() for h in hs]
+        summary = {
+            "run_dir": cfg.run_dir, "strategy": cfg.strategy.name, "steps": cfg.trainer.max_steps,
+            "loss": acc.losses[-1] if acc.losses else None,
+            "ft": {"mode": ft.mode, "groups": ft.groups, "groups_lost": len(self.lost),
+                   "healed_from_peer": heals.count("peer"), "restored_from_checkpoint": heals.count("checkpoint"),
+                   "steps_with_fewer_groups": sum(1 for n in acc.participants if n < ft.groups),
+                   "steps_redone": acc.redone, "steps_recomputed": len(acc.recomputed), "exactly_once": True},
+        }
+        url = rundir.path(cfg.run_dir, rundir.SUMMARY)
+        fs, path = storage.filesystem(url)
+        if storage.is_local(url):
+            fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+        storage.retry(lambda: fs.pipe(path, json.dumps(summary, indent=2).encode()), what=url)
+        print(f"replicas: {cfg.trainer.max_steps} steps, every position trained once; {len(self.lost)} group(s) "
+              f"lost, {heals.count('peer')} healed from a peer, {heals.count('checkpoint')} from a checkpoint",
+              flush=True)
 
 
 def _stop(procs: Any, grace_s: float) -> None:
