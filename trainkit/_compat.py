@@ -91,7 +91,7 @@ def detach_forked_loop(loop: Any) -> None:
     old.close()  # the child's descriptor of the shared epoll instance only
 
 
-# -- Ray (checked with ray 2.60; pyproject allows ray>=2.60,<2.61 for these) -----------------
+# -- Ray (checked with ray 2.60; the ray extra needs >=2.60 for the public API used) ------------
 # launcher=ray uses Ray Train's public API (TorchTrainer, FailureConfig, ray.train.report,
 # get_preemption_info, Checkpoint). What follows has no public equivalent in Ray 2.60.
 
