@@ -139,3 +139,17 @@ def test_three_groups_one_killed_between_steps(tmp_path):
     worst = max(abs(a - b) for a, b in zip(acc.losses, expected))
     print(f"three groups: max |loss - uninterrupted| = {worst:.3g}")
     assert worst <= THREE_GROUP_TOLERANCE, worst
+
+
+@pytest.mark.slow
+def test_min_replicas_all_groups_waits_for_the_replacement(tmp_path):
+    """ft.min_replicas=ft.groups, the bitwise mode for any number of groups: no step runs with
+    fewer groups; the survivor waits in the quorum until the replacement has healed from it."""
+    sys.path.insert(0, str(HERE))
+    out = launch(tmp_path / "run", "ft.min_replicas=2", kill="1:3:allreduce")
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    acc = ledger.account(str(tmp_path / "run"), groups=2, steps=STEPS, batch=BATCH)
+    assert set(acc.participants) == {2} and acc.redone >= 1
+    assert [h["source"] for h in acc.healed[1]] == ["peer"] and acc.healed[1][0]["step"] == 3
+    expected = reference(tmp_path / "ref")
+    assert acc.losses == expected
