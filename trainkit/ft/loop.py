@@ -178,7 +178,6 @@ class _Checkpoints:
         c = cfg.checkpoint
         self.every = c.every_steps if c.enabled else 0
         self.enabled = c.enabled
-        self.replica = replica
         self.position = _Position(cfg.data.batch_size)
         self.state: dict[str, Any] = {"model_optim": ModelOptimState(replica.model, replica.optimizer),
                                       "scheduler": replica.scheduler, "data": self.position}
