@@ -170,6 +170,9 @@ class FaultProxy:
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            # Headers and body go out in separate writes: with Nagle on, the client's delayed ACK
+            # holds every small body ~40 ms, a cost no real store adds.
+            disable_nagle_algorithm = True
 
             def log_message(self, *args) -> None:  # quiet
                 pass
@@ -208,6 +211,8 @@ class FaultProxy:
                 conn = getattr(self, "_up", None)
                 if conn is None:
                     conn = http.client.HTTPConnection(proxy.upstream_host, proxy.upstream_port, timeout=60)
+                    conn.connect()
+                    conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                     self._up = conn
                 return conn
 
