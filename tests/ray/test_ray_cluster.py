@@ -160,7 +160,7 @@ def test_sweep_two_trials_on_ray(ray_cluster, tmp_path):
                   "optim.lr=0.01,0.05", *ray_args(ray_cluster), f"run_dir={base}", timeout=300)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
-    trials = sorted(p.name for p in base.iterdir())
+    trials = sorted(p.name for p in base.iterdir() if p.name.startswith("trial-"))  # tune/ holds the experiment
     assert trials == ["trial-0-lr=0.01", "trial-1-lr=0.05"], trials
     for name in trials:
         summary = rundir.read_summary(str(base / name))
