@@ -28,6 +28,11 @@ from collections import defaultdict
 import pytest
 
 os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+# Before Ray is imported anywhere: loopback only, no token auth, no usage reporting.
+os.environ["RAY_AUTH_MODE"] = "disabled"
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # makes 127.0.0.1 stick (trainkit.launch.ray.session.pin_loopback)
+os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
 from servers import az_url, azurite_server  # noqa: E402,F401  (Azure Blob on Azurite, one per session)
 from trainkit.testing import FaultProxy, GCSServer, S3Server  # noqa: E402
@@ -73,6 +78,22 @@ def pytest_collection_modifyitems(config, items):
             if item is not chosen:
                 item.add_marker(pytest.mark.skip(
                     reason=f"rotate({group}): rotation {rotation} runs {chosen.name}; --runslow runs all"))
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One loopback Ray cluster for tests/ray and tests/sweep (each start costs seconds): a 0-CPU
+    head (GCS, drivers, Ray Train's controllers) and 1-CPU raylets as worker nodes, which tests
+    remove and add; each test asks for the nodes it needs with ``ray_cluster.ensure(n)``."""
+    pytest.importorskip("ray")
+    from trainkit.bench.loopback import LoopbackCluster
+
+    cluster = LoopbackCluster()
+    try:
+        cluster.ensure(2)
+        yield cluster
+    finally:
+        cluster.shutdown()
 
 
 @pytest.fixture(scope="session")

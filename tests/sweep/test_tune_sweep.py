@@ -56,6 +56,7 @@ def test_optuna_asha_sweep_two_at_a_time(tune_cluster, tmp_path):
     proc = launch("-m", *ONE_WORKER, "trainer.max_steps=60", f"launcher.address={tune_cluster.address}",
                   "sweep.search=optuna", "sweep.scheduler=asha", "sweep.scheduler.grace_period=5",
                   "sweep.num_samples=4", "sweep.max_concurrent=2", "optim.lr=tag(log,interval(1e-4,1.0))",
+                  "cost.spot=true", "cost.spot_usd_per_hour=1.2", "cost.on_demand_usd_per_hour=4.1",
                   f"run_dir={base}", timeout=600)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-5000:]
@@ -75,12 +76,14 @@ def test_optuna_asha_sweep_two_at_a_time(tune_cluster, tmp_path):
         status, cost = row[-2], row[-3]
         if status == "done":
             assert summary["steps"] == 60, (row, summary)
-            usd = summary.get("cost_usd")
-            assert cost == (f"${usd:.4f}" if isinstance(usd, (int, float)) else "-"), (row, summary)
+            usd = summary["cost_usd"]  # priced: every finished trial has its bill
+            assert usd > 0 and cost == f"${usd:.4f}", (row, summary)
+            assert summary["cost"]["saving_vs_on_demand_usd"] > 0, summary
         else:
             # Stopped by ASHA: the run saved at an agreed step and left; it can be resumed.
             assert status == "stopped" and summary is None and cost == "-", row
             assert rundir.of(ev, rundir.PREEMPTED) and rundir.of(ev, rundir.CHECKPOINT_COMMITTED), (row, ev[-3:])
+    assert any(row[-2] == "done" for row in rows), out[-3000:]
     # Two trials ran at once (one per raylet): their spans in Tune overlap.
     spans.sort()
     assert any(later[0] < earlier[1] for earlier, later in zip(spans, spans[1:])), spans
