@@ -147,7 +147,9 @@ def is_transient(exc: BaseException) -> bool:
     text = f"{type(exc).__name__} {exc}".lower()
     markers = ("503", "500", "502", "504", "429", "slowdown", "slow down", "throttl", "reset",
                "timeout", "timed out", "temporarily", "serviceunavailable", "internalerror",
-               "connection", "broken pipe", "server disconnected", "try again")
+               "connection", "broken pipe", "server disconnected", "try again",
+               # a body cut short (aiohttp's ClientPayloadError/ContentLengthError, IncompleteRead)
+               "payload", "content length", "incomplete")
     return any(m in text for m in markers)
 
 

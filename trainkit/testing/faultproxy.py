@@ -198,10 +198,6 @@ class FaultProxy:
                 except OSError:
                     pass
                 self.close_connection = True
-                try:  # a forked process may share this socket: close() alone would then send nothing
-                    self.connection.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
                 try:
                     self.connection.close()
                 except OSError:
