@@ -7,6 +7,7 @@ disks; each caller wraps its requests in :func:`retry` so a blip costs a pause, 
 from __future__ import annotations
 
 import errno
+import json
 import os
 import random
 import time
@@ -183,6 +184,26 @@ def retry(
                 on_retry(attempt + 1, exc)
             sleep(random.uniform(0, min(max_delay, base_delay * 2**attempt)))
     raise AssertionError("unreachable")
+
+
+def read_bytes(url: str) -> bytes:
+    """The whole object at ``url`` through :func:`retry` (the client is built inside it, so one
+    that fails to start is retried as well)."""
+
+    def get() -> bytes:
+        fs, path = filesystem(url)
+        return fs.cat_file(path)
+
+    return retry(get, what=url)
+
+
+def read_json(url: str) -> Any:
+    """The JSON document at ``url``; a :class:`StorageError` naming it when it is missing,
+    unreadable or not JSON."""
+    try:
+        return json.loads(read_bytes(url))
+    except ValueError as exc:
+        raise StorageError(f"{url}: not valid JSON: {exc}") from exc
 
 
 def balance(items: list[T], bins: int, size: Callable[[T], int]) -> list[list[T]]:

@@ -31,11 +31,6 @@ INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 
 
-def _read(url: str) -> bytes:
-    fs, path = storage.filesystem(url)
-    return storage.retry(lambda: fs.cat_file(path), what=url)
-
-
 def _exists(url: str) -> bool:
     fs, path = storage.filesystem(url)
     return bool(storage.retry(lambda: fs.exists(path), what=url))
@@ -48,7 +43,7 @@ def read_safetensors_weights(source: str) -> dict[str, torch.Tensor]:
 
     out: dict[str, torch.Tensor] = {}
     for url in _safetensors_files(source):
-        out.update(st_load(_read(url)))
+        out.update(st_load(storage.read_bytes(url)))
     return out
 
 
@@ -91,7 +86,7 @@ def _safetensors_files(source: str) -> list[str]:
     index_url = storage.join(source, INDEX)
     if _exists(index_url):
         try:
-            files = sorted(set(json.loads(_read(index_url))["weight_map"].values()))
+            files = sorted(set(json.loads(storage.read_bytes(index_url))["weight_map"].values()))
         except (ValueError, KeyError, TypeError) as exc:
             raise StorageError(f"{index_url}: not a safetensors index ({exc})") from None
         return [storage.join(source, name) for name in files]

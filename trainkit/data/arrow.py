@@ -25,7 +25,6 @@ from. Hugging Face's extension types (``Array2D``..``Array5D``) are read as thei
 from __future__ import annotations
 
 import hashlib
-import json
 import struct
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -35,7 +34,7 @@ import numpy as np
 import torch
 
 from trainkit import storage
-from trainkit.data.batch import _stack, empty
+from trainkit.data.batch import collate_values, empty
 from trainkit.data.cache import ShardInfo
 from trainkit.data.format import SCALARS, field_spec, torch_dtype
 from trainkit.errors import ConfigError, StorageError
@@ -181,7 +180,7 @@ class ColumnBatch:
 
     def __init__(self, schema: Mapping[str, Mapping[str, str]], states: Sequence[list], size: int, *,
                  pin: bool, shared: bool) -> None:
-        self.schema, self.size = schema, size
+        self.schema, self.size, self.pin, self.shared = schema, size, pin, shared
         self._names = list(schema)
         self._fixed: dict[int, tuple[torch.Tensor, np.ndarray]] = {}
         self._vals: dict[int, list[Any]] = {}
@@ -209,12 +208,8 @@ class ColumnBatch:
     def finish(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
         for f, (name, spec) in enumerate(self.schema.items()):
-            if f in self._fixed:
-                out[name] = self._fixed[f][0]
-            elif spec["kind"] == "ndarray":
-                out[name] = _stack(name, self._vals[f])
-            else:
-                out[name] = self._vals[f]
+            out[name] = (self._fixed[f][0] if f in self._fixed
+                         else collate_values(name, spec, self._vals[f], pin=self.pin, shared=self.shared))
         return out
 
 
@@ -310,15 +305,6 @@ def scan(url: str, size: int):
     return schema, batches
 
 
-def _json(url: str) -> Any:
-    fs, path = storage.filesystem(url)
-    raw = storage.retry(lambda: fs.cat_file(path), what=url)
-    try:
-        return json.loads(raw)
-    except ValueError as exc:
-        raise StorageError(f"{url}: not valid JSON: {exc}") from exc
-
-
 class ArrowSource:
     """Record batches of Arrow IPC files as shards; see the module doc."""
 
@@ -353,11 +339,11 @@ class ArrowSource:
             return found
         dd, state = storage.join(self.url, DICT), storage.join(self.url, STATE)
         if dd in listed:
-            splits = _json(dd).get("splits", [])
+            splits = storage.read_json(dd).get("splits", [])
             raise ConfigError(f"{self.url} is a Hugging Face DatasetDict: read one split, e.g. "
                               f"{storage.join(self.url, splits[0] if splits else 'train')}")
         if state in listed:
-            names = [d["filename"] for d in _json(state).get("_data_files", [])]
+            names = [d["filename"] for d in storage.read_json(state).get("_data_files", [])]
             missing = [n for n in names if storage.join(self.url, n) not in listed]
             if missing:
                 raise StorageError(f"{state} names {missing[0]}, which is not there")

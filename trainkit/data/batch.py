@@ -57,6 +57,20 @@ def empty(shape: Sequence[int], dtype: torch.dtype, *, pin: bool, shared: bool) 
     return t.share_memory_() if shared else t
 
 
+def collate_values(name: str, spec: Mapping[str, str], vals: list[Any], *, pin: bool, shared: bool) -> Any:
+    """A field that is not one preallocated tensor, from its decoded values (one per sample), as
+    ``default_collate`` would: numbers as one tensor, arrays stacked (into pinned/shared memory
+    when they agree in shape), anything else as the list."""
+    if spec["kind"] in SCALARS:
+        return torch.tensor(vals, dtype=torch_dtype(spec))
+    if is_array(spec):
+        s0 = vals[0].shape
+        out = empty([len(vals), *s0], torch_dtype(spec), pin=pin, shared=shared) if all(
+            v.shape == s0 for v in vals) else None
+        return _stack(name, vals, out=out)
+    return vals
+
+
 class BatchBuilder:
     """One micro-batch of ``size`` samples, filled shard by shard (version-1 shards: sample
     by sample, as they were written).
@@ -109,17 +123,6 @@ class BatchBuilder:
     def finish(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
         for f, (name, spec) in enumerate(self.schema.items()):
-            if f in self._fixed:
-                out[name] = self._fixed[f][0]
-                continue
-            vals = self._vals[f]
-            if spec["kind"] in SCALARS:
-                out[name] = torch.tensor(vals, dtype=torch_dtype(spec))
-            elif is_array(spec):
-                s0 = vals[0].shape
-                t = (empty([self.size, *s0], torch_dtype(spec), pin=self.pin, shared=self.shared)
-                     if all(v.shape == s0 for v in vals) else None)
-                out[name] = _stack(name, vals, out=t)
-            else:
-                out[name] = vals
+            out[name] = (self._fixed[f][0] if f in self._fixed
+                         else collate_values(name, spec, self._vals[f], pin=self.pin, shared=self.shared))
         return out

@@ -51,16 +51,7 @@ _ND_DTYPES = {8: "uint8", 9: "int8", 16: "uint16", 17: "int16", 18: "float16", 3
 def read_mds_index(url: str) -> dict | None:
     """The parsed ``index.json`` at ``url`` if it has MDS's shape, else None (retried; a
     StorageError naming it if it is missing or not JSON)."""
-    target = storage.join(url.rstrip("/"), INDEX)
-
-    def get() -> bytes:
-        fs, path = storage.filesystem(target)
-        return fs.cat_file(path)
-
-    try:
-        index = json.loads(storage.retry(get, what=target))
-    except ValueError as exc:
-        raise StorageError(f"{target}: not valid JSON: {exc}") from exc
+    index = storage.read_json(storage.join(url.rstrip("/"), INDEX))
     if not isinstance(index, dict) or index.get("version") != 2:
         return None
     shards = index.get("shards")

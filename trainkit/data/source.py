@@ -56,13 +56,8 @@ class Source(Protocol):
 def read_index(url: str) -> dict:
     """The parsed index.json of the dataset at ``url`` (retried; a clear error if absent)."""
     index_url = storage.join(url, INDEX_NAME)
-
-    def get() -> bytes:
-        fs, path = storage.filesystem(index_url)
-        return fs.cat_file(path)
-
     try:
-        raw = storage.retry(get, what=index_url)
+        raw = storage.read_bytes(index_url)
     except StorageError as exc:
         raise StorageError(f"no trainkit dataset at {url} ({exc})") from exc
     try:

@@ -116,16 +116,12 @@ class WebDatasetSource:
     def __init__(self, url: str) -> None:
         self.url = url.rstrip("/")
         target = storage.join(self.url, INDEX)
-
-        def get() -> bytes:
-            fs, path = storage.filesystem(target)
-            return fs.cat_file(path)
-
         try:
-            index = json.loads(storage.retry(get, what=target))
+            raw = storage.read_bytes(target)
         except StorageError as exc:
             raise StorageError(f"{self.url}: no {INDEX}; build it once with `python -m trainkit.data index "
                                f"{self.url}`") from exc
+        index = json.loads(raw)
         if index.get("format") != FORMAT:
             raise StorageError(f"{target}: not a trainkit WebDataset index")
         self.fields: list[str] = index["fields"]
