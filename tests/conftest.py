@@ -80,6 +80,32 @@ def pytest_collection_modifyitems(config, items):
                     reason=f"rotate({group}): rotation {rotation} runs {chosen.name}; --runslow runs all"))
 
 
+@pytest.hookimpl(trylast=True)
+def pytest_sessionfinish(session, exitstatus):
+    """Processes a test left behind are killed once every fixture is torn down: a non-daemon
+    child (``torch.multiprocessing``'s workers are) would otherwise keep the interpreter from
+    exiting after the summary, and the CI run from ever finishing."""
+    import psutil
+
+    left, names = [], []
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            cmdline = " ".join(proc.cmdline())
+            if "multiprocessing.resource_tracker" in cmdline:  # leaves on its own with this process
+                continue
+            proc.kill()
+        except psutil.Error:
+            continue
+        left.append(proc)
+        names.append(f"{proc.pid} {cmdline[:120]}")
+    psutil.wait_procs(left, timeout=10)
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None and names:
+        reporter.write_line(f"trainkit: killed {len(names)} process(es) the tests left running:", yellow=True)
+        for name in names:
+            reporter.write_line(f"  {name}")
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
     """One loopback Ray cluster for tests/ray and tests/sweep (each start costs seconds): a 0-CPU

@@ -8,12 +8,13 @@ import os
 
 import fsspec
 import torch
-import torch.multiprocessing as mp
 
 from trainkit import distributed, storage
 from trainkit.checkpoint.warm import read_safetensors_weights, warm_start
 from trainkit.distributed import free_port
 from trainkit.tasks.gpt import GPT, GPTConfig
+
+from spawning import spawn
 
 CFG = dict(n_layer=2, d_model=32, n_head=2, seq_len=16)
 
@@ -39,7 +40,7 @@ def _export_worker(rank: int, world: int, port: int, endpoint: str, url: str) ->
 
 
 def test_fsdp_ranks_export_to_s3_and_a_model_warm_starts_from_it(s3_server, s3_url) -> None:
-    mp.spawn(_export_worker, args=(2, free_port(), s3_server.endpoint, s3_url), nprocs=2, join=True)
+    spawn(_export_worker, (2, free_port(), s3_server.endpoint, s3_url), nprocs=2)
     before = storage.configured()
     storage.configure({"s3": {"endpoint_url": s3_server.endpoint}})
     try:

@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from torch import nn
 
 from trainkit import distributed
 from trainkit.distributed import free_port
 
 from launching import GPT_TINY, RESNET_TINY, launch, losses
+from spawning import spawn
 
 WIDTH, GLOBAL_BATCH, STEPS = 16, 16, 6
 
@@ -58,7 +58,7 @@ def _accum_worker(rank: int, world: int, port: int, out: str, accum: int) -> Non
 def test_gradient_accumulation_matches_one_big_batch(tmp_path: Path) -> None:
     """Two micro-steps of 4 per rank make the same update as one step of 8 (clipping included)."""
     for accum in (1, 2):
-        mp.spawn(_accum_worker, args=(2, free_port(), str(tmp_path), accum), nprocs=2, join=True)
+        spawn(_accum_worker, (2, free_port(), str(tmp_path), accum), nprocs=2)
     one, two = torch.load(tmp_path / "accum1.pt"), torch.load(tmp_path / "accum2.pt")
     for key in one:
         torch.testing.assert_close(two[key], one[key], rtol=1e-5, atol=1e-6)

@@ -8,11 +8,12 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 from trainkit import distributed
 from trainkit.distributed import free_port
+
+from spawning import spawn
 
 STEPS, GLOBAL_BATCH, WIDTH = 12, 16, 32
 
@@ -73,7 +74,7 @@ def _worker(rank: int, world: int, port: int, out: str, mode: str) -> None:
 
 def test_ddp_matches_handwritten_ddp(tmp_path: Path) -> None:
     for mode in ("plain", "trainkit"):
-        mp.spawn(_worker, args=(2, free_port(), str(tmp_path), mode), nprocs=2, join=True)
+        spawn(_worker, (2, free_port(), str(tmp_path), mode), nprocs=2)
     plain = torch.load(tmp_path / "plain.pt")
     ours = torch.load(tmp_path / "trainkit.pt")
     assert plain.keys() == ours.keys()
