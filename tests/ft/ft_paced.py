@@ -5,7 +5,9 @@ loaded machine): left alone, the survivors would finish before their peer rejoin
 group 1's replacement is not yet healed, every chunk waits ``PACE_S``, and after
 ``MIN_ALONE`` steps without group 1 the survivors wait for the replacement's process to start (it
 must keep stepping after that, since the replacement heals at the survivor's next quorum).
-Nothing here changes what is computed.
+``CHUNK_S_ENV`` instead gives every chunk a floor, so a heartbeat timeout spans at most a known
+number of steps whatever the machine's speed. Nothing here changes what is
+computed.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from pathlib import Path
 from trainkit.tasks.resnet import TASK as RESNET
 
 LEDGERS_ENV = "FT_TEST_LEDGERS"
+CHUNK_S_ENV = "FT_TEST_CHUNK_S"
 GROUPS_ENV = "FT_TEST_GROUPS"  # ft.groups of the run: a step "alone" has one group fewer
 PACE_S = 0.15
 MIN_ALONE = 5
@@ -50,6 +53,7 @@ def _pace() -> None:
 
 def _loss(model, batch):
     _pace()
+    time.sleep(float(os.environ.get(CHUNK_S_ENV, "0")))
     return RESNET.loss(model, batch)
 
 

@@ -35,12 +35,13 @@ LOSS_TOLERANCE = 0.0
 THREE_GROUP_TOLERANCE = 1e-5
 
 
-def launch(run_dir: Path, *extra: str, kill: str = "", groups: int = 2) -> subprocess.CompletedProcess[str]:
+def launch(run_dir: Path, *extra: str, kill: str = "", groups: int = 2, **env_extra: str
+           ) -> subprocess.CompletedProcess[str]:
     from ft_paced import GROUPS_ENV, LEDGERS_ENV
 
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "TRAINKIT_STORE": STORE,
            "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]),
-           LEDGERS_ENV: str(run_dir / rundir.FT_LEDGERS), GROUPS_ENV: str(groups), KILL_ENV: kill}
+           LEDGERS_ENV: str(run_dir / rundir.FT_LEDGERS), GROUPS_ENV: str(groups), KILL_ENV: kill, **env_extra}
     return subprocess.run([sys.executable, "-m", "trainkit.launch", *OVERRIDES, f"run_dir={run_dir}", *extra],
                           capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
 
@@ -153,3 +154,85 @@ def test_min_replicas_all_groups_waits_for_the_replacement(tmp_path):
     assert [h["source"] for h in acc.healed[1]] == ["peer"] and acc.healed[1][0]["step"] == 3
     expected = reference(tmp_path / "ref")
     assert acc.losses == expected
+
+
+def test_a_notice_backed_leave_costs_the_survivor_no_step(tmp_path):
+    """Group 1 gets SIGTERM (a spot notice) at step 3. It stops heartbeating at once but keeps
+    training its share, with its peer, without quorums, until the lighthouse's heartbeat
+    timeout has passed; then it leaves and the survivor's next quorum forms without it: no step
+    is redone, none is committed with a share missing, and the supervisor starts a replacement.
+    Each chunk takes at least CHUNK_S, so the 1.2 s of heartbeat expiry spans at most ~25 of the
+    40 steps and the survivor trains alone after it. The run does not wait for the replacement."""
+    from ft_paced import CHUNK_S_ENV, LEDGERS_ENV
+
+    sys.path.insert(0, str(HERE))
+    steps, heartbeat = 40, 1.0
+    extra = (f"trainer.max_steps={steps}", f"ft.heartbeat_timeout_s={heartbeat}")
+    out = launch(tmp_path / "run", *extra, kill="1:3:notice", **{LEDGERS_ENV: "", CHUNK_S_ENV: "0.05"})
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "replica group 1 left the quorum on a notice; starting its replacement" in out.stdout
+    summary = rundir.read_summary(str(tmp_path / "run"))
+    assert summary is not None and summary["ft"]["groups_left"] == 1 and summary["ft"]["groups_lost"] == 0
+    acc = ledger.account(str(tmp_path / "run"), groups=2, steps=steps, batch=BATCH)
+    assert acc.redone == 0, acc  # nobody redid a step
+    records = ledger.read(str(tmp_path / "run"), 2)
+    leaving = [r for r in records[1] if r.get("event") == "leaving"]
+    left = [r for r in records[1] if r.get("event") == "left"]
+    assert [r["step"] for r in leaving] == [3] and len(left) == 1, records[1][-5:]
+    k = left[0]["step"]
+    # The leaver was silent for the whole heartbeat timeout before its peer formed a quorum
+    # without it, and it trained its share of every step in that time (the window: no quorum).
+    assert left[0]["silent_s"] >= heartbeat
+    window = [r["step"] for r in records[0] if r.get("window")]
+    assert window == list(range(4, k)) and window, (window, k)
+    assert acc.participants[:k] == [2] * k and acc.participants[k] == 1, acc.participants
+    ids = sample_ids(tmp_path / "run", acc)
+    assert len(ids) == steps * BATCH == len(set(ids))
+    expected = reference(tmp_path / "ref", *extra)
+    assert max(abs(a - b) for a, b in zip(acc.losses, expected)) <= LOSS_TOLERANCE
+
+
+@pytest.mark.slow
+def test_a_notice_to_the_whole_job_checkpoints_once_and_resumes(tmp_path):
+    """SIGTERM to the launcher (relayed to every group): with no group left to go on, the
+    groups agree on one step, the one with replica rank 0 saves it, all exit 75 and nothing is
+    replaced; the relaunch restores that step and every position is still trained once."""
+    import signal
+    import time
+
+    from ft_paced import CHUNK_S_ENV, GROUPS_ENV, LEDGERS_ENV
+
+    sys.path.insert(0, str(HERE))
+    steps = 40
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "trainkit.launch", *OVERRIDES, f"run_dir={run}", f"trainer.max_steps={steps}"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TRAINKIT_STORE": STORE, GROUPS_ENV: "2", LEDGERS_ENV: "",
+           "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]), CHUNK_S_ENV: "0.05"}
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 300
+    while '"step": 5,' not in _text(run / rundir.ft_ledger(0)) and proc.poll() is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    first, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 75, first[-3000:]
+    assert "starting its replacement" not in first
+    records = ledger.read(str(run), 2)
+    stops = [r["step"] for g in (0, 1) for r in records[g] if r.get("event") == "preempted"]
+    assert len(stops) == 2 and len(set(stops)) == 1, stops
+    out = launch(run, f"trainer.max_steps={steps}", **{LEDGERS_ENV: "", CHUNK_S_ENV: "0"})
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert f"restored the committed checkpoint at step {stops[0]}" in out.stdout
+    acc = ledger.account(str(run), groups=2, steps=steps, batch=BATCH)
+    assert not acc.recomputed and acc.redone == 0
+    ids = sample_ids(run, acc)
+    assert len(ids) == steps * BATCH == len(set(ids))
+    expected = reference(tmp_path / "ref", f"trainer.max_steps={steps}")
+    assert max(abs(a - b) for a, b in zip(acc.losses, expected)) <= LOSS_TOLERANCE
+
+
+def _text(path: Path) -> str:
+    try:
+        return path.read_text()
+    except OSError:
+        return ""

@@ -15,7 +15,8 @@ import sys
 
 
 def main(argv: list[str]) -> int:
-    from trainkit.ft.loop import run_group
+    from trainkit.errors import EXIT_PREEMPTED, Preempted
+    from trainkit.ft.loop import EXIT_LEFT, LeftQuorum, run_group
     from trainkit.launch.worker import exit_for
 
     logging.getLogger("torchft").setLevel(logging.ERROR)  # per-step INFO, and a CUDA-only warning
@@ -24,6 +25,12 @@ def main(argv: list[str]) -> int:
         cfg = json.load(f)
     try:
         run_group(cfg, group)
+    except LeftQuorum as exc:
+        print(str(exc), file=sys.stderr, flush=True)
+        return EXIT_LEFT
+    except Preempted as exc:  # a SystemExit: it would skip the os._exit below
+        print(str(exc), file=sys.stderr, flush=True)
+        return EXIT_PREEMPTED
     except Exception as exc:
         outcome = exit_for(exc)
         if outcome is None:

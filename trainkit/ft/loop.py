@@ -13,7 +13,8 @@ which (with two groups it is the same float sum in any membership).
 
 Start-up is ordered (model, data, checkpointer, then the Manager last, then a barrier among the
 first incarnations so the first quorum has every group) and the Manager is shut down on every
-exit path, so a dying group stops heartbeating at once.
+exit path, so a dying group stops heartbeating at once. A preemption notice makes the group
+leave the quorum without costing its peers a step or a heartbeat timeout (:class:`_Leave`).
 """
 
 from __future__ import annotations
@@ -43,8 +44,19 @@ INCARNATION_ENV = "TRAINKIT_FT_INCARNATION"
 BARRIER_ENV = "TRAINKIT_FT_BARRIER"
 # Chaos: ``group:step:point[,...]`` makes a group's first incarnation SIGKILL itself at a step,
 # ``point`` = ``allreduce`` (while its peers wait in the all-reduce) or ``commit`` (after the
-# step committed, between steps). What trainkit.chaos and the tests use for repeatable failures.
+# step committed, between steps), or send itself SIGTERM at the step's start (``notice``: a spot
+# notice through the preemption watcher). What trainkit.chaos and the tests use for repeatable
+# failures.
 KILL_ENV = "TRAINKIT_FT_KILL"
+# A group that left the quorum on a notice while other groups went on: the supervisor starts
+# its replacement (75 is kept for "every group stopped: relaunch to resume").
+EXIT_LEFT = 76
+# A leaver's heartbeat counts as expired this long after the lighthouse's timeout (the last
+# heartbeat may land just after the Manager is shut down; the lighthouse ticks every 100 ms).
+_STALE_MARGIN_S = 0.2
+# The tail of a group's all-reduce buffer after the flat gradients: the share's loss, its
+# validity vote, "this group is leaving", "this leaver's heartbeat has expired".
+_LOSS, _VOTE, _LEAVING, _STALE = -4, -3, -2, -1
 # A peer that dies while its group's share is in flight: its peers are inside the all-reduce.
 _KILL_DELAY_S = 0.5
 
@@ -76,9 +88,16 @@ def _kills(group: int) -> list[_Kill]:
 
 def _die_if(kills: list[_Kill], step: int, point: str) -> None:
     if any(k.step == step and k.point == point for k in kills):
+        if point == "notice":
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
         if point == "allreduce":
             time.sleep(_KILL_DELAY_S)
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+class LeftQuorum(Exception):
+    """This group left the quorum after a notice and its peers go on (exit code EXIT_LEFT)."""
 
 
 class _Replica:
@@ -118,8 +137,10 @@ class _Replica:
             loss_sum = loss_sum + loss.detach().float() * weight
         flat = [p.grad.reshape(-1) if p.grad is not None else torch.zeros(p.numel(), dtype=p.dtype)
                 for p in self.params]
-        # The loss, then this group's vote that its share is valid (see checked_allreduce).
-        return torch.cat([*flat, loss_sum.reshape(1).to(flat[0].dtype), torch.ones(1, dtype=flat[0].dtype)])
+        # The loss, this group's vote that its share is valid (see checked_allreduce), and the
+        # leave flags (see run_group), set by the caller.
+        tail = torch.tensor([float(loss_sum), 1.0, 0.0, 0.0], dtype=flat[0].dtype)
+        return torch.cat([*flat, tail])
 
     def apply(self, buf: torch.Tensor) -> float:
         """Steps the optimizer on the reduced gradients; returns the step's global-batch loss."""
@@ -133,7 +154,7 @@ class _Replica:
             torch.nn.utils.clip_grad_norm_(self.params, clip)
         self.optimizer.step()
         self.scheduler.step()
-        return float(buf[-2])
+        return float(buf[_LOSS])
 
     def state_dict(self, step: int) -> dict[str, Any]:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
@@ -228,8 +249,46 @@ def _barrier(path: str, group: int, groups: int, timeout: float) -> None:
         time.sleep(0.02)
 
 
+class _Leave:
+    """This group's notice-backed leave, and the window in which its peers wait for it.
+
+    torchft's lighthouse has no leave call: a group is dropped once its heartbeat is
+    ``ft.heartbeat_timeout_s`` old, and until then a quorum without it does not form (with two
+    groups the split-brain rule holds it; with more, the wait for stragglers). So a group with
+    a notice shuts its Manager down at once (the heartbeat stops) but keeps training its share
+    under the membership it had, with no quorum, for as long as the lighthouse still counts it;
+    its peers do the same (the "window"). Its flags in the all-reduce tell every group who is
+    leaving and when each leaver's heartbeat has expired; after that step the leavers go and
+    the others' next quorum forms at once without them. No step is lost and nobody waits.
+    """
+
+    def __init__(self, heartbeat_timeout_s: float) -> None:
+        self.stale_after = heartbeat_timeout_s + _STALE_MARGIN_S
+        self.silent_since: float | None = None  # when this group's Manager was shut down
+        self.reason = ""
+
+    @property
+    def leaving(self) -> bool:
+        return self.silent_since is not None
+
+    def silent_s(self) -> float:
+        return 0.0 if self.silent_since is None else time.monotonic() - self.silent_since
+
+    def flags(self, buf: torch.Tensor) -> None:
+        if self.leaving:
+            buf[_LEAVING] = 1.0
+            buf[_STALE] = float(self.silent_s() >= self.stale_after)
+
+
 def run_group(cfg_dict: Mapping[str, Any], group: int, *, say: Callable[[str], None] = print) -> int:
-    """Trains as replica group ``group`` until ``trainer.max_steps`` is committed; returns it."""
+    """Trains as replica group ``group`` until ``trainer.max_steps`` is committed; returns it.
+
+    A preemption notice (``preemption.*``: signals, cloud pollers) makes the group leave the
+    quorum when others remain (:class:`_Leave`; raises :class:`LeftQuorum`), or, when every
+    group of the membership has one, end with the usual emergency checkpoint (``Preempted``).
+    """
+    from trainkit.preemption import PreemptionWatcher
+
     cfg = load_config(cfg_dict)
     ft = cfg.ft
     storage.configure(cfg.storage)
@@ -243,79 +302,120 @@ def run_group(cfg_dict: Mapping[str, Any], group: int, *, say: Callable[[str], N
     manager = None
     ledger.write({"event": "start", "group": group, "incarnation": int(os.environ.get(INCARNATION_ENV, "0")),
                   "pid": os.getpid(), "time": time.time()})
-
-    def stop(signum: int, frame: Any) -> None:
-        raise Preempted(f"replica group {group} stopped by {signal.Signals(signum).name}")
-
-    # A stop signal leaves through the finally below: the Manager stops heartbeating at once.
-    signal.signal(signal.SIGTERM, stop)
+    p = cfg.preemption
+    watcher = PreemptionWatcher(signals=p.signals, aws_endpoint=p.aws_endpoint, gcp_endpoint=p.gcp_endpoint,
+                                poll_seconds=p.poll_seconds).start()
+    leave = _Leave(ft.heartbeat_timeout_s)
     try:
         manager, pg, _store = _manager(cfg, group, replica)  # the store must outlive the loop
         barrier = os.environ.get(BARRIER_ENV)
         if barrier and os.environ.get(INCARNATION_ENV, "0") == "0":
             _barrier(barrier, group, ft.groups, ft.replacement_s)
         expected: int | None = None  # the step this group is at before a quorum; None: no state yet
+        window: tuple[int, int] | None = None  # (rank, participants) kept while a leaver's heartbeat expires
         while True:
             t0 = time.time()
-            manager.start_quorum()
-            if expected is None:
-                # Only a quorum that completed says whether anybody is ahead (a failed heal is
-                # retried at the next one, never replaced by the checkpoint).
-                if manager.errored() is None:
-                    _restore_if_alone(manager, replica, durable, group, ledger, say)
-            elif manager.current_step() != expected:
-                _healed(manager, replica, group, ledger, say)
-            step = manager.current_step()
+            if window is None:
+                manager.start_quorum()
+                if expected is None:
+                    # Only a quorum that completed says whether anybody is ahead (a failed heal is
+                    # retried at the next one, never replaced by the checkpoint).
+                    if manager.errored() is None:
+                        _restore_if_alone(manager, replica, durable, group, ledger, say)
+                elif manager.current_step() != expected:
+                    _healed(manager, replica, group, ledger, say)
+                step = manager.current_step()
+                n, r = manager.num_participants(), manager.participating_rank()
+                quorum_s = time.time() - t0
+            else:
+                quorum_s = 0.0
+                assert expected is not None
+                step, (r, n) = expected, window
             if step >= cfg.trainer.max_steps:
                 break
-            n, r = manager.num_participants(), manager.participating_rank()
             if r is None:
                 raise TrainkitError(f"replica group {group} is not in the quorum of step {step}")
+            _die_if(kills, step, "notice")
+            if watcher.requested and not leave.leaving:
+                # Silent from now on; the share of this step and of the window still counts.
+                manager.shutdown(wait=False)
+                leave.silent_since, leave.reason = time.monotonic(), watcher.reason
+                ledger.write({"event": "leaving", "group": group, "step": step, "reason": leave.reason,
+                              "time": time.time()})
             parts = chunks(step, cfg.data.batch_size, ft.groups, r, n)
             buf = replica.gradients(parts)
             _die_if(kills, step, "allreduce")
-            reduced = checked_allreduce(manager, pg, buf)
-            if manager.should_commit() and reduced:
-                loss = replica.apply(buf)
-                ledger.write({"step": step, "group": group, "rank": r, "participants": n, "chunks": parts,
-                              "loss": loss, "time": time.time(), "step_s": time.time() - t0})
-                last = step + 1 == cfg.trainer.max_steps
-                if r == 0 and durable.enabled and (last or (durable.every and (step + 1) % durable.every == 0)):
-                    # The last one before the final quorum, which waits for it: once any group
-                    # has left with the run done, the final checkpoint is committed.
-                    durable.save(step + 1)
-                expected = step + 1
-                _die_if(kills, step, "commit")
-            else:
+            reduced = checked_allreduce(manager, pg, buf, leave)
+            # A leaver's Manager is shut down: the vote is its commit (its peers' should_commit
+            # says the same for them: both are "the all-reduce completed with every share").
+            committed = reduced and (leave.leaving or manager.should_commit())
+            leavers, expired = int(buf[_LEAVING]), int(buf[_STALE])
+            if not committed:
+                if leave.leaving:
+                    raise LeftQuorum(f"replica group {group} left the quorum at step {step} after a notice "
+                                     f"({leave.reason}); the step was not committed, its peers redo it")
+                window = None  # whoever was leaving left with it: the next quorum settles it
                 if expected is not None or step > 0:
                     expected = step
                 ledger.write({"step": step, "group": group, "redo": True, "participants": n,
                               "time": time.time(), "error": str(manager.errored() or "")[:200]})
+                continue
+            loss = replica.apply(buf)
+            ledger.write({"step": step, "group": group, "rank": r, "participants": n, "chunks": parts,
+                          "loss": loss, "time": time.time(), "step_s": time.time() - t0, "quorum_s": quorum_s,
+                          **({"window": True} if window is not None else {})})
+            last = step + 1 == cfg.trainer.max_steps
+            everyone_leaves = leavers == n
+            periodic = durable.every and (step + 1) % durable.every == 0
+            if r == 0 and durable.enabled and (last or everyone_leaves or periodic):
+                # The last one before the final quorum, which waits for it: once any group
+                # has left with the run done, the final checkpoint is committed. With every
+                # group leaving, the emergency save.
+                durable.save(step + 1)
+            expected = step + 1
+            _die_if(kills, step, "commit")
+            if everyone_leaves:
+                ledger.write({"event": "preempted", "group": group, "step": step + 1, "time": time.time()})
+                raise Preempted(f"replica group {group}: every group had a notice; checkpoint at step {step + 1}, "
+                                "relaunch to resume")
+            if leavers and expired == leavers:
+                window = None
+                if leave.leaving:
+                    ledger.write({"event": "left", "group": group, "step": step + 1, "silent_s": leave.silent_s(),
+                                  "time": time.time()})
+                    raise LeftQuorum(f"replica group {group} left the quorum at step {step + 1} after a notice "
+                                     f"({leave.reason}); its peers go on")
+            elif leavers:
+                window = (r, n)
         return step
     finally:
-        if manager is not None:
+        watcher.stop()
+        if manager is not None and not leave.leaving:
             manager.shutdown(wait=False)
         durable.close()
         ledger.close()
 
 
-def checked_allreduce(manager: Any, pg: Any, buf: torch.Tensor) -> bool:
+def checked_allreduce(manager: Any, pg: Any, buf: torch.Tensor, leave: _Leave | None = None) -> bool:
     """Sums ``buf`` over the quorum's groups; False (and the step is not committed) when a peer
     was lost on the way or had no valid share.
 
     torchft's DDP comm hook fails ``assert fut._fut`` and kills the survivor when a peer dies
     mid-all-reduce (torchft 0.2); here the collective runs on the Manager's process group
     directly and any failure is only reported to the Manager, so ``should_commit`` says no.
-    The last element is each group's vote (1: my share is valid). A group that failed before
-    the collective (a heal that did not complete) still takes part, with zeros and a 0 vote,
-    so its peers learn it at once instead of after the collective's timeout; every group
-    then sees a sum below the participants and redoes the step.
+    The vote element is each group's "my share is valid". A group that failed before the
+    collective (a heal that did not complete) still takes part, with zeros and a 0 vote, so
+    its peers learn it at once instead of after the collective's timeout; every group then
+    sees a sum below the participants and redoes the step. ``leave`` adds this group's leave
+    flags (a shut-down Manager still answers these calls: they read its last quorum).
     """
     from torch.distributed import AllreduceOptions, ReduceOp
 
     valid = manager.errored() is None
     if not valid:
         buf.zero_()
+    if leave is not None:
+        leave.flags(buf)
     try:
         manager.wait_quorum()
         opts = AllreduceOptions()
@@ -324,7 +424,7 @@ def checked_allreduce(manager: Any, pg: Any, buf: torch.Tensor) -> bool:
     except Exception as exc:  # a lost peer surfaces as whatever gloo raises: all mean "redo"
         manager.report_error(exc)
         return False
-    votes, participants = int(buf[-1].item()), manager.num_participants()
+    votes, participants = int(buf[_VOTE].item()), manager.num_participants()
     if valid and votes != participants:
         manager.report_error(TrainkitError(f"{participants - votes} of {participants} groups had no valid share"))
     return manager.errored() is None

@@ -2,9 +2,12 @@
 
 Starts a torchft lighthouse on loopback and one process per replica group, and restarts a
 group that dies in place while the others go on (the local counterpart of Ray replacing one
-group). The replacement heals from a live peer through the quorum; the job ends when a group
-has committed ``trainer.max_steps``, or fails when a group exits with a trainkit error or is
-lost more than ``ft.max_restarts`` times.
+group). A group that left the quorum on a notice (exit ``EXIT_LEFT``) is replaced the same
+way, without counting as a loss. The replacement heals from a live peer through the quorum;
+the job ends when a group has committed ``trainer.max_steps``, or fails when a group exits
+with a trainkit error or is lost more than ``ft.max_restarts`` times. Once this process is
+told to stop (its preemption signals, relayed to the groups, which then checkpoint and exit
+75 together), nothing is replaced.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -20,7 +24,7 @@ from typing import Any
 
 from trainkit.config import Config, run_dir_default
 from trainkit.errors import EXIT_PREEMPTED
-from trainkit.ft.loop import BARRIER_ENV, INCARNATION_ENV, LIGHTHOUSE_ENV
+from trainkit.ft.loop import BARRIER_ENV, EXIT_LEFT, INCARNATION_ENV, LIGHTHOUSE_ENV
 
 # Exit codes that say the group's own job is wrong (config, store): restarting cannot help.
 _FATAL = (2,)
@@ -32,6 +36,9 @@ class ReplicaSupervisor:
         self.poll_s = poll_s
         self.restarts: dict[int, int] = {}
         self.lost: list[tuple[float, int, int]] = []  # (time, group, exit code)
+        self.left: list[tuple[float, int]] = []  # (time, group): left on a notice, replaced
+        self.incarnations: dict[int, int] = {}
+        self.stopping = False
 
     def run(self) -> tuple[int, str]:
         """(exit code, what failed) of the job."""
@@ -52,11 +59,14 @@ class ReplicaSupervisor:
                BARRIER_ENV: os.path.join(work, "barrier"), "GLOO_SOCKET_IFNAME": "lo"}
         os.makedirs(env[BARRIER_ENV])
         procs: dict[int, subprocess.Popen[Any]] = {}
+        handlers = self._note_stop_signals(procs)
         try:
             for g in range(ft.groups):
                 procs[g] = self._start(config, env, g, 0)
             return self._watch(config, env, procs)
         finally:
+            for signum, handler in handlers.items():
+                signal.signal(signum, handler)
             for p in procs.values():
                 if p.poll() is None:
                     p.kill()
@@ -64,7 +74,28 @@ class ReplicaSupervisor:
             lighthouse.shutdown()
             shutil.rmtree(work, ignore_errors=True)
 
+    def _note_stop_signals(self, procs: dict[int, subprocess.Popen[Any]]) -> dict[int, Any]:
+        """Marks the job as stopping on a preemption signal, then runs the handler in place (the
+        launcher's relay to the groups), or relays it to the groups itself; returns the
+        handlers it replaced."""
+        def on(signum: int, frame: Any, previous: Any) -> None:
+            self.stopping = True
+            if callable(previous):
+                previous(signum, frame)
+                return
+            for p in procs.values():
+                if p.poll() is None:
+                    p.send_signal(signum)
+
+        replaced = {}
+        for name in self.cfg.preemption.signals:
+            signum = getattr(signal, name)
+            replaced[signum] = previous = signal.getsignal(signum)
+            signal.signal(signum, lambda s, f, previous=previous: on(s, f, previous))
+        return replaced
+
     def _start(self, config: str, env: dict[str, str], group: int, incarnation: int) -> subprocess.Popen[Any]:
+        self.incarnations[group] = incarnation
         return subprocess.Popen([sys.executable, "-m", "trainkit.ft", config, str(group)],
                                 env={**env, INCARNATION_ENV: str(incarnation)})
 
@@ -86,15 +117,20 @@ class ReplicaSupervisor:
                     continue
                 if code in _FATAL:
                     return code, f"replica group {g} failed (exit code {code})"
-                if finished or code == EXIT_PREEMPTED:
-                    continue  # the run is complete, or the group was told to stop: no replacement
+                if finished or self.stopping or code == EXIT_PREEMPTED:
+                    continue  # the run is complete, or the groups were told to stop: no replacement
+                if code == EXIT_LEFT:
+                    self.left.append((time.time(), g))
+                    print(f"replica group {g} left the quorum on a notice; starting its replacement", flush=True)
+                    procs[g] = self._start(config, env, g, self.incarnations[g] + 1)
+                    continue
                 self.lost.append((time.time(), g, code))
                 n = self.restarts.get(g, 0) + 1
                 if n > ft.max_restarts:
                     return 1, f"replica group {g} lost {n} times (exit code {code}); ft.max_restarts={ft.max_restarts}"
                 self.restarts[g] = n
                 print(f"replica group {g} lost (exit code {code}); starting its replacement", flush=True)
-                procs[g] = self._start(config, env, g, n)
+                procs[g] = self._start(config, env, g, self.incarnations[g] + 1)
         if not finished:
             return EXIT_PREEMPTED, ""  # every group was stopped: relaunch to resume
         self._summary()
@@ -112,7 +148,7 @@ class ReplicaSupervisor:
         summary = {
             "run_dir": cfg.run_dir, "strategy": cfg.strategy.name, "steps": cfg.trainer.max_steps,
             "loss": acc.losses[-1] if acc.losses else None,
-            "ft": {"mode": ft.mode, "groups": ft.groups, "groups_lost": len(self.lost),
+            "ft": {"mode": ft.mode, "groups": ft.groups, "groups_lost": len(self.lost), "groups_left": len(self.left),
                    "healed_from_peer": heals.count("peer"), "restored_from_checkpoint": heals.count("checkpoint"),
                    "steps_with_fewer_groups": sum(1 for n in acc.participants if n < ft.groups),
                    "steps_redone": acc.redone, "steps_recomputed": len(acc.recomputed), "exactly_once": True},

@@ -76,5 +76,13 @@ class LoopbackTransport(CheckpointTransport[Any]):
         return torch.load(io.BytesIO(data), weights_only=True)
 
     def shutdown(self, wait: bool = True) -> None:
-        self._server.shutdown()
-        self._server.server_close()
+        """Stops serving; ``wait=False`` returns at once (the serving loop notices within its
+        poll interval), so a group leaving on a notice stops heartbeating without that delay."""
+        def close() -> None:
+            self._server.shutdown()
+            self._server.server_close()
+
+        if wait:
+            close()
+        else:
+            threading.Thread(target=close, name="trainkit-ft-transport-close", daemon=True).start()
