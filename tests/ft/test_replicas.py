@@ -168,7 +168,8 @@ def test_a_notice_backed_leave_costs_the_survivor_no_step(tmp_path):
     sys.path.insert(0, str(HERE))
     steps, heartbeat = 40, 1.0
     extra = (f"trainer.max_steps={steps}", f"ft.heartbeat_timeout_s={heartbeat}")
-    out = launch(tmp_path / "run", *extra, kill="1:3:notice", **{LEDGERS_ENV: "", CHUNK_S_ENV: "0.05"})
+    out = launch(tmp_path / "run", *extra, "cost.on_demand_usd_per_hour=2.0", kill="1:3:notice",
+                 **{LEDGERS_ENV: "", CHUNK_S_ENV: "0.05"})
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "replica group 1 left the quorum on a notice; starting its replacement" in out.stdout
     summary = rundir.read_summary(str(tmp_path / "run"))
@@ -190,6 +191,29 @@ def test_a_notice_backed_leave_costs_the_survivor_no_step(tmp_path):
     assert len(ids) == steps * BATCH == len(set(ids))
     expected = reference(tmp_path / "ref", *extra)
     assert max(abs(a - b) for a, b in zip(acc.losses, expected)) <= LOSS_TOLERANCE
+    check_run_logs(tmp_path / "run", steps, attempts=1)
+
+
+def check_run_logs(run: Path, steps: int, *, attempts: int) -> None:
+    """metrics.jsonl, events.jsonl and summary.json in the schema the restart mode writes, so
+    the report, goodput/badput and cost read a replicas run as any other."""
+    from trainkit.cost import BUCKETS
+    from trainkit.report.load import load_run
+    from trainkit.report.render import summarize
+
+    metrics, events = rundir.read_metrics(str(run)), rundir.read_events(str(run))
+    # Every log_every (10) steps, and where an attempt stopped on a notice (as the restart mode).
+    stops = {e["step"] for e in rundir.of(events, rundir.PREEMPTED)}
+    assert [r["step"] for r in metrics][-1] == steps, metrics
+    assert all(r["step"] % 10 == 0 or r["step"] in stops for r in metrics), metrics
+    assert all(1 <= r["ft_groups"] <= 2 and r["step_time_s"] > 0 for r in metrics)
+    kinds = [e["event"] for e in events]
+    assert kinds.count("start") == attempts and kinds[-1] == "finish" and "checkpoint" in kinds, kinds
+    summary = rundir.read_summary(str(run))
+    assert summary is not None and summary["attempts"] == attempts and set(summary["badput_s"]) == set(BUCKETS)
+    assert 0 < summary["goodput"] <= 1 and summary["cost_usd"] > 0 and summary["cost"]["usd"] == summary["cost_usd"]
+    report = summarize(load_run(str(run)))
+    assert report["finished"] and report["cost_usd"] > 0
 
 
 @pytest.mark.slow
@@ -205,7 +229,8 @@ def test_a_notice_to_the_whole_job_checkpoints_once_and_resumes(tmp_path):
     sys.path.insert(0, str(HERE))
     steps = 40
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "trainkit.launch", *OVERRIDES, f"run_dir={run}", f"trainer.max_steps={steps}"]
+    cmd = [sys.executable, "-m", "trainkit.launch", *OVERRIDES, f"run_dir={run}", f"trainer.max_steps={steps}",
+           "cost.on_demand_usd_per_hour=2.0"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "TRAINKIT_STORE": STORE, GROUPS_ENV: "2", LEDGERS_ENV: "",
            "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]), CHUNK_S_ENV: "0.05"}
     proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -220,7 +245,10 @@ def test_a_notice_to_the_whole_job_checkpoints_once_and_resumes(tmp_path):
     records = ledger.read(str(run), 2)
     stops = [r["step"] for g in (0, 1) for r in records[g] if r.get("event") == "preempted"]
     assert len(stops) == 2 and len(set(stops)) == 1, stops
-    out = launch(run, f"trainer.max_steps={steps}", **{LEDGERS_ENV: "", CHUNK_S_ENV: "0"})
+    kinds = [e["event"] for e in rundir.read_events(str(run))]
+    assert kinds[0] == "start" and kinds[-1] == "preempted", kinds
+    out = launch(run, f"trainer.max_steps={steps}", "cost.on_demand_usd_per_hour=2.0",
+                 **{LEDGERS_ENV: "", CHUNK_S_ENV: "0"})
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert f"restored the committed checkpoint at step {stops[0]}" in out.stdout
     acc = ledger.account(str(run), groups=2, steps=steps, batch=BATCH)
@@ -229,6 +257,8 @@ def test_a_notice_to_the_whole_job_checkpoints_once_and_resumes(tmp_path):
     assert len(ids) == steps * BATCH == len(set(ids))
     expected = reference(tmp_path / "ref", f"trainer.max_steps={steps}")
     assert max(abs(a - b) for a, b in zip(acc.losses, expected)) <= LOSS_TOLERANCE
+    check_run_logs(run, steps, attempts=2)
+    assert "restore" in [e["event"] for e in rundir.read_events(str(run))]
 
 
 def _text(path: Path) -> str:

@@ -122,6 +122,7 @@ class _Replica:
                              prefetch=None if d.prefetch < 0 else d.prefetch,
                              format=None if d.format == "auto" else d.format)
         self.batch = d.batch_size
+        self.data_s = 0.0  # the last share's time reading its samples
         self.groups = cfg.ft.groups
 
     def gradients(self, parts: list[tuple[int, int]]) -> torch.Tensor:
@@ -129,9 +130,12 @@ class _Replica:
         self.optimizer.zero_grad(set_to_none=True)
         weight = 1.0 / self.groups
         loss_sum = torch.zeros((), dtype=torch.float32)
+        self.data_s = 0.0
         for lo, hi in parts:
+            t0 = time.perf_counter()
             ids = self.stream.ids_at(self.cfg.seed, lo, hi)
             batch = default_collate([self.stream[int(i)] for i in ids])
+            self.data_s += time.perf_counter() - t0
             loss, _ = self.task.loss(self.model, batch)
             (loss * weight).backward()
             loss_sum = loss_sum + loss.detach().float() * weight
@@ -362,7 +366,8 @@ def run_group(cfg_dict: Mapping[str, Any], group: int, *, say: Callable[[str], N
                 continue
             loss = replica.apply(buf)
             ledger.write({"step": step, "group": group, "rank": r, "participants": n, "chunks": parts,
-                          "loss": loss, "time": time.time(), "step_s": time.time() - t0, "quorum_s": quorum_s,
+                          "loss": loss, "lr": replica.scheduler.get_last_lr()[0], "time": time.time(),
+                          "step_s": time.time() - t0, "quorum_s": quorum_s, "data_s": replica.data_s,
                           **({"window": True} if window is not None else {})})
             last = step + 1 == cfg.trainer.max_steps
             everyone_leaves = leavers == n
@@ -371,7 +376,10 @@ def run_group(cfg_dict: Mapping[str, Any], group: int, *, say: Callable[[str], N
                 # The last one before the final quorum, which waits for it: once any group
                 # has left with the run done, the final checkpoint is committed. With every
                 # group leaving, the emergency save.
+                t_save = time.perf_counter()
                 durable.save(step + 1)
+                ledger.write({"event": "checkpoint", "group": group, "step": step + 1,
+                              "blocking_s": time.perf_counter() - t_save, "time": time.time()})
             expected = step + 1
             _die_if(kills, step, "commit")
             if everyone_leaves:
@@ -475,9 +483,11 @@ def _restore_if_alone(manager: Any, replica: _Replica, durable: _Checkpoints, gr
         return
     if durable.latest() is None:
         return
+    t0 = time.perf_counter()
     loaded = durable.load()
     if loaded is None:
         return
     manager.load_state_dict({"step": loaded, "batches_committed": loaded * replica.groups})
-    ledger.write({"event": "healed", "group": group, "step": loaded, "source": "checkpoint", "time": time.time()})
+    ledger.write({"event": "healed", "group": group, "step": loaded, "source": "checkpoint",
+                  "load_s": time.perf_counter() - t0, "time": time.time()})
     say(f"replica group {group}: no live peer; restored the committed checkpoint at step {loaded}")

@@ -25,6 +25,7 @@ from typing import Any
 from trainkit.config import Config, run_dir_default
 from trainkit.errors import EXIT_PREEMPTED
 from trainkit.ft.loop import BARRIER_ENV, EXIT_LEFT, INCARNATION_ENV, LIGHTHOUSE_ENV
+from trainkit.ft.records import record_attempt, write_config
 
 # Exit codes that say the group's own job is wrong (config, store): restarting cannot help.
 _FATAL = (2,)
@@ -39,6 +40,7 @@ class ReplicaSupervisor:
         self.left: list[tuple[float, int]] = []  # (time, group): left on a notice, replaced
         self.incarnations: dict[int, int] = {}
         self.stopping = False
+        self.began = time.time()
 
     def run(self) -> tuple[int, str]:
         """(exit code, what failed) of the job."""
@@ -60,10 +62,13 @@ class ReplicaSupervisor:
         os.makedirs(env[BARRIER_ENV])
         procs: dict[int, subprocess.Popen[Any]] = {}
         handlers = self._note_stop_signals(procs)
+        # A previous attempt whose supervisor was killed left ledgers and no logs: record it first.
+        record_attempt(cfg, began=None, outcome=None)
+        write_config(cfg)
         try:
             for g in range(ft.groups):
                 procs[g] = self._start(config, env, g, 0)
-            return self._watch(config, env, procs)
+            code, message = self._watch(config, env, procs)
         finally:
             for signum, handler in handlers.items():
                 signal.signal(signum, handler)
@@ -73,6 +78,11 @@ class ReplicaSupervisor:
                     p.wait()
             lighthouse.shutdown()
             shutil.rmtree(work, ignore_errors=True)
+        outcome = {0: "finished", EXIT_PREEMPTED: "preempted"}.get(code)
+        record_attempt(cfg, began=self.began, outcome=outcome)
+        if code == 0:
+            self._summary()
+        return code, message
 
     def _note_stop_signals(self, procs: dict[int, subprocess.Popen[Any]]) -> dict[int, Any]:
         """Marks the job as stopping on a preemption signal, then runs the handler in place (the
@@ -133,8 +143,22 @@ class ReplicaSupervisor:
                 procs[g] = self._start(config, env, g, self.incarnations[g] + 1)
         if not finished:
             return EXIT_PREEMPTED, ""  # every group was stopped: relaunch to resume
-        self._summary()
         return 0, ""
+
+    def _accounting(self) -> dict[str, Any]:
+        """Goodput, badput and, with a price, cost, from the logs :func:`record_attempt` wrote
+        (summary.json's keys, as the restart mode writes them)."""
+        from trainkit import rundir
+        from trainkit.cost import bill, goodput
+
+        g = goodput(rundir.read_metrics(self.cfg.run_dir), rundir.read_events(self.cfg.run_dir))
+        out: dict[str, Any] = {key: g[key] for key in ("goodput", "steady_goodput", "useful_s")}
+        out.update(run_wall_s=g["wall_s"], attempts=g["attempts"], badput_s=g["badput_s"])
+        price = self.cfg.cost.price()
+        if price is not None:
+            cost = bill(g, price)
+            out.update(cost_usd=cost["usd"], cost=cost)
+        return out
 
     def _summary(self) -> None:
         """``summary.json`` from the groups' ledgers, after checking from them that every step
@@ -146,8 +170,9 @@ class ReplicaSupervisor:
         acc = account(cfg.run_dir, groups=ft.groups, steps=cfg.trainer.max_steps, batch=cfg.data.batch_size)
         heals = [h["source"] for hs in acc.healed.values() for h in hs]
         summary = {
-            "run_dir": cfg.run_dir, "strategy": cfg.strategy.name, "steps": cfg.trainer.max_steps,
-            "loss": acc.losses[-1] if acc.losses else None,
+            "run_dir": cfg.run_dir, "strategy": cfg.strategy.name, "world_size": ft.groups,
+            "steps": cfg.trainer.max_steps, "wall_s": time.time() - self.began,
+            "loss": acc.losses[-1] if acc.losses else None, **self._accounting(),
             "ft": {"mode": ft.mode, "groups": ft.groups, "groups_lost": len(self.lost), "groups_left": len(self.left),
                    "healed_from_peer": heals.count("peer"), "restored_from_checkpoint": heals.count("checkpoint"),
                    "steps_with_fewer_groups": sum(1 for n in acc.participants if n < ft.groups),
