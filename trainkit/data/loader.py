@@ -27,6 +27,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from trainkit.data.batch import default_collate
+from trainkit.data.handover import Ring, slot_bytes_for
 from trainkit.data.prefetch import pin, to_device
 from trainkit.data.stream import Stream
 from trainkit.errors import ConfigError
@@ -49,6 +50,7 @@ class _MicroBatches(IterableDataset):
         self.num_workers = max(1, num_workers)
         self.transform, self.collate = transform, collate
         self.pin = pin
+        self.ring: Ring | None = None  # set before the workers start: their hand-over (workers only)
 
     @property
     def lag(self) -> int:
@@ -65,6 +67,7 @@ class _MicroBatches(IterableDataset):
         w = info.id if info is not None else 0
         if info is not None:
             self.stream.follow()
+        ring = self.ring if info is not None else None
         lag = self.lag
         # the default collate of untransformed samples is what read_batch builds directly
         batched = self.transform is None and self.collate is default_collate
@@ -74,13 +77,25 @@ class _MicroBatches(IterableDataset):
             self.stream.advance(self.seed, lo, lag)
             ids = self.stream.ids_at(self.seed, lo, hi)
             if batched:
-                yield self.stream.read_batch(ids, pin=self.pin, shared=info is not None)
+                batch = self.stream.read_batch(ids, pin=self.pin, shared=info is not None and ring is None)
             else:
                 samples = self.stream.get_many(ids)
                 if self.transform is not None:
                     samples = [self.transform(s) for s in samples]
-                yield self.collate(samples)
+                batch = self.collate(samples)
+            if ring is None:
+                yield batch
+            else:
+                batch = ring.put(k, batch)
+                if batch is None:  # the main process stopped taking batches
+                    return
+                yield k, batch
             k += self.num_workers
+
+
+def _stored_bytes_per_sample(stream: Stream) -> float:
+    files = {s.local_name: s.bytes for s in stream.shards}  # row groups of one file share its bytes
+    return sum(files.values()) / max(1, len(stream))
 
 
 class Loader:
@@ -189,20 +204,31 @@ class Loader:
             # shards are on their way before the workers start, and no worker builds a store
             # client of its own
             self.stream.advance(self.seed, start, ds.lag)
+            ds.ring = Ring(self.num_workers * self.prefetch_factor + 2,
+                           slot_bytes_for(_stored_bytes_per_sample(self.stream), self.micro_batch_size))
             source = iter(DataLoader(ds, batch_size=None, num_workers=self.num_workers, collate_fn=_identity,
                                      prefetch_factor=self.prefetch_factor, persistent_workers=False,
                                      pin_memory=cuda))
-            source = self._lead(source, ds)
+            source = self._lead(source, ds, cuda)
         if cuda:
             source = to_device(source, self.device)
         return self._count(source, self._generation)
 
-    def _lead(self, source, ds: _MicroBatches) -> Iterator[Any]:
-        """Tells the stream where the furthest micro-batch the workers may be reading is."""
+    def _lead(self, source, ds: _MicroBatches, pin_out: bool) -> Iterator[Any]:
+        """The workers' batches out of their ring slots, in order; tells the stream where the
+        furthest micro-batch the workers may be reading is."""
+        ring = ds.ring
+        assert ring is not None
         ahead = self.num_workers * self.prefetch_factor
-        for k, batch in enumerate(source):
-            self.stream.advance(self.seed, ds.batch_positions(k + ahead)[0], ds.lag)
-            yield batch
+        try:
+            for k, (got, batch) in enumerate(source):
+                if got != k:
+                    raise RuntimeError(f"DataLoader handed out micro-batch {got} where {k} was due")
+                batch = ring.take(k, batch, pin=pin_out)
+                self.stream.advance(self.seed, ds.batch_positions(k + ahead)[0], ds.lag)
+                yield batch
+        finally:
+            ring.close()
 
     def _count(self, source, generation: int) -> Iterator[Any]:
         for batch in source:
