@@ -5,7 +5,8 @@ schedule of faults — SIGKILL of one worker or of the whole launch (a lost mach
 timed to land while a checkpoint is being written, and SIGTERM with notice — relaunching
 the same command after each until it finishes. Then it compares the two runs: per-step
 losses in ``metrics.jsonl`` and the exported weights must be identical, and a SIGTERM must
-lose no step. Exit code 0 when they agree.
+lose no step. Exit code 0 when they agree. With ``ft.mode=replicas`` the faults take replica
+groups instead (:mod:`trainkit.chaos.replicas`).
 """
 
 from __future__ import annotations
@@ -197,14 +198,18 @@ def main(argv: list[str] | None = None) -> int:
         own, overrides = argv[:split], argv[split + 1 :]
     else:
         own, overrides = argv, []
+    from trainkit.launch.compose import compose_config
+
+    if compose_config(overrides).ft.mode == "replicas":
+        from trainkit.chaos import replicas
+
+        return replicas.main(own, overrides)
     p = argparse.ArgumentParser(prog="python -m trainkit.chaos")
     p.add_argument("--kills", type=int, default=5)
     p.add_argument("--sigterms", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workdir", default="runs/chaos")
     args = p.parse_args(own)
-    from trainkit.launch.compose import compose_config
-
     cfg = compose_config(overrides)
     os.makedirs(args.workdir, exist_ok=True)
     harness = Harness(overrides, args.workdir)

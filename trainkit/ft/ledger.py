@@ -31,6 +31,8 @@ class Accounting:
     # Steps committed again after a restore from a checkpoint (no live peer): trained twice in
     # the run's history, once in the final model.
     recomputed: list[int] = field(default_factory=list)
+    # Per step, the commits of its final membership (what the final model trained).
+    final: list[list[dict[str, Any]]] = field(default_factory=list)
 
 
 def account(run_dir: str, *, groups: int, steps: int, batch: int) -> Accounting:
@@ -55,7 +57,7 @@ def account(run_dir: str, *, groups: int, steps: int, batch: int) -> Accounting:
     extra = sorted(s for s in by_step if not 0 <= s < steps)
     if extra:
         raise TrainkitError(f"steps {extra} committed beyond trainer.max_steps={steps}")
-    losses, participants, recomputed = [], [], []
+    losses, participants, recomputed, finals = [], [], [], []
     for step in range(steps):
         commits = by_step.get(step)
         if not commits:
@@ -81,7 +83,8 @@ def account(run_dir: str, *, groups: int, steps: int, batch: int) -> Accounting:
             raise TrainkitError(f"step {step}: chunks {covered} do not tile the step's positions")
         losses.append(float(final[0]["loss"]))
         participants.append(int(n))
-    return Accounting(losses, participants, healed, redone, recomputed)
+        finals.append(final)
+    return Accounting(losses, participants, healed, redone, recomputed, finals)
 
 
 def _lineages(commits: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
