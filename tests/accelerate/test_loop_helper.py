@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import psutil
+import pytest
 
 from launching import ROOT, launch
 from trainkit import rundir
@@ -49,6 +50,7 @@ def _wait(predicate, proc: subprocess.Popen, what: str) -> None:
         time.sleep(0.05)
 
 
+@pytest.mark.rotate("e2e-resume")
 def test_sigkill_and_sigterm_then_relaunch_continue_bitwise(tmp_path: Path) -> None:
     ref = tmp_path / "ref"
     result = launch(*_args(ref))

@@ -32,6 +32,7 @@ def _one_error_line(stderr: str, needle: str) -> str:
     return lines[0]
 
 
+@pytest.mark.rotate("e2e-long")
 def test_ddp_on_2_warm_starts_fsdp_on_3_and_a_file_then_resumes_its_own(tmp_path: Path) -> None:
     src = tmp_path / "src"
     r = launch(*SMALL, "strategy=ddp", "launcher.workers=2", "trainer.max_steps=8", "checkpoint.every_steps=4",

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from launching import ROOT, launch, launch_and_sigterm, launch_here, metrics
 from trainkit import rundir
 
@@ -23,6 +25,7 @@ def script_args(run_dir: Path, *extra: str) -> list[str]:
             "trainer.progress=plain", *extra, "--", "--steps", str(STEPS), "--lr=0.05"]
 
 
+@pytest.mark.rotate("e2e-resume")
 def test_script_sigterm_exits_75_and_resumes_bitwise(tmp_path: Path) -> None:
     ref = tmp_path / "ref"
     result = launch(*script_args(ref))

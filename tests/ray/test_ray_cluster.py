@@ -82,6 +82,7 @@ def run_and_disturb(cluster, tmp_path: Path, disturb, *extra: str) -> tuple[int,
     return rc, run_dir, log
 
 
+@pytest.mark.rotate("ray-e2e")
 def test_node_lost_mid_run_resumes_bitwise(ray_cluster, reference, tmp_path):
     ray_cluster.ensure(2)
 

@@ -9,12 +9,15 @@ import json
 import os
 from pathlib import Path
 
+import pytest
+
 from launching import RESNET_TINY, ROOT
 from trainkit import rundir
 
 STEPS, EVERY, LOG_EVERY = 20, 10, 5
 
 
+@pytest.mark.rotate("ray-e2e")
 def test_torch_trainer_fit_gives_a_result_with_metrics_and_a_checkpoint(ray_cluster, tmp_path, monkeypatch):
     ray_cluster.ensure(2)
     monkeypatch.setenv("TRAINKIT_STORE", str(ROOT / ".cache" / "test-store"))

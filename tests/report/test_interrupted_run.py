@@ -39,7 +39,8 @@ def _wait_for_step(run: Path, step: int, proc: subprocess.Popen[str]) -> int:
     raise AssertionError(f"run never reached step {step}")
 
 
-# The one real proof of the cost accounting (~35 s): it runs by default.
+# The one real proof of the cost accounting (~35-48 s): in rotation with the other long runs.
+@pytest.mark.rotate("e2e-long")
 def test_goodput_and_recomputed_steps_of_an_interrupted_run(tmp_path: Path) -> None:
     run = tmp_path / "run"
     proc = _start(run)

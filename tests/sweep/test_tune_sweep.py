@@ -51,6 +51,7 @@ def trial_processes(name: str) -> list[psutil.Process]:
     return found
 
 
+@pytest.mark.rotate("ray-e2e")
 def test_optuna_asha_sweep_two_at_a_time(tune_cluster, tmp_path):
     base = tmp_path / "sweep"
     proc = launch("-m", *ONE_WORKER, "trainer.max_steps=60", f"launcher.address={tune_cluster.address}",
@@ -90,6 +91,7 @@ def test_optuna_asha_sweep_two_at_a_time(tune_cluster, tmp_path):
     assert "best: trial-" in out
 
 
+@pytest.mark.rotate("ray-e2e")
 def test_sweep_resumes_after_its_driver_is_killed(tune_cluster, tmp_path):
     base = tmp_path / "sweep"
     args = ["-m", *ONE_WORKER, "trainer.max_steps=6,150,8", f"launcher.address={tune_cluster.address}",

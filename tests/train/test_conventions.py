@@ -77,6 +77,7 @@ def test_credentials_never_land_in_the_run(tmp_path):
     assert secret not in result.stdout + result.stderr
 
 
+@pytest.mark.rotate("e2e-resume")
 def test_metrics_survive_a_resume_exactly(tmp_path):
     """A stop between two logging steps: the resumed run's regular records equal an
     uninterrupted run's (the window's sums are in the state tree; the stop record leaves it open)."""

@@ -14,6 +14,7 @@ from launching import RESNET_TINY, ROOT, launch
 from trainkit.testing.servers import AZURITE_KEY
 
 
+@pytest.mark.rotate("e2e-resume")
 def test_recipe_on_s3_data_and_run_dir_resumes(s3_server, s3_url) -> None:
     store = [f"storage.s3.endpoint_url={s3_server.endpoint}"]
     model = ["model.width=8", "model.blocks=[1,1]", "model.image_size=8"]

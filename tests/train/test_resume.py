@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from launching import GPT_TINY, RESNET_TINY, launch, launch_and_sigterm, metrics
 
 # gpt, not resnet: BatchNorm normalises over each rank's micro-batch, so a ResNet's loss
@@ -13,6 +15,7 @@ from launching import GPT_TINY, RESNET_TINY, launch, launch_and_sigterm, metrics
 ELASTIC = [*GPT_TINY, "strategy=ddp", "data.batch_size=48", "optim.schedule=constant", "checkpoint.every_steps=4"]
 
 
+@pytest.mark.rotate("e2e-resume")
 def test_resume_on_other_world_sizes_matches_uninterrupted(tmp_path: Path) -> None:
     ref = tmp_path / "ref"
     assert launch(*ELASTIC, "launcher.workers=2", "trainer.max_steps=12", f"run_dir={ref}").returncode == 0
@@ -31,6 +34,7 @@ def test_resume_on_other_world_sizes_matches_uninterrupted(tmp_path: Path) -> No
     assert [e["world_size"] for e in events if e["event"] == "start"] == [2, 1, 3]
 
 
+@pytest.mark.rotate("e2e-resume")
 def test_sigterm_exits_75_and_loses_no_step(tmp_path: Path) -> None:
     run = tmp_path / "run"
     args = [*RESNET_TINY, "strategy=ddp", "launcher.workers=2", "trainer.max_steps=400", "checkpoint.every_steps=1000",
