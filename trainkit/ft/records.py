@@ -54,8 +54,11 @@ def record_attempt(cfg: Config, *, began: float | None, outcome: str | None, rea
         attempt = len(rundir.of(events, rundir.START))
         starts = [r["time"] for r in new if r.get("event") == "start"]
         began = began if began is not None else min(starts, default=since)
-        restores = [r for r in new if r.get("event") == "healed" and r.get("source") == "checkpoint"]
         first = commits[0] if commits else None
+        # The attempt began from the checkpoint (a restore later in it, after every group was
+        # lost, is not one: its steps are simply committed again).
+        restores = [r for r in new if r.get("event") == "healed" and r.get("source") == "checkpoint"
+                    and (first is None or r["time"] <= first["time"])]
         loop_start = (first["time"] - first["step_s"]) if first else began
         start_step = first["step"] if first else 0
         if restores:
