@@ -7,6 +7,8 @@ an upgrade that moves one fails in CI with the name, not at a user's checkpoint.
 
 from __future__ import annotations
 
+import functools
+
 import logging
 from typing import Any
 
@@ -62,7 +64,8 @@ def drop_save_plans(key: str) -> None:
 __all__ = ["FileSystem", "FsspecReader", "FsspecWriter", "StorageInfo", "caching_save_planner", "dcp_debug_loggers",
            "drop_save_plans", "staging_stream", "RayKV", "RAY_PRIVATE_NAMES", "RAY_TRAIN_WORKER_MODULE",
            "ray_dashboard_up", "ray_drain_node", "ray_draining_nodes", "ray_lean_trainer", "ray_is_worker_process", "ray_keep_loopback", "ray_preload_train_worker",
-           "ray_prestart_workers", "ray_runtime_env_hash", "ray_setup_hook_env", "ray_train_storage"]
+           "ray_prestart_workers", "ray_runtime_env_hash", "ray_setup_hook_env", "ray_torchft_config",
+           "ray_train_storage"]
 
 
 
@@ -292,7 +295,40 @@ RAY_PRIVATE_NAMES = (
     "ray.core.generated.node_manager_pb2(_grpc).PrestartWorkers, common_pb2.PYTHON",
     "ray._private.worker.global_worker.node.address_info['webui_url']",
     "DataParallelTrainer._create_default_callbacks (DatasetsCallback, PlacementGroupCleanerCallback)",
+    "ray.train.v2.torch.torchft_config.TorchftConfig, _TorchftBackend._maybe_create_lighthouse_actor, "
+    "LighthouseServerActor",
 )
+
+
+@functools.cache
+def ray_torchft_config() -> Any:
+    """Ray Train's ``TorchftConfig`` (``ray.train.v2.torch.torchft_config``; Ray 2.60 does not
+    export it from ``ray.train.torch``), with its lighthouse actor asking for no CPU.
+
+    Its backend starts the lighthouse (``_TorchftBackend._maybe_create_lighthouse_actor``) as an
+    actor pinned to the controller's node with Ray's default of 1 CPU; on a cluster whose head
+    has none (trainkit's loopback cluster, a head kept free of training) it is never scheduled
+    and ``fit()`` fails ("The actor is not schedulable"). The lighthouse only answers RPCs, so
+    the subclass asks for 0 CPUs. ``lighthouse_kwargs`` must name ``bind`` (Ray's default is
+    every interface)."""
+    import ray
+    from ray.train.v2.torch import torchft_config as tf
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    class Backend(tf._TorchftBackend):
+        def _maybe_create_lighthouse_actor(self, backend_config: Any) -> str:
+            if self.lighthouse_actor is None:
+                here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
+                self.lighthouse_actor = tf.LighthouseServerActor.options(num_cpus=0, scheduling_strategy=here).remote(
+                    lighthouse_kwargs=backend_config.lighthouse_kwargs)
+            return ray.get(self.lighthouse_actor.address.remote())
+
+    class TorchftConfig(tf.TorchftConfig):
+        @property
+        def backend_cls(self) -> Any:
+            return Backend
+
+    return TorchftConfig
 
 
 def torchft_manager_bound_to(host: str) -> Any:

@@ -103,7 +103,27 @@ def test_forked_child_cannot_unregister_the_parents_sockets():
 
 def test_ray_private_names_are_all_checked_here():
     """The list this file checks is the list _compat uses (a new name needs a test below)."""
-    assert len(_compat.RAY_PRIVATE_NAMES) == 13
+    assert len(_compat.RAY_PRIVATE_NAMES) == 14
+
+
+def test_ray_torchft_config_keeps_rays_backend_and_its_lighthouse_actor():
+    import inspect
+
+    from ray.train.torch import TorchConfig
+    from ray.train.v2.torch import torchft_config as tf
+
+    config = _compat.ray_torchft_config()(lighthouse_kwargs={"bind": "127.0.0.1:0", "min_replicas": 1},
+                                          backend="gloo")
+    assert isinstance(config, tf.TorchftConfig) and isinstance(config, TorchConfig)
+    assert config.lighthouse_kwargs["bind"] == "127.0.0.1:0" and config.backend == "gloo"
+    backend = config.backend_cls()
+    assert isinstance(backend, tf._TorchftBackend) and backend.has_replica_groups and backend.lighthouse_actor is None
+    # The method overridden, with the signature Ray calls it with, and the actor class it makes.
+    assert list(inspect.signature(tf._TorchftBackend._maybe_create_lighthouse_actor).parameters) == [
+        "self", "backend_config"]
+    assert "lighthouse_kwargs" in inspect.signature(tf.LighthouseServerActor.__ray_metadata__.modified_class.__init__
+                                                    ).parameters
+    assert _compat.ray_torchft_config() is _compat.ray_torchft_config()
 
 
 def test_ray_loopback_switch_is_where_ray_reads_it():
