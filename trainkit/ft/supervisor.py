@@ -81,7 +81,7 @@ class ReplicaSupervisor:
         outcome = {0: "finished", EXIT_PREEMPTED: "preempted"}.get(code)
         record_attempt(cfg, began=self.began, outcome=outcome)
         if code == 0:
-            self._summary()
+            write_summary(cfg, began=self.began, lost=len(self.lost), left=len(self.left))
         return code, message
 
     def _note_stop_signals(self, procs: dict[int, subprocess.Popen[Any]]) -> dict[int, Any]:
@@ -145,47 +145,49 @@ class ReplicaSupervisor:
             return EXIT_PREEMPTED, ""  # every group was stopped: relaunch to resume
         return 0, ""
 
-    def _accounting(self) -> dict[str, Any]:
-        """Goodput, badput and, with a price, cost, from the logs :func:`record_attempt` wrote
-        (summary.json's keys, as the restart mode writes them)."""
-        from trainkit import rundir
-        from trainkit.cost import bill, goodput
 
-        g = goodput(rundir.read_metrics(self.cfg.run_dir), rundir.read_events(self.cfg.run_dir))
-        out: dict[str, Any] = {key: g[key] for key in ("goodput", "steady_goodput", "useful_s")}
-        out.update(run_wall_s=g["wall_s"], attempts=g["attempts"], badput_s=g["badput_s"])
-        price = self.cfg.cost.price()
-        if price is not None:
-            cost = bill(g, price)
-            out.update(cost_usd=cost["usd"], cost=cost)
-        return out
+def accounting(cfg: Config) -> dict[str, Any]:
+    """Goodput, badput and, with a price, cost, from the logs :func:`record_attempt` wrote
+    (summary.json's keys, as the restart mode writes them)."""
+    from trainkit import rundir
+    from trainkit.cost import bill, goodput
 
-    def _summary(self) -> None:
-        """``summary.json`` from the groups' ledgers, after checking from them that every step
-        trained its positions exactly once (a violation fails the job with its step)."""
-        from trainkit import rundir, storage
-        from trainkit.ft.ledger import account
+    g = goodput(rundir.read_metrics(cfg.run_dir), rundir.read_events(cfg.run_dir))
+    out: dict[str, Any] = {key: g[key] for key in ("goodput", "steady_goodput", "useful_s")}
+    out.update(run_wall_s=g["wall_s"], attempts=g["attempts"], badput_s=g["badput_s"])
+    price = cfg.cost.price()
+    if price is not None:
+        cost = bill(g, price)
+        out.update(cost_usd=cost["usd"], cost=cost)
+    return out
 
-        cfg, ft = self.cfg, self.cfg.ft
-        acc = account(cfg.run_dir, groups=ft.groups, steps=cfg.trainer.max_steps, batch=cfg.data.batch_size)
-        heals = [h["source"] for hs in acc.healed.values() for h in hs]
-        summary = {
-            "run_dir": cfg.run_dir, "strategy": cfg.strategy.name, "world_size": ft.groups,
-            "steps": cfg.trainer.max_steps, "wall_s": time.time() - self.began,
-            "loss": acc.losses[-1] if acc.losses else None, **self._accounting(),
-            "ft": {"mode": ft.mode, "groups": ft.groups, "groups_lost": len(self.lost), "groups_left": len(self.left),
-                   "healed_from_peer": heals.count("peer"), "restored_from_checkpoint": heals.count("checkpoint"),
-                   "steps_with_fewer_groups": sum(1 for n in acc.participants if n < ft.groups),
-                   "steps_redone": acc.redone, "steps_recomputed": len(acc.recomputed), "exactly_once": True},
-        }
-        url = rundir.path(cfg.run_dir, rundir.SUMMARY)
-        fs, path = storage.filesystem(url)
-        if storage.is_local(url):
-            fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-        storage.retry(lambda: fs.pipe(path, json.dumps(summary, indent=2).encode()), what=url)
-        print(f"replicas: {cfg.trainer.max_steps} steps, every position trained once; {len(self.lost)} group(s) "
-              f"lost, {heals.count('peer')} healed from a peer, {heals.count('checkpoint')} from a checkpoint",
-              flush=True)
+
+def write_summary(cfg: Config, *, began: float, lost: int, left: int) -> None:
+    """``summary.json`` from the groups' ledgers, after checking from them that every step
+    trained its positions exactly once (a violation fails the job with its step)."""
+    from trainkit import rundir, storage
+    from trainkit.ft.ledger import account
+
+    ft = cfg.ft
+    acc = account(cfg.run_dir, groups=ft.groups, steps=cfg.trainer.max_steps, batch=cfg.data.batch_size)
+    heals = [h["source"] for hs in acc.healed.values() for h in hs]
+    summary = {
+        "run_dir": cfg.run_dir, "strategy": cfg.strategy.name, "world_size": ft.groups,
+        "steps": cfg.trainer.max_steps, "wall_s": time.time() - began,
+        "loss": acc.losses[-1] if acc.losses else None, **accounting(cfg),
+        "ft": {"mode": ft.mode, "groups": ft.groups, "groups_lost": lost, "groups_left": left,
+               "healed_from_peer": heals.count("peer"), "restored_from_checkpoint": heals.count("checkpoint"),
+               "steps_with_fewer_groups": sum(1 for n in acc.participants if n < ft.groups),
+               "steps_redone": acc.redone, "steps_recomputed": len(acc.recomputed), "exactly_once": True},
+    }
+    url = rundir.path(cfg.run_dir, rundir.SUMMARY)
+    fs, path = storage.filesystem(url)
+    if storage.is_local(url):
+        fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+    storage.retry(lambda: fs.pipe(path, json.dumps(summary, indent=2).encode()), what=url)
+    print(f"replicas: {cfg.trainer.max_steps} steps, every position trained once; {lost} group(s) "
+          f"lost, {left} left on a notice, {heals.count('peer')} healed from a peer, {heals.count('checkpoint')} "
+          "from a checkpoint", flush=True)
 
 
 def _stop(procs: Any, grace_s: float) -> None:
