@@ -192,6 +192,11 @@ class ColumnBatch:
             else:
                 self._vals[f] = [None] * size
 
+    def accepts(self, state: list) -> bool:
+        """Whether a shard the batch was not built for can fill part of it (see ``BatchBuilder``)."""
+        return all(state[f][0] is not None and state[f][0].shape[1:] == t.shape[1:]
+                   for f, (t, _dst) in self._fixed.items())
+
     def fill(self, buf: Any, state: list, rows: np.ndarray | None, local: np.ndarray) -> None:
         for f, (_t, dst) in self._fixed.items():
             src = state[f][0]

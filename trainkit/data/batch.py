@@ -96,6 +96,15 @@ class BatchBuilder:
             else:
                 self._vals[f] = [None] * size
 
+    def accepts(self, h: ShardHeader) -> bool:
+        """Whether a shard the batch was not built for (``headers``) can fill part of it: every
+        field taken as one tensor is fixed-shape there too, with the same shape."""
+        if h.version == 1:
+            return self._v1
+        return not self._v1 and all(
+            h.columns[f]["layout"] == "fixed" and list(h.columns[f]["shape"]) == list(t.shape[1:])
+            for f, (t, _dst) in self._fixed.items())
+
     def fill(self, buf: Any, h: ShardHeader, rows: np.ndarray | None, local: np.ndarray) -> None:
         """The batch's samples ``local`` of the mapped shard ``buf``; ``rows``: where they go in
         the batch (None: all of it, in order)."""

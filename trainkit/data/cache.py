@@ -34,7 +34,7 @@ import time
 import warnings
 from collections import Counter
 from collections.abc import Callable, Hashable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 import numpy as np
@@ -135,19 +135,23 @@ class ShardCache:
         schedule_key: Callable[[int], Hashable] | None = None,
         next_use_of: Callable[[int, np.ndarray], np.ndarray] | None = None,
         upcoming: Callable[[int, int], np.ndarray] | None = None,
+        max_threads: int | None = None,
     ) -> None:
         self.dir = Path(directory)
         self.shards = list(shards)
         self.cache_bytes = int(cache_bytes)
         self.next_use = next_use  # position -> per-shard next global position of use
         self.fs_for = fs_for
-        self.threads = max(1, int(threads))
+        self.threads = max(1, int(threads))  # concurrent prefetches (raised by more_threads)
+        self.max_threads = max(self.threads, int(max_threads or 0))
         self.schedule_key = schedule_key  # position -> what decides the prefetch schedule (the window)
         # O(cached) / O(ahead) forms of the same two questions (the Stream passes them; without
         # them both are answered from next_use over every shard)
         self.next_use_of = next_use_of  # (position, shards) -> next_use(position)[shards]
         self.upcoming = upcoming  # (position, ahead) -> the current window's shards, then the next ahead
         self.on_evict: Callable[[int], None] | None = None  # told when this process evicts a shard
+        # told, in the thread that fetched it, the shards of a file that just became complete
+        self.on_fetched: Callable[[list[int]], None] | None = None
         # > 0 in a DataLoader worker whose main process fetches ahead for it: how long a demand
         # for a shard nobody fetches yet waits for that process to start it before fetching it
         # here (a worker that never downloads never pays for a store client of its own)
@@ -175,7 +179,10 @@ class ShardCache:
         self._lockfile = open(self.dir / ".lock", "a+b")  # noqa: SIM115 - lives as long as self
         self._pool: ThreadPoolExecutor | None = None
         self._inflight: dict[int, Future] = {}
-        self._mutex = threading.Lock()  # guards _inflight
+        self._mutex = threading.Lock()  # guards _inflight, _gated, threads
+        self._gate = threading.Semaphore(self.threads)  # a prefetch downloads while it holds one
+        self._gated: set[int] = set()  # prefetches waiting for the gate
+        self._closing = False
         self._present: set[int] = set()  # shards this process saw complete (may go stale: see forget)
         self._last_key: Hashable = object()
 
@@ -187,7 +194,8 @@ class ShardCache:
 
     def __getstate__(self):
         d = self.__dict__.copy()
-        for k in ("_tlock", "_lockfile", "_pool", "_inflight", "_mutex", "_present", "_last_key"):
+        for k in ("_tlock", "_lockfile", "_pool", "_inflight", "_mutex", "_gate", "_gated", "_closing", "_present",
+                  "_last_key"):
             d.pop(k, None)
         d["_pid"] = -1
         return d
@@ -198,8 +206,19 @@ class ShardCache:
 
     def close(self) -> None:
         if self._pid == os.getpid() and self._pool is not None:
+            self._closing = True  # prefetches still waiting for the gate download nothing
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
+
+    def more_threads(self, n: int) -> None:
+        """Lets ``n`` prefetches (at most ``max_threads``) download at once from now on (never
+        fewer than before): the Stream starts with a few and sets the number it measured."""
+        self._check_pid()
+        with self._mutex:
+            n = min(int(n), self.max_threads)
+            extra, self.threads = n - self.threads, max(self.threads, n)
+        for _ in range(max(0, extra)):
+            self._gate.release()
 
     # -- public ------------------------------------------------------------------------
     def path(self, i: int) -> str:
@@ -212,8 +231,9 @@ class ShardCache:
             return str(final)
         with self._mutex:
             fut = self._inflight.get(i)
-        if fut is not None and fut.cancel():  # queued, not started: fetch it here, now
-            self._done(i, fut)
+            gated = i in self._gated
+        if fut is not None and (fut.cancel() or gated):  # not downloading yet: fetch it here, now
+            self._done(i, fut)  # (a gated prefetch finds it fetched, or being fetched, and returns)
             fut = None
         if fut is not None:
             got = fut.result()
@@ -223,6 +243,33 @@ class ShardCache:
         elif self.follow_wait > 0:
             self._await_leader(i)
         return self._fetch(i, demand=True)
+
+    def ready(self, i: int) -> bool:
+        """Whether shard ``i`` is here (``path`` would not wait)."""
+        self._check_pid()
+        return i in self._present or (self.dir / self.shards[i].local_name).exists()
+
+    def first_ready(self, shards: Sequence[int]) -> int:
+        """One of ``shards`` that is here, once one is: the first to complete of those being
+        fetched (by this process, or by the main process for its DataLoader workers); if none
+        is on its way, the first of them (the caller's read then fetches it)."""
+        self._check_pid()
+        while True:
+            for i in shards:
+                if self.ready(i):
+                    return i
+            with self._mutex:
+                futs = {self._inflight[i]: i for i in shards if i in self._inflight}
+            if futs:
+                done, _ = wait(list(futs), return_when=FIRST_COMPLETED)
+                return futs[next(iter(done))]
+            if self.follow_wait <= 0:
+                return shards[0]
+            with self._locked():
+                _, _, inflight = self._scan()
+            if not any(self.shards[i].name in inflight for i in shards):
+                return shards[0]
+            time.sleep(0.002)
 
     def _await_leader(self, i: int) -> None:
         """Returns once shard ``i`` is complete or being fetched by some process (the demand
@@ -272,7 +319,7 @@ class ShardCache:
                 if i in self._inflight:
                     continue
                 if self._pool is None:
-                    self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="trainkit-prefetch")
+                    self._pool = ThreadPoolExecutor(self.max_threads, thread_name_prefix="trainkit-prefetch")
                 fut = self._pool.submit(self._prefetch, i)
                 self._inflight[i] = fut
             # outside the mutex: the callback runs at once (and takes it) if fut is done
@@ -289,12 +336,19 @@ class ShardCache:
                 del self._inflight[i]
 
     def _prefetch(self, i: int) -> str | None:
+        with self._mutex:
+            self._gated.add(i)
+        self._gate.acquire()
+        with self._mutex:
+            self._gated.discard(i)
         try:
-            return self._fetch(i, demand=False)
+            return None if self._closing else self._fetch(i, demand=False)
         except StorageError as exc:
             # the demand fetch will raise it with the shard URL; here just note it
             log.debug("prefetch of %s failed: %s", self.shards[i].url, exc)
             return None
+        finally:
+            self._gate.release()
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
@@ -418,6 +472,8 @@ class ShardCache:
             self.stats["fetched_bytes"] += shard.bytes
             self.fetched.append(i)
             self._present.add(i)
+            if self.on_fetched is not None:
+                self.on_fetched(self._by_local[shard.local_name])
             return str(final)
 
 
@@ -462,6 +518,12 @@ class LocalShards:
 
     def advance(self, position: int, ahead: int, evict_position: int | None = None) -> None:
         pass
+
+    def ready(self, i: int) -> bool:
+        return True
+
+    def first_ready(self, shards: Sequence[int]) -> int:
+        return shards[0]
 
     def forget(self, i: int) -> None:
         pass

@@ -33,6 +33,7 @@ from trainkit.data.stream import Stream
 from trainkit.errors import ConfigError
 
 STATE_VERSION = 1
+READ_AHEAD_BYTES = 32 << 20  # batches of a window built together while its shards download
 
 
 def _identity(x):
@@ -43,13 +44,14 @@ class _MicroBatches(IterableDataset):
     """Yields this rank's micro-batches k = first, first + step, ... (forever)."""
 
     def __init__(self, stream: Stream, *, seed: int, start: int, rank: int, world_size: int, micro: int,
-                 num_workers: int, transform, collate, pin: bool = False) -> None:
+                 num_workers: int, transform, collate, pin: bool = False, read_ahead: int = 1) -> None:
         super().__init__()
         self.stream, self.seed, self.start = stream, seed, start
         self.rank, self.world_size, self.micro = rank, world_size, micro
         self.num_workers = max(1, num_workers)
         self.transform, self.collate = transform, collate
         self.pin = pin
+        self.read_ahead = max(1, read_ahead)  # micro-batches read together while their shards arrive
         self.ring: Ring | None = None  # set before the workers start: their hand-over (workers only)
 
     @property
@@ -62,6 +64,19 @@ class _MicroBatches(IterableDataset):
         lo = self.start + (k * self.world_size + self.rank) * self.micro
         return lo, lo + self.micro
 
+    def _ahead(self, k: int, ids) -> list:
+        """The sample ids of micro-batch ``k`` (``ids``) and of this reader's next ones in the
+        same shuffle window, ``read_ahead`` at most."""
+        out = [ids]
+        window = self.stream.window_key(self.batch_positions(k)[0])
+        while len(out) < self.read_ahead:
+            k += self.num_workers
+            lo, hi = self.batch_positions(k)
+            if self.stream.window_key(lo) != window:
+                break
+            out.append(self.stream.ids_at(self.seed, lo, hi))
+        return out
+
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         w = info.id if info is not None else 0
@@ -71,13 +86,20 @@ class _MicroBatches(IterableDataset):
         lag = self.lag
         # the default collate of untransformed samples is what read_batch builds directly
         batched = self.transform is None and self.collate is default_collate
+        shared = info is not None and ring is None
+        built: list[dict[str, Any]] = []  # this reader's next micro-batches, read ahead
         k = w
         while True:
             lo, hi = self.batch_positions(k)
             self.stream.advance(self.seed, lo, lag)
             ids = self.stream.ids_at(self.seed, lo, hi)
-            if batched:
-                batch = self.stream.read_batch(ids, pin=self.pin, shared=info is not None and ring is None)
+            if batched and not built and not self.stream.ready(ids):
+                # shards still to come: this window's next micro-batches are filled as they arrive
+                built = self.stream.read_batches(self._ahead(k, ids), pin=self.pin, shared=shared)
+            if built:
+                batch = built.pop(0)
+            elif batched:
+                batch = self.stream.read_batch(ids, pin=self.pin, shared=shared)
             else:
                 samples = self.stream.get_many(ids)
                 if self.transform is not None:
@@ -187,7 +209,9 @@ class Loader:
     def _dataset(self, start: int) -> _MicroBatches:
         return _MicroBatches(self.stream, seed=self.seed, start=start, rank=self.rank, world_size=self.world_size,
                              micro=self.micro_batch_size, num_workers=self.num_workers, transform=self.transform,
-                             collate=self.collate, pin=self._cuda and self.num_workers == 0)
+                             collate=self.collate, pin=self._cuda and self.num_workers == 0,
+                             read_ahead=int(READ_AHEAD_BYTES // max(1.0, self.micro_batch_size
+                                                                    * _stored_bytes_per_sample(self.stream))))
 
     def __iter__(self) -> Iterator[Any]:
         start = self.position

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import mmap
 import os
@@ -19,6 +20,8 @@ from trainkit.data.source import Source, open_source
 from trainkit.data.order import Order
 from trainkit.errors import ConfigError, StorageError
 
+
+log = logging.getLogger(__name__)
 
 CONNECTION_BYTES_PER_S = 100e6  # what one connection to an object store typically delivers
 NODE_CONNECTIONS = 4  # connections that fill a node's link when latency is negligible
@@ -87,9 +90,15 @@ class Stream:
         self.format = self.source.format
         self.schema: dict[str, dict[str, str]] = self.source.schema
         self.shards: list[ShardInfo] = self.source.shards
+        # prefetch=None: NODE_CONNECTIONS downloads until downloads_for has measured the latency,
+        # in a thread (its request overlaps the first downloads instead of delaying them)
+        self._sizing: threading.Thread | None = None
         if prefetch is None:
-            prefetch = downloads_for(self.shards, self.url)
-        self.shuffle, self.shuffle_window, self.prefetch = shuffle, shuffle_window, prefetch
+            sized = not storage.is_local(self.url) and bool(self.shards)
+            prefetch = NODE_CONNECTIONS if sized else 0
+        else:
+            sized = False
+        self.shuffle, self.shuffle_window, self._prefetch = shuffle, shuffle_window, prefetch
         counts = np.array([s.num_samples for s in self.shards], dtype=np.int64)
         self._order = Order(counts, shuffle_window, shuffle)
         self._starts = self._order.starts
@@ -101,7 +110,8 @@ class Stream:
             self.cache_dir = cache_dir_for(self.url, cache_dir)
             self.cache = ShardCache(self.cache_dir, self.shards, cache_bytes, self._next_use, storage.filesystem,
                                     threads=max(1, prefetch), schedule_key=self._window_key,
-                                    next_use_of=self._next_use_of, upcoming=self._upcoming)
+                                    next_use_of=self._next_use_of, upcoming=self._upcoming,
+                                    max_threads=MAX_DOWNLOADS if sized else None)
             if shuffle and self.shards:
                 sizes = sorted((s.bytes for s in self.shards), reverse=True)
                 warn_small_cache(cache_bytes, sum(sizes[:shuffle_window]))
@@ -111,8 +121,30 @@ class Stream:
         self._map_key: tuple | None = None
         self._batch_shards = 0  # shards the batch being read touches: all stay mapped while it is
         self._follower = False  # a DataLoader worker: its main process fetches ahead (follow)
+        self._window_shards: set[int] = set()  # those of the window the reader is in
+        self._reading_pid = -1  # the process that reads samples (not one that only fetches for workers)
         if isinstance(self.cache, ShardCache):
             self.cache.on_evict = self._drop_map
+            self.cache.on_fetched = self._open_fetched
+            if sized:
+                self._sizing = threading.Thread(target=self._size_downloads, name="trainkit-sizing", daemon=True)
+                self._sizing.start()
+
+    def _size_downloads(self) -> None:
+        try:
+            n = downloads_for(self.shards, self.url)
+        except Exception as exc:  # noqa: BLE001 - the downloads themselves will say what is wrong
+            log.debug("%s: latency not measured (%s); %d downloads", self.url, exc, self._prefetch)
+            return
+        self.cache.more_threads(n)
+        self._prefetch = max(self._prefetch, n)
+
+    @property
+    def prefetch(self) -> int:
+        """Concurrent downloads (once measured, when sized from the store)."""
+        if self._sizing is not None:
+            self._sizing.join()
+        return self._prefetch
 
     # -- order -------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -143,6 +175,10 @@ class Stream:
     def _upcoming(self, position: int, ahead: int) -> np.ndarray:
         return self._order.upcoming(self._seed, position, ahead)
 
+    def window_key(self, position: int) -> tuple[int, int, int]:
+        """(seed, epoch, window) of GLOBAL ``position`` in the order of the seed last advanced to."""
+        return self._window_key(position)
+
     def _window_key(self, position: int) -> tuple[int, int, int]:
         epoch, idx = divmod(position, len(self))
         return self._seed, epoch, self._order.plan(self._seed, epoch).window_of(idx)
@@ -150,7 +186,7 @@ class Stream:
     @property
     def lookahead(self) -> int:
         """Shards beyond the current window that are fetched ahead."""
-        return max(2 * self.prefetch, self.shuffle_window) if self.prefetch else 0
+        return max(2 * self._prefetch, self.shuffle_window) if self._prefetch else 0
 
     def advance(self, seed: int, position: int, lag: int = 0) -> None:
         """Reader hint: global ``position`` reached (``lag``: how far other readers on this node
@@ -162,6 +198,7 @@ class Stream:
             self._map_key = key
             plan = self._order.plan(seed, key[1])
             keep = {int(s) for s in plan.windows[key[2]]}
+            self._window_shards = keep
             for i in [i for i in self._maps_for_pid() if i not in keep]:
                 self._drop_map(i)
 
@@ -198,12 +235,28 @@ class Stream:
         if m is not None:
             _close(m[0])
 
+    def _open_fetched(self, shards: list[int]) -> None:
+        """In the thread that just fetched them: the shards of the reader's current window are
+        mapped and opened (parsed; Parquet: decoded) there, in parallel with the downloads still
+        running, instead of in the reader once the last shard of the window has arrived. Only in
+        a process that reads (not in one fetching for its DataLoader workers), and never raises:
+        the reader opens a shard that failed here itself, and gets the error."""
+        if self._reading_pid != os.getpid():
+            return
+        for i in shards:
+            if i in self._window_shards:
+                try:
+                    self._mapping(i)
+                except Exception as exc:  # noqa: BLE001 - raised again where the reader opens it
+                    log.debug("opening %s after its fetch failed: %s", self.shards[i].url, exc)
+
     def _open_map(self, i: int) -> tuple[mmap.mmap, Any, str, int]:
         for attempt in range(5):
             path = self.cache.path(i)
             try:
                 with open(path, "rb") as f:
-                    mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+                    # the page tables at once: not a fault per 4 KiB page on first touch
+                    mm = mmap.mmap(f.fileno(), 0, flags=mmap.MAP_SHARED | _POPULATE, prot=mmap.PROT_READ)
                     ino = os.fstat(f.fileno()).st_ino
             except FileNotFoundError:
                 self.cache.forget(i)
@@ -213,6 +266,7 @@ class Stream:
                            "raise cache_bytes")
 
     def _mapping(self, i: int) -> tuple:
+        self._reading_pid = os.getpid()
         maps = self._maps_for_pid()
         with self._hlock:
             m = maps.get(i)
@@ -223,6 +277,11 @@ class Stream:
             self.cache.forget(i)
             m = None
         if m is None:
+            self.cache.path(i)  # once it is here, the thread that fetched it may have opened it
+            with self._hlock:
+                m = maps.get(i)
+            if m is not None and self._still_there(m):
+                return m
             m = self._open_map(i)
             with self._hlock:
                 old = maps.pop(i, None)
@@ -300,6 +359,57 @@ class Stream:
             self._read(i, lambda buf, st: builder.fill(buf, st, rows, local))
         return builder.finish()
 
+    def ready(self, sample_ids: Sequence[int]) -> bool:
+        """Whether every shard these samples are in is here (reading them would not wait)."""
+        ids = np.asarray(sample_ids, dtype=np.int64).reshape(-1)
+        shards = np.unique(np.searchsorted(self._starts, ids, side="right") - 1)
+        return all(self.cache.ready(int(i)) for i in shards)
+
+    def read_batches(self, id_lists: Sequence[Sequence[int]], *, pin: bool = False,
+                     shared: bool = False) -> list[dict[str, Any]]:
+        """``[read_batch(ids) for ids in id_lists]``, built shard by shard as the shards arrive:
+        the batches of a window whose shards are still downloading are filled during the
+        downloads, each from every shard already here, instead of all after the last one (the
+        first batch of a window needs all its shards). A batch whose layout a later shard does
+        not fit (a field fixed-shape in one shard, not in another) is built again once all its
+        shards are here; so is every batch of a format whose batches cannot take parts one by one."""
+        plans = [self._groups(ids) for ids in id_lists]
+        todo: list[int] = []
+        for _size, groups in plans:
+            todo.extend(i for i, _, _ in groups if i not in todo)
+        self._batch_shards = len(todo)
+        builders: list[Any] = [None] * len(plans)
+        redo: set[int] = set()
+        states: dict[int, Any] = {}
+        while todo:
+            i = self.cache.first_ready(todo)
+            todo.remove(i)
+            states[i] = st = self.state(i)
+            for b, (size, groups) in enumerate(plans):
+                if b in redo:
+                    continue
+                for j, rows, local in groups:
+                    if j != i:
+                        continue
+                    if builders[b] is None:
+                        builders[b] = self.source.batch([st], size, pin=pin, shared=shared)
+                        if not hasattr(builders[b], "accepts"):  # this format's batches take no parts
+                            return [self.read_batch(ids, pin=pin, shared=shared) for ids in id_lists]
+                    elif not builders[b].accepts(st):
+                        redo.add(b)
+                        break
+                    self._read(i, lambda buf, st_, rows=rows, local=local, bb=builders[b]: bb.fill(buf, st_, rows,
+                                                                                                   local))
+        out = []
+        for b, (size, groups) in enumerate(plans):
+            if b in redo:
+                builders[b] = self.source.batch([states[j] for j, _, _ in groups], size, pin=pin, shared=shared)
+                for j, rows, local in groups:
+                    self._read(j, lambda buf, st_, rows=rows, local=local, bb=builders[b]: bb.fill(buf, st_, rows,
+                                                                                                   local))
+            out.append(builders[b].finish())
+        return out
+
     def close(self) -> None:
         self.cache.close()
         for i in list(self._maps_for_pid()):
@@ -308,6 +418,7 @@ class Stream:
     def __getstate__(self):
         d = self.__dict__.copy()
         d.pop("_hlock")
+        d["_sizing"] = None
         d["_maps"], d["_maps_pid"] = OrderedDict(), -1
         return d
 
@@ -317,6 +428,9 @@ class Stream:
 
     def __repr__(self) -> str:
         return f"Stream({self.url!r}, samples={len(self)}, shards={self.num_shards})"
+
+
+_POPULATE = getattr(mmap, "MAP_POPULATE", 0)  # Linux
 
 
 def _close(mm: mmap.mmap) -> None:
