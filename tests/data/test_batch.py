@@ -148,3 +148,24 @@ def test_shared_and_pinned_allocation(tmp_path):
     assert got["x"].is_cuda
     assert_same({k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in got.items()},
                 stream.read_batch(stream.ids_at(0, 0, 4)))
+
+
+def _layouts(i: int) -> dict:
+    """``v`` is fixed-shape in the shard of samples 0-5 and varies in the others (odd ids longer)."""
+    return {"id": i, "v": torch.arange(2 + (i >= 6 and i % 2), dtype=torch.int16) + i,
+            "x": torch.full((3,), float(i))}
+
+
+def test_batches_read_while_shards_arrive_equal_read_batch(tmp_path):
+    """Stream.read_batches fills batches shard by shard (the first shard here decides a layout
+    the next one does not fit: that batch is built again); each equals read_batch's and the
+    collate of the decoded samples, on a cold cache and read in place."""
+    batches = [[0, 12, 3, 14], [5, 8], [20, 1, 16], [11]]
+    for url in ("memory://layouts", "file://" + str(tmp_path / "layouts")):
+        write_shards(map(_layouts, range(30)), url, shard_bytes=260)
+        stream = Stream(url, cache_dir=str(tmp_path / "cache"), prefetch=0, shuffle=False)
+        assert stream.shards[0].num_samples == 6
+        got = stream.read_batches(batches)
+        for ids, b in zip(batches, got):
+            assert_same(b, default_collate(stream.get_many(ids)))
+            assert_same(b, stream.read_batch(ids))
