@@ -194,6 +194,29 @@ def test_a_notice_backed_leave_costs_the_survivor_no_step(tmp_path):
     check_run_logs(tmp_path / "run", steps, attempts=1)
 
 
+@pytest.mark.slow
+def test_a_notice_backed_leave_with_three_groups(tmp_path):
+    """Three groups, group 0 (replica rank 0, the one that saves) given a notice at step 3: the
+    other two go on with all three chunks after its window, nobody redoes a step."""
+    from ft_paced import CHUNK_S_ENV, LEDGERS_ENV
+
+    sys.path.insert(0, str(HERE))
+    steps, batch = 40, 24
+    extra = ("ft.groups=3", f"data.batch_size={batch}", f"trainer.max_steps={steps}")
+    out = launch(tmp_path / "run", *extra, kill="0:3:notice", groups=3, **{LEDGERS_ENV: "", CHUNK_S_ENV: "0.05"})
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    acc = ledger.account(str(tmp_path / "run"), groups=3, steps=steps, batch=batch)
+    assert acc.redone == 0, acc
+    left = [r for r in ledger.read(str(tmp_path / "run"), 3)[0] if r.get("event") == "left"]
+    assert len(left) == 1 and left[0]["silent_s"] >= 1.0
+    k = left[0]["step"]
+    assert k > 4 and acc.participants[:k] == [3] * k and acc.participants[k] == 2, acc.participants
+    ids = sample_ids(tmp_path / "run", acc, groups=3)
+    assert len(ids) == steps * batch == len(set(ids))
+    expected = reference(tmp_path / "ref", *extra)
+    assert max(abs(a - b) for a, b in zip(acc.losses, expected)) <= THREE_GROUP_TOLERANCE
+
+
 def check_run_logs(run: Path, steps: int, *, attempts: int) -> None:
     """metrics.jsonl, events.jsonl and summary.json in the schema the restart mode writes, so
     the report, goodput/badput and cost read a replicas run as any other."""
