@@ -11,5 +11,10 @@ See docs/fault-tolerance.md.
 - :mod:`trainkit.ft.supervisor`: the lighthouse and the groups' processes on this machine
   (``launcher=local``), a lost group restarted in place;
 - :mod:`trainkit.ft.transport`: the peer-to-peer state transfer, on loopback by default;
-- :mod:`trainkit.ft.ledger`: what each group committed, and the exactly-once check over it.
+- :mod:`trainkit.ft.ledger`: what each group committed, and the exactly-once check over it;
+- :mod:`trainkit.ft.records`: the run's metrics.jsonl and events.jsonl, written from the ledgers;
+- :mod:`trainkit.ft.ray`: the same groups as Ray Train workers (Ray's ``TorchftConfig``).
+
+A preemption notice makes a group leave the quorum without costing its peers a step
+(:class:`trainkit.ft.loop._Leave`); with no group left to go on, the usual checkpoint and exit 75.
 """
