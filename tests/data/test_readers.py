@@ -10,7 +10,9 @@ or repeat nothing.
 
 The default suite runs each kind of test on one store per reader, rotated (``DEFAULT``) so that
 every (reader, store) pair gets at least one default test; the other combinations are slow-marked
-(``--runslow`` runs all 40).
+(``--runslow`` runs all 40). The Arrow reader (Hugging Face ``save_to_disk``, written by the real
+``datasets``) joined later: its 10 cases carry ``rotate("arrow-readers")``, so one of them runs
+by default, a different one each day.
 """
 
 from __future__ import annotations
@@ -26,11 +28,13 @@ from test_wds import check as check_tar
 from test_wds import write_tars
 from trainkit import storage
 from trainkit.data import Stream, write_shards
+from trainkit.data.arrow import scan
 from trainkit.data.wds import build_index
 from trainkit.errors import StorageError
 
 N = 240
 READERS = ("trainkit", "parquet", "webdataset", "mds")
+ROTATED = ("arrow",)  # one case of the group per default run (tests/conftest.py)
 STORES = ("file", "s3", "az")
 REMOTE = ("s3", "az")
 
@@ -44,7 +48,8 @@ DEFAULT = {
 
 def _matrix(kind: str, stores=STORES):
     return [pytest.param(r, s, id=f"{r}-{s}", marks=() if DEFAULT[kind][r] == s else pytest.mark.slow)
-            for r in READERS for s in stores]
+            for r in READERS for s in stores] + [
+        pytest.param(r, s, id=f"{r}-{s}", marks=pytest.mark.rotate("arrow-readers")) for r in ROTATED for s in stores]
 
 
 def test_the_default_rotation_covers_every_pair():
@@ -61,8 +66,30 @@ def _write(reader: str, url: str, tmp_path, *, small: bool = False) -> None:
     elif reader == "webdataset":
         write_tars(url, per_tar=10 if small else 20)
         build_index(url)
+    elif reader == "arrow":
+        _write_arrow(url, tmp_path, files=12 if small else 8)
     else:
         write_mds(url, make_samples(N), size_limit=1500 if small else 2500, tmp=tmp_path)
+
+
+def _write_arrow(url: str, tmp_path, files: int) -> None:
+    """``make_samples(N)`` saved by ``datasets``' own ``save_to_disk`` in ``files`` files (one
+    record batch each), then uploaded as a user of a remote store would."""
+    datasets = pytest.importorskip("datasets")
+    datasets.disable_progress_bars()
+    feats = datasets.Features({"id": datasets.Value("int64"), "x": datasets.List(datasets.Value("float32"), length=8),
+                               "y": datasets.List(datasets.Value("int16"), length=3),
+                               "raw": datasets.Value("binary"), "name": datasets.Value("string")})
+    rows = list(make_samples(N))
+    local = tmp_path / "arrow-local"
+    datasets.Dataset.from_dict({k: [r[k].tolist() if hasattr(r[k], "tolist") else r[k] for r in rows] for k in feats},
+                               features=feats).save_to_disk(str(local), num_shards=files)
+    fs, path = storage.filesystem(url)
+    for f in sorted(p for p in local.rglob("*") if p.is_file()):
+        target = f"{path}/{f.relative_to(local).as_posix()}"
+        if storage.is_local(url):
+            fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
+        fs.pipe_file(target, f.read_bytes())
 
 
 def _key_id(s: dict) -> dict:
@@ -74,8 +101,9 @@ def _row_id(s: dict) -> dict:  # Parquet's "tokens" vary in length: no batch of 
 
 
 # trainkit and MDS batches go through the batched read (no transform)
-TRANSFORM = {"trainkit": None, "parquet": _row_id, "webdataset": _key_id, "mds": None}
-CHECK = {"trainkit": check_sample, "parquet": check_row, "webdataset": check_tar, "mds": check_sample}
+TRANSFORM = {"trainkit": None, "parquet": _row_id, "webdataset": _key_id, "mds": None, "arrow": None}
+CHECK = {"trainkit": check_sample, "parquet": check_row, "webdataset": check_tar, "mds": check_sample,
+         "arrow": check_sample}
 
 
 def _flip_a_byte(url: str) -> None:
@@ -93,7 +121,17 @@ def _zero_parquet_pages(url: str) -> None:
     fs.pipe_file(path, bytes(data))
 
 
-CORRUPT = {"trainkit": _flip_a_byte, "parquet": _zero_parquet_pages, "webdataset": _flip_a_byte, "mds": _flip_a_byte}
+def _spoil_arrow_header(url: str) -> None:
+    """The last record batch's message header, same size (an Arrow body has no checksum)."""
+    fs, path = storage.filesystem(url)
+    data = bytearray(fs.cat_file(path))
+    off = scan(url, len(data))[1][-1][0]
+    data[off + 8 : off + 40] = b"\xff" * 32
+    fs.pipe_file(path, bytes(data))
+
+
+CORRUPT = {"trainkit": _flip_a_byte, "parquet": _zero_parquet_pages, "webdataset": _flip_a_byte, "mds": _flip_a_byte,
+           "arrow": _spoil_arrow_header}
 
 
 @pytest.fixture
