@@ -17,8 +17,9 @@
 * reads one epoch of each, cold (empty cache), every reader decoding to tensors and checking
   the content of every batch (ids, labels, probed pixels) inside its timed loop:
   - ``raw``: every trainkit shard object fetched whole with concurrent ``cat_file`` at
-    trainkit's own concurrency (``Stream.prefetch``) and parsed into one tensor per field per
-    shard: the ceiling of the store + client at that concurrency;
+    trainkit's own concurrency (``Stream.prefetch``), one GET each (``start=0``: without a
+    range s3fs 2026.9 sends a HEAD first), and parsed into one tensor per field per shard: the
+    ceiling of the store + client at that concurrency;
   - ``trainkit``: ``Loader(Stream(url))`` (shuffled, default window), ``--workers`` workers,
     timed from opening the dataset; the same on the Parquet and on the Arrow files;
   - ``webdataset``: ``wds.WebDataset`` over the tars, one stream per worker, opened with
@@ -316,7 +317,8 @@ def _parse_shard(data: bytes) -> dict[str, Any]:
 def _raw(urls: list[str], threads: int, fs_for, check: Checker) -> float:
     def get(u: str) -> dict[str, Any]:
         fs, path = fs_for(u)
-        return _parse_shard(fs.cat_file(path))
+        # start=0: one GET (without a range, s3fs's cat_file first asks for the size: a HEAD)
+        return _parse_shard(fs.cat_file(path, start=0))
 
     t0 = time.perf_counter()
     with ThreadPoolExecutor(threads) as pool:
