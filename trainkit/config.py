@@ -162,10 +162,14 @@ class PreemptionConfig:
     aws_endpoint: str = ""
     gcp_endpoint: str = ""
     poll_seconds: float = 5.0
+    # The ranks agree on a stop or a timer save at most this often (in whole steps; 0: every
+    # step). A stop lands at most this much plus one step after the notice.
+    agree_every_s: float = 0.1
 
     def check(self, cfg: Config) -> None:
         positive("preemption.grace_seconds", self.grace_seconds)
         positive("preemption.poll_seconds", self.poll_seconds)
+        positive("preemption.agree_every_s", self.agree_every_s, allow_zero=True)
         valid = sorted(s.name for s in signal.Signals)
         for name in self.signals:
             if name not in valid:

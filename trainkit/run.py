@@ -99,7 +99,7 @@ class Run:
             poll_seconds=p.poll_seconds,
         )
         self.watcher.start()
-        self.agreement = StepAgreement(self.watcher)
+        self.agreement = StepAgreement(self.watcher, every_s=p.agree_every_s)
         self.loggers: list[Any] = []
         if main and cfg.trainer.loggers:
             from trainkit.metrics.loggers import build_loggers

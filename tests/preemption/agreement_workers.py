@@ -40,8 +40,8 @@ def main(a: dict) -> None:
             flag_at = {k: plan.randint(1, a["max_flag_step"]) for k in who}
             save_at = {k: {s for s in range(1, a["max_flag_step"] + 3) if plan.random() < 0.25} for k in (0, 1)}
             watcher = PreemptionWatcher(signals=["SIGTERM"]).start()
-            agreement = StepAgreement(watcher)
-            raised, told = [], []
+            agreement = StepAgreement(watcher, every_s=a["every_s"])
+            raised, told, sent = [], [], []
             local = 0
             while True:
                 local += 1
@@ -54,6 +54,7 @@ def main(a: dict) -> None:
                 decision = agreement.decide(*flags)
                 raised.append(flags)
                 told.append((decision.stop, decision.save))
+                sent.append(agreement.submitted)
                 if decision.stop:
                     break
                 if local > 10 * a["max_flag_step"]:
@@ -69,7 +70,7 @@ def main(a: dict) -> None:
             step = target["state"]["counter"]["step"]
             weights = target["state"]["weights"]
             rounds.append({"flag_at": {str(k): v for k, v in flag_at.items()}, "lag": agreement.lag,
-                           "raised": raised, "told": told, "stop_local": local, "saved_step": latest,
+                           "raised": raised, "told": told, "sent": sent, "stop_local": local, "saved_step": latest,
                            "loaded_step": loaded, "loaded_counter": step, "loaded_weight": float(weights[0]),
                            "reason": reason})
         ck.close()

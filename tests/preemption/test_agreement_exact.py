@@ -1,6 +1,8 @@
 """The deferred stop/save agreement is exact: over many SIGTERMs at random steps, every rank
-stops and saves at the same step, exactly ``agreement.lag`` after the earliest flag, a timer
-save lands ``lag`` after any rank raised it, and no step is lost across the relaunch.
+stops and saves at the same step, the boundary after the first send at or after the earliest
+flag (``agreement.lag`` after it when every step sends), a timer save lands at the same
+boundary after any rank raised it, and no step is lost across the relaunch. With
+``every_s`` > 0 the ranks send only every few steps, on one schedule rank 0 sets.
 
 Two real gloo processes drive :class:`StepAgreement` with real signals (``agreement_workers.py``);
 the bookkeeping around it in ``Run`` is covered by the chaos and resume tests.
@@ -14,12 +16,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from trainkit.checkpoint import Checkpointer
 from trainkit.distributed import free_port
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
-ROUNDS = 40
 
 
 def _first(flags: list[list[bool]], index: int) -> int | None:
@@ -27,10 +30,12 @@ def _first(flags: list[list[bool]], index: int) -> int | None:
     return next((i + 1 for i, f in enumerate(flags) if f[index]), None)
 
 
-def test_every_rank_stops_and_saves_at_the_agreed_step(tmp_path):
+@pytest.mark.parametrize("every_s, rounds", [(0.0, 40), (0.01, 20)], ids=["every-step", "every-10ms"])
+def test_every_rank_stops_and_saves_at_the_agreed_step(tmp_path, every_s, rounds):
     out = tmp_path / "out"
     out.mkdir()
-    args = {"root": str(tmp_path / "ck"), "out": str(out), "rounds": ROUNDS, "seed": 7, "max_flag_step": 12}
+    args = {"root": str(tmp_path / "ck"), "out": str(out), "rounds": rounds, "seed": 7, "max_flag_step": 12,
+            "every_s": every_s}
     port = free_port()
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
                OMP_NUM_THREADS="1", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -55,16 +60,23 @@ def test_every_rank_stops_and_saves_at_the_agreed_step(tmp_path):
             first = _first(rec["raised"], 0)
             assert first == (planned if planned is not None and planned <= rec["stop_local"] else None), (r, rank)
         earliest = min(f for f in (_first(a["raised"], 0), _first(b["raised"], 0)) if f is not None)
-        # Same step on both ranks, exactly lag after the earliest flag.
-        assert a["stop_local"] == b["stop_local"] == earliest + lag, r
-        # Both ranks were told the same thing at every boundary: the MAX of what the ranks
-        # raised lag boundaries before (nothing at the first ones).
+        # One schedule of sends on both ranks; every step sends when every_s is 0.
+        assert a["sent"] == b["sent"], r
+        if every_s == 0:
+            assert all(a["sent"]), r
+        # Both ranks were told the same thing at every boundary: at the boundary after a send,
+        # the MAX of what the ranks raised since the send before; nothing elsewhere.
         assert a["told"] == b["told"], r
+        held = [False, False]
         for i, told in enumerate(a["told"]):
-            before = i - lag
-            expected = [False, False] if before < 0 else [a["raised"][before][k] or b["raised"][before][k]
-                                                          for k in (0, 1)]
+            expected = [False, False]
+            if i >= lag and a["sent"][i - lag]:
+                expected, held = held, [False, False]
             assert told == expected, (r, i)
+            held = [held[k] or a["raised"][i][k] or b["raised"][i][k] for k in (0, 1)]
+        # Same step on both ranks: the boundary after the first send at or after the earliest flag.
+        first_send = next(i + 1 for i in range(earliest - 1, len(a["sent"])) if a["sent"][i])
+        assert a["stop_local"] == b["stop_local"] == first_send + lag, r
         # The emergency save is committed at the stop step on both, and the relaunch
         # continues from it: no step lost, none repeated.
         step += a["stop_local"]
@@ -78,4 +90,6 @@ def test_every_rank_stops_and_saves_at_the_agreed_step(tmp_path):
     # Both kinds of round happened: one rank told, and both told at different steps.
     assert {len(a["flag_at"]) for a in ranks[0]} == {1, 2}
     assert any(any(t[1] for t in a["told"]) for a in ranks[0])  # timer saves were agreed too
+    if every_s:
+        assert not all(all(a["sent"]) for a in ranks[0]), "rank 0 never proposed a period longer than a step"
     assert Checkpointer(args["root"]).latest_step() == step

@@ -60,7 +60,7 @@ class AcceleratorCheckpoints:
     def __init__(self, accelerator: Any, run_dir: str, *, every_steps: int = 0, every_seconds: float = 0.0,
                  keep_last: int = 2, async_save: bool = True,
                  signals: Iterable[str] = ("SIGTERM", "SIGINT", "SIGUSR1"), aws_endpoint: str = "",
-                 gcp_endpoint: str = "", poll_seconds: float = 5.0) -> None:
+                 gcp_endpoint: str = "", poll_seconds: float = 5.0, agree_every_s: float = 0.1) -> None:
         global created
         from trainkit.checkpoint import Checkpointer, SavePolicy
         from trainkit.metrics import JsonlLog
@@ -79,7 +79,7 @@ class AcceleratorCheckpoints:
         self.policy = SavePolicy(every_steps, every_seconds)
         self.watcher = PreemptionWatcher(signals=list(signals), aws_endpoint=aws_endpoint,
                                          gcp_endpoint=gcp_endpoint, poll_seconds=poll_seconds).start()
-        self.agreement = StepAgreement(self.watcher)
+        self.agreement = StepAgreement(self.watcher, every_s=agree_every_s)
         self.metrics = JsonlLog(run_dir, rundir.METRICS) if main else None
         self.events = JsonlLog(run_dir, rundir.EVENTS) if main else None
         self.attempt = len(rundir.of(self.events.records(), rundir.START)) if self.events is not None else 0
