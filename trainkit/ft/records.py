@@ -8,9 +8,9 @@ other. An attempt here is one supervisor run: losing or replacing a group is not
 
 Per metrics record (every ``trainer.log_every`` steps), over the steps it covers:
 ``step_time_s`` is the wall time from the previous record's commit to this one's, less the
-**membership stall**: what the steps did not spend training (steps tried and redone after a
-loss, and the part of a quorum beyond the interval's median quorum: a wait for a heartbeat to
-expire or for a replacement). That stall is in ``ft_stall_s`` (per step), and the goodput
+**membership stall**: what the steps did not spend training (the interval less their compute
+and all-reduce, a typical quorum each and the saves: tries redone after a loss, a wait for a
+heartbeat to expire or for a replacement). That stall is in ``ft_stall_s`` (per step), and the goodput
 accounting, which has no bucket for it, counts it in ``other``. ``data_wait_s`` is the time the
 step's rank-0 group spent reading its samples; ``checkpoint_block_s`` the blocking saves.
 ``ft_groups`` is the mean number of groups per step.
@@ -74,9 +74,8 @@ def record_attempt(cfg: Config, *, began: float | None, outcome: str | None, rea
         events_log.write(rundir.event(rundir.START, loop_start, attempt=attempt, step=start_step,
                                       world_size=cfg.ft.groups, strategy=cfg.strategy.name,
                                       startup_s=max(0.0, loop_start - began), nodes=1))
-        redone = [r for r in new if r.get("redo")]
         saves = sorted((r for r in new if r.get("event") == "checkpoint"), key=lambda r: r["time"])
-        for rec in _metrics(commits, redone, saves, attempt, loop_start, cfg):
+        for rec in _metrics(commits, saves, attempt, loop_start, cfg):
             metrics_log.write(rec)
         for save in saves:
             events_log.write(rundir.event(rundir.CHECKPOINT, save["time"], step=int(save["step"]),
@@ -103,8 +102,8 @@ def _final_commits(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [by_step[s] for s in sorted(by_step)]
 
 
-def _metrics(commits: list[dict[str, Any]], redone: list[dict[str, Any]], saves: list[dict[str, Any]],
-             attempt: int, loop_start: float, cfg: Config) -> list[dict[str, Any]]:
+def _metrics(commits: list[dict[str, Any]], saves: list[dict[str, Any]], attempt: int, loop_start: float,
+             cfg: Config) -> list[dict[str, Any]]:
     every, batch, last_step = cfg.trainer.log_every, cfg.data.batch_size, cfg.trainer.max_steps
     out: list[dict[str, Any]] = []
     interval: list[dict[str, Any]] = []
@@ -115,24 +114,24 @@ def _metrics(commits: list[dict[str, Any]], redone: list[dict[str, Any]], saves:
         at_end = i + 1 == len(commits)
         if step % every and step != last_step and not at_end:
             continue
-        out.append(_record(interval, redone, saves, t_prev, attempt, batch, step))
+        out.append(_record(interval, saves, t_prev, attempt, batch, step))
         t_prev = float(rec["time"])
         interval = []
     return out
 
 
-def _record(interval: list[Mapping[str, Any]], redone: list[Mapping[str, Any]], saves: list[Mapping[str, Any]],
-            t_prev: float, attempt: int, batch: int, step: int) -> dict[str, Any]:
+def _record(interval: list[Mapping[str, Any]], saves: list[Mapping[str, Any]], t_prev: float, attempt: int,
+            batch: int, step: int) -> dict[str, Any]:
     n = len(interval)
     t_end = float(interval[-1]["time"])
     elapsed = max(1e-9, t_end - t_prev)
     block = sum(float(s["blocking_s"]) for s in saves if t_prev < s["time"] <= t_end)
-    quorums = [float(r.get("quorum_s", 0.0)) for r in interval]
-    typical = statistics.median(quorums)
-    stepping = sum(float(r["step_s"]) for r in interval)
-    # Time between the steps that is neither a step nor a save: tries that were redone.
-    between = max(0.0, elapsed - stepping - block) if any(t_prev < r["time"] <= t_end for r in redone) else 0.0
-    stall = between + sum(max(0.0, q - typical) for q in quorums)
+    # What the steps needed: their compute and all-reduce, and a typical quorum each (the lower
+    # median: one long wait must not set the norm). The rest of the interval, saves aside, is
+    # the stall: tries redone after a loss, a heartbeat expiring, a replacement awaited.
+    typical = statistics.median_low(float(r.get("quorum_s", 0.0)) for r in interval)
+    needed = sum(float(r["step_s"]) - float(r.get("quorum_s", 0.0)) for r in interval) + n * typical
+    stall = max(0.0, elapsed - needed - block)
     data = sum(float(r.get("data_s", 0.0)) for r in interval)
     per_step = (elapsed - stall) / n
     return {
