@@ -254,6 +254,7 @@ class ShardCache:
         fetched (by this process, or by the main process for its DataLoader workers); if none
         is on its way, the first of them (the caller's read then fetches it)."""
         self._check_pid()
+        rescan = 0.0
         while True:
             for i in shards:
                 if self.ready(i):
@@ -265,10 +266,12 @@ class ShardCache:
                 return futs[next(iter(done))]
             if self.follow_wait <= 0:
                 return shards[0]
-            with self._locked():
-                _, _, inflight = self._scan()
-            if not any(self.shards[i].name in inflight for i in shards):
-                return shards[0]
+            if time.monotonic() >= rescan:  # a listing under the lock: not at every look
+                with self._locked():
+                    _, _, inflight = self._scan()
+                if not any(self.shards[i].name in inflight for i in shards):
+                    return shards[0]
+                rescan = time.monotonic() + 0.05
             time.sleep(0.002)
 
     def _await_leader(self, i: int) -> None:
