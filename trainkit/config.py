@@ -213,9 +213,9 @@ class FaultToleranceConfig:
             raise ConfigError(
                 f"ft.quorum_timeout_s={self.quorum_timeout_s} must exceed ft.replacement_s + ft.heartbeat_timeout_s "
                 f"= {self.replacement_s + self.heartbeat_timeout_s}: a replacement may take that long to join")
-        if cfg.launcher.name != "local" or cfg.strategy.name != "ddp" or cfg.launcher.workers != 1:
-            raise ConfigError("ft.mode=replicas runs with launcher=local strategy=ddp launcher.workers=1 (one "
-                              "process per replica group) in this version")
+        if cfg.launcher.name not in ("local", "ray") or cfg.strategy.name != "ddp" or cfg.launcher.workers != 1:
+            raise ConfigError("ft.mode=replicas runs with launcher=local or launcher=ray, strategy=ddp and "
+                              "launcher.workers=1 (one process per replica group) in this version")
         if cfg.trainer.grad_accum != 1 or cfg.data.batch_size % self.groups:
             raise ConfigError(f"ft.mode=replicas needs trainer.grad_accum=1 and data.batch_size a multiple of "
                               f"ft.groups={self.groups}")

@@ -10,6 +10,7 @@ import socket
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -44,6 +45,20 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
         return s.getsockname()[1]
+
+
+def loopback_store() -> Any:
+    """A master ``TCPStore`` listening on 127.0.0.1 only, on a free port.
+
+    ``TCPStore(host, ...)`` binds every interface whatever ``host`` says; handed a socket we
+    bound ourselves (``master_listen_fd``), it listens where that socket does."""
+    from torch.distributed import TCPStore
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(128)
+    port = sock.getsockname()[1]
+    return TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False, master_listen_fd=sock.detach())
 
 
 def expected_world_size(launcher_world: int) -> int:

@@ -54,6 +54,26 @@ def test_quorum_timeout_shorter_than_a_replacement_is_one_line():
     base = {"strategy": {"name": "ddp"}, "data": {"batch_size": 8}}
     with pytest.raises(ConfigError, match="ft.quorum_timeout_s=30.0 must exceed"):
         load_config({**base, "ft": {"mode": "replicas", "quorum_timeout_s": 30, "replacement_s": 40}})
-    with pytest.raises(ConfigError, match="launcher=local strategy=ddp"):
+    with pytest.raises(ConfigError, match="launcher=local or launcher=ray, strategy=ddp"):
         load_config({**base, "strategy": {"name": "fsdp"}, "ft": {"mode": "replicas"}})
     assert load_config({**base, "ft": {"mode": "replicas"}}).ft.groups == 2
+
+
+def _listeners(port: int) -> list[str]:
+    """Local addresses (hex, as /proc/net/tcp* write them) listening on ``port``."""
+    found = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as f:
+            for line in f.readlines()[1:]:
+                local, state = line.split()[1], line.split()[3]
+                if state == "0A" and int(local.rsplit(":", 1)[1], 16) == port:
+                    found.append(local.rsplit(":", 1)[0])
+    return found
+
+
+def test_each_groups_store_listens_on_loopback_only():
+    from trainkit.distributed import loopback_store
+
+    store = loopback_store()
+    store.set("k", "v")
+    assert _listeners(store.port) == ["0100007F"]  # 127.0.0.1, and nothing on [::]

@@ -1,5 +1,5 @@
-"""ft.mode=replicas on a loopback Ray cluster, through Ray Train's TorchftConfig: one worker
-per replica group; a group's worker SIGKILLed, Ray replaces only that group, the replacement
+"""ft.mode=replicas on a loopback Ray cluster, through launcher=ray and Ray Train's
+TorchftConfig: one worker per replica group; a group's worker SIGKILLed, Ray replaces only that group, the replacement
 heals from the live peer, and every position is trained once."""
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ def test_a_group_killed_on_ray_is_replaced_alone_and_heals_from_its_peer(ray_clu
 
     from trainkit.config import load_config
     from trainkit.ft.loop import reference_losses
-    from trainkit.ft.ray import run
     from trainkit.launch.compose import compose_config
+    from trainkit.launch.ray.launcher import RayLauncher
 
     monkeypatch.syspath_prepend(str(HERE))
     monkeypatch.setenv("TRAINKIT_STORE", STORE)
@@ -37,7 +37,7 @@ def test_a_group_killed_on_ray_is_replaced_alone_and_heals_from_its_peer(ray_clu
     overrides = [
         "recipe=resnet", "task=ft_paced:TASK", "model.width=8", "model.blocks=[1,1]", "model.image_size=8",
         "data.batch_size=16", "optim.lr=0.05", "optim.schedule=constant", "optim.warmup_steps=0",
-        "optim.weight_decay=0", f"trainer.max_steps={steps}", "strategy=ddp", "ft.mode=replicas", "ft.groups=2",
+        "optim.weight_decay=0", f"trainer.max_steps={steps}", "strategy=ddp", "launcher=ray", "launcher.workers=1", "ft.mode=replicas", "ft.groups=2",
         "ft.heartbeat_timeout_s=1", "checkpoint.every_steps=50", f"run_dir={tmp_path / 'run'}",
     ]
     cfg = load_config(compose_config(overrides).to_dict())
@@ -61,11 +61,11 @@ def test_a_group_killed_on_ray_is_replaced_alone_and_heals_from_its_peer(ray_clu
     killer = threading.Thread(target=kill_group_1, daemon=True)
     killer.start()
     try:
-        code, message = run(cfg, storage_path=str(tmp_path / "ray"))
+        result = RayLauncher().run(cfg)
     finally:
         ray.shutdown()
     killer.join(1)
-    assert code == 0, message
+    assert result.exit_code == 0, result.message
     assert victim
     acc = ledger.account(str(tmp_path / "run"), groups=2, steps=steps, batch=16)
     assert [h["source"] for h in acc.healed[1]] == ["peer"], acc.healed

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from trainkit import _compat, rundir, storage
+from trainkit import _compat, distributed, rundir, storage
 from trainkit.config import Config, load_config
 from trainkit.data import default_collate
 from trainkit.errors import Preempted, TrainkitError
@@ -441,14 +441,13 @@ def checked_allreduce(manager: Any, pg: Any, buf: torch.Tensor, leave: _Leave | 
 def _manager(cfg: Config, group: int, replica: _Replica) -> tuple[Any, Any, Any]:
     """The torchft Manager for this group, its process group and the group's store; built
     last, since the Manager heartbeats from here on."""
-    from torch.distributed import TCPStore
     from torchft import Manager, ProcessGroupGloo
 
     from trainkit.ft.transport import LoopbackTransport
 
     ft = cfg.ft
     timeout = timedelta(seconds=ft.timeout_s)
-    store = TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    store = distributed.loopback_store()
     pg = ProcessGroupGloo(timeout=timeout)
     def state() -> dict[str, Any]:
         return replica.state_dict(manager.current_step())

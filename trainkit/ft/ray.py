@@ -1,6 +1,5 @@
-"""``ft.mode=replicas`` on Ray Train, through its ``TorchftConfig`` (the first slice; the
-launcher branch that calls :func:`run` inside ``launcher=ray``'s Ray session is still to come:
-docs/fault-tolerance.md).
+"""``ft.mode=replicas`` on Ray Train, through its ``TorchftConfig``: what ``launcher=ray``
+runs, inside its Ray session, when the config says ``ft.mode=replicas`` (docs/fault-tolerance.md).
 
 Ray starts the lighthouse (an actor on the controller's node), one worker per replica group,
 and replaces only a failed group (``TorchftConfig``'s backend has replica groups); each worker
@@ -49,9 +48,9 @@ def _group(config: dict[str, Any]) -> None:
         raise GroupLeft(str(exc)) from None
 
 
-def run(cfg: Config, *, storage_path: str = "") -> tuple[int, str]:
+def run(cfg: Config, *, storage_path: str = "", env: dict[str, str] | None = None) -> tuple[int, str]:
     """Trains ``cfg`` with one Ray Train worker per replica group, inside an open Ray session;
-    (exit code, what failed)."""
+    (exit code, what failed). ``env``: the workers' extra environment (the launcher's)."""
     import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -73,7 +72,8 @@ def run(cfg: Config, *, storage_path: str = "") -> tuple[int, str]:
         torch_config=_compat.ray_torchft_config()(lighthouse_kwargs=lighthouse, backend="gloo"),
         run_config=RunConfig(name=f"ft-{os.path.basename(cfg.run_dir.rstrip('/'))}-{int(began)}",
                              storage_path=storage_path or None,
-                             failure_config=FailureConfig(max_failures=ft.max_restarts * ft.groups)))
+                             failure_config=FailureConfig(max_failures=ft.max_restarts * ft.groups),
+                             worker_runtime_env={"env_vars": dict(env or {})}))
     try:
         trainer.fit()
     except Exception as exc:  # Ray's TrainingFailedError wraps what the last failure was

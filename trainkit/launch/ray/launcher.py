@@ -28,6 +28,9 @@ class RayLauncher(Launcher):
     Options = RayOptions
 
     def run(self, cfg: Config) -> JobResult:
+        if cfg.ft.mode == "replicas":
+            return attempt(lambda: _replicas(cfg))
+
         def start() -> tuple[int, str]:
             lc = cfg.launcher
             with ray_session(lc.address, cpus=lc.world_size * lc.cpus_per_worker, launcher=lc) as own:
@@ -64,6 +67,21 @@ class RayLauncher(Launcher):
             with ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="trainkit-trial") as pool:
                 list(pool.map(one, range(len(cfgs))))
         return [r or JobResult(EXIT_FAILED, "no result") for r in results]
+
+
+def _replicas(cfg: Config) -> tuple[int, str]:
+    """``ft.mode=replicas``: one Ray Train worker per replica group (trainkit.ft.ray)."""
+    from trainkit.config import load_config
+    from trainkit.ft.ray import run as run_replicas
+
+    lc, groups = cfg.launcher, cfg.ft.groups
+    with ray_session(lc.address, cpus=groups * lc.cpus_per_worker, launcher=lc):
+        job = load_config(worker_cfg(cfg))
+        env = _propagated_env()
+        if driver_ip() in LOOPBACK:
+            env.setdefault("GLOO_SOCKET_IFNAME", "lo")  # gloo would pick the hostname's interface
+        print(f"ray: {groups} replica groups (ft.mode=replicas), run_dir {job.run_dir}", flush=True)
+        return run_replicas(job, storage_path=ray_storage(job.run_dir), env=env)
 
 
 def _fit_trial(cfg: Config, name: str) -> tuple[int, str]:
