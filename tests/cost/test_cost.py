@@ -54,7 +54,7 @@ def test_badput_buckets_add_up_to_the_wall_time(run):
     assert g["badput_s"] == pytest.approx({
         "startup": 5 + 1.5 + 1.0, "restore": 2.5, "checkpoint_save": 0.3 + 0.4, "data_wait": 2.0,
         "recompute": 2.0,  # the killed attempt's records of steps 9 and 10, dropped on restore
-        "emergency_save": 1.0, "downtime": 10 + 5, "other": 0.2,  # after the final save
+        "emergency_save": 1.0, "downtime": 10 + 5, "membership": 0.0, "other": 0.2,  # after the final save
     })
     assert g["useful_s"] + sum(g["badput_s"].values()) == pytest.approx(g["wall_s"])
     # Interruptions: the kill (recompute 2 + downtime 10), the preemption (save 1 + downtime 5),

@@ -65,4 +65,5 @@ def test_a_crashed_attempt_and_its_resume_account_like_the_restart_mode(tmp_path
     # to its loop less the restore it loaded (1 - 0.2 s).
     assert abs(g["badput_s"]["restore"] - 0.2) < 1e-6 and abs(g["badput_s"]["startup"] - 1.8) < 1e-6
     assert abs(g["useful_s"] - (20 * (0.1 - 0.01))) < 1e-6  # 20 steps at 0.1 s less their data time
+    assert abs(g["badput_s"]["membership"] - 1.0) < 1e-6  # the heartbeat wait has its own bucket
     assert g["badput_s"]["other"] >= 0 and abs(sum(g["badput_s"].values()) + g["useful_s"] - g["wall_s"]) < 1e-6

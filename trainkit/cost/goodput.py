@@ -27,6 +27,9 @@ can be tested on hand-built logs whose right answer is known. ``Run.finish`` (su
   ``emergency_save``  a preempted attempt's last step -> its ``preempted`` event
   ``downtime``        an attempt's end -> the next one's beginning: waiting for capacity,
                       failure detection, relaunch
+  ``membership``      ``ft.mode=replicas``: steps' time lost to a change of membership
+                      (``ft_stall_s``: tries redone after a group loss, a heartbeat expiring,
+                      a replacement awaited) while the other groups went on
   ``other``           the rest: finishing (export), steps no record covers, timer skew
 
   A crash is seen at its last sign of life; the time from there to the kill lands in
@@ -188,30 +191,33 @@ def attempt_spans(metrics: list[Mapping[str, Any]], events: list[Mapping[str, An
     return spans
 
 
-BUCKETS = ("startup", "restore", "checkpoint_save", "data_wait", "recompute", "emergency_save", "downtime", "other")
+BUCKETS = ("startup", "restore", "checkpoint_save", "data_wait", "recompute", "emergency_save", "downtime",
+           "membership", "other")
 # What tables and plots call them.
 LABELS = {"useful": "useful steps", "startup": "start-up", "restore": "checkpoint restore",
           "checkpoint_save": "checkpoint save (blocking)", "data_wait": "data wait",
           "recompute": "recomputed after a failure", "emergency_save": "emergency save",
-          "downtime": "downtime (waiting for capacity)", "other": "other"}
+          "downtime": "downtime (waiting for capacity)", "membership": "group lost (replicas)", "other": "other"}
 # What an interruption costs: charged to the attempt it ended, and to the restart after it.
 ENDED_BY_INTERRUPTION = ("recompute", "emergency_save", "downtime")
 RESTART = ("startup", "restore")
 
 
-def _loop_parts(record: Mapping[str, Any], n: int) -> tuple[float, float, float]:
-    """(useful, data wait, checkpoint blocking) seconds of the ``n`` steps a record covers."""
+def _loop_parts(record: Mapping[str, Any], n: int) -> tuple[float, float, float, float]:
+    """(useful, data wait, checkpoint blocking, membership stall) seconds of the ``n`` steps a
+    record covers (``step_time_s`` leaves the stall out already)."""
     step = float(record.get("step_time_s") or 0.0)
     wait = max(0.0, float(record.get("data_wait_s") or 0.0))
     block = max(0.0, float(record.get("checkpoint_block_s") or 0.0))
-    return max(0.0, step - wait - block) * n, wait * n, block * n
+    stall = max(0.0, float(record.get("ft_stall_s") or 0.0))
+    return max(0.0, step - wait - block) * n, wait * n, block * n, stall * n
 
 
-def _span_badput(span: dict[str, Any], next_began: float | None, loop: tuple[float, float]) -> dict[str, float]:
+def _span_badput(span: dict[str, Any], next_began: float | None, loop: tuple[float, float, float]) -> dict[str, float]:
     """The buckets of one attempt (``other`` excluded); ``loop`` is its records' (data wait,
-    checkpoint blocking)."""
+    checkpoint blocking, membership stall)."""
     out = dict.fromkeys(BUCKETS[:-1], 0.0)
-    out["data_wait"], out["checkpoint_save"] = loop
+    out["data_wait"], out["checkpoint_save"], out["membership"] = loop
     before = max(0.0, span["start"] - span["began"])
     load = _num(span["_restore"], "load_s") or 0.0
     out["restore"] = min(before, max(0.0, load))
@@ -251,11 +257,12 @@ def goodput(metrics: list[dict[str, Any]], events: list[dict[str, Any]]) -> dict
     wall = max(times) - min(s["began"] for s in spans) if spans and times else 0.0
     # Each record's loop time goes to the attempt that logged it.
     loops: dict[Any, list[float]] = {}
-    for r, (used, wait, block) in zip(final, parts):
-        loop = loops.setdefault(r.get("attempt"), [0.0, 0.0, 0.0])
+    for r, (used, wait, block, stall) in zip(final, parts):
+        loop = loops.setdefault(r.get("attempt"), [0.0, 0.0, 0.0, 0.0])
         loop[0] += wait
         loop[1] += block
         loop[2] += used
+        loop[3] += stall
     badput = dict.fromkeys(BUCKETS, 0.0)
     interruption = 0.0
     for i, span in enumerate(spans):
@@ -263,9 +270,9 @@ def goodput(metrics: list[dict[str, Any]], events: list[dict[str, Any]]) -> dict
             span["badput_s"] = {}
             continue
         nxt = spans[i + 1]["began"] if i + 1 < len(spans) else None
-        loop = loops.pop(span["attempt"], [0.0, 0.0, 0.0])
+        loop = loops.pop(span["attempt"], [0.0, 0.0, 0.0, 0.0])
         span["useful_s"] = loop[2]
-        span["badput_s"] = _span_badput(span, nxt, (loop[0], loop[1]))
+        span["badput_s"] = _span_badput(span, nxt, (loop[0], loop[1], loop[3]))
         for k, v in span["badput_s"].items():
             badput[k] += v
         lost = sum(span["badput_s"][k] for k in RESTART) if i else 0.0
@@ -273,9 +280,10 @@ def goodput(metrics: list[dict[str, Any]], events: list[dict[str, Any]]) -> dict
             lost += sum(span["badput_s"][k] for k in ENDED_BY_INTERRUPTION)
         span["interruption_s"] = lost
         interruption += lost
-    for wait, block, _ in loops.values():  # records of attempts no start event names
+    for wait, block, _, stall in loops.values():  # records of attempts no start event names
         badput["data_wait"] += wait
         badput["checkpoint_save"] += block
+        badput["membership"] += stall
     badput["other"] = wall - useful - sum(badput.values())
     steps_done = sum(covered)
     median = statistics.median(float(r.get("step_time_s") or 0.0) for r in final) if final else 0.0

@@ -10,8 +10,8 @@ Per metrics record (every ``trainer.log_every`` steps), over the steps it covers
 ``step_time_s`` is the wall time from the previous record's commit to this one's, less the
 **membership stall**: what the steps did not spend training (the interval less their compute
 and all-reduce, a typical quorum each and the saves: tries redone after a loss, a wait for a
-heartbeat to expire or for a replacement). That stall is in ``ft_stall_s`` (per step), and the goodput
-accounting, which has no bucket for it, counts it in ``other``. ``data_wait_s`` is the time the
+heartbeat to expire or for a replacement). That stall is in ``ft_stall_s`` (per step), which the goodput
+accounting counts in its ``membership`` bucket. ``data_wait_s`` is the time the
 step's rank-0 group spent reading its samples; ``checkpoint_block_s`` the blocking saves.
 ``ft_groups`` is the mean number of groups per step.
 """

@@ -199,13 +199,13 @@ def timeline_figure(events: list[dict[str, Any]], result: dict[str, Any], title:
 
 BUCKET_COLORS = {"useful": "tab:green", "startup": "tab:purple", "restore": "tab:blue", "checkpoint_save": "tab:red",
                  "data_wait": "tab:orange", "recompute": "tab:brown", "emergency_save": "gold",
-                 "downtime": "tab:gray", "other": "lightgray"}
+                 "downtime": "tab:gray", "membership": "tab:pink", "other": "lightgray"}
 
 
 # The order of an attempt's time: start-up and restore, its steps (useful, waiting for data,
 # blocked on saves: interleaved, drawn as their totals), then how it ended, then the wait.
-TIMELINE_ORDER = ("startup", "restore", "useful", "data_wait", "checkpoint_save", "recompute", "emergency_save",
-                  "downtime", "other")
+TIMELINE_ORDER = ("startup", "restore", "useful", "data_wait", "checkpoint_save", "membership", "recompute",
+                  "emergency_save", "downtime", "other")
 
 
 def badput_figure(result: dict[str, Any], title: str = "") -> Figure:

@@ -103,6 +103,8 @@ def format_table(s: dict[str, Any]) -> str:
     rows.append(("where the wall time went", ""))
     for key in ("useful", *BUCKETS):
         seconds = s["useful_s"] if key == "useful" else s["badput_s"][key]
+        if key == "membership" and not seconds:  # only ft.mode=replicas runs have it
+            continue
         rows.append((f"  {LABELS[key]}", f"{share(seconds)}  {_fmt_s(seconds)}"))
     rows.append(("  lost to interruptions", f"{share(s['interruption_s'])}  {_fmt_s(s['interruption_s'])} "
                                             "(restarts' start-up and restore, recompute, emergency saves, downtime)"))

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from trainkit import rundir, storage
+from trainkit.cost.goodput import BUCKETS
 
 
 def simulate_run(
@@ -58,8 +59,7 @@ def simulate_run(
     step_times: dict[int, float] = {}  # ground truth: compute charged to each step, final attempt wins
     # Ground truth of the badput buckets, as the clock advances; crashes are seen at their last
     # record (the simulated kill comes right after one), a preemption at its last record.
-    truth = dict.fromkeys(("startup", "restore", "checkpoint_save", "data_wait", "recompute", "emergency_save",
-                           "downtime", "other"), 0.0)
+    truth = dict.fromkeys(BUCKETS, 0.0)  # no replica groups here: "membership" stays 0
     kept_charges: dict[int, tuple[float, float]] = {}  # step -> (data wait, blocking), final attempt wins
     interruption = 0.0
     while True:
