@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from trainkit import storage
-from trainkit.data.batch import collate_values, empty
+from trainkit.data.batch import empty, split_batch
 from trainkit.data.cache import ShardInfo
 from trainkit.data.format import SCALARS, field_spec, torch_dtype
 from trainkit.errors import ConfigError, StorageError
@@ -211,11 +211,10 @@ class ColumnBatch:
                 vals[k] = v
 
     def finish(self) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for f, (name, spec) in enumerate(self.schema.items()):
-            out[name] = (self._fixed[f][0] if f in self._fixed
-                         else collate_values(name, spec, self._vals[f], pin=self.pin, shared=self.shared))
-        return out
+        return self.finish_split([0, self.size])[0]
+
+    def finish_split(self, bounds: Sequence[int]) -> list[dict[str, Any]]:
+        return split_batch(self.schema, bounds, self._fixed, self._vals, pin=self.pin, shared=self.shared)
 
 
 def sample_of(schema: Mapping[str, Mapping[str, str]], state: list, j: int) -> dict[str, Any]:

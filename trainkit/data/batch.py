@@ -130,8 +130,26 @@ class BatchBuilder:
                 vals[k] = v
 
     def finish(self) -> dict[str, Any]:
+        return self.finish_split([0, self.size])[0]
+
+    def finish_split(self, bounds: Sequence[int]) -> list[dict[str, Any]]:
+        """The rows ``bounds[j]:bounds[j+1]`` as batch ``j``: views of the preallocated tensors,
+        var fields collated per batch (as ``default_collate`` of that batch's samples)."""
+        return split_batch(self.schema, bounds, self._fixed, self._vals, pin=self.pin, shared=self.shared)
+
+
+def split_batch(schema: Mapping[str, Mapping[str, str]], bounds: Sequence[int],
+                fixed: Mapping[int, tuple[torch.Tensor, Any]], vals: Mapping[int, list[Any]], *, pin: bool,
+                shared: bool) -> list[dict[str, Any]]:
+    """Batches from the rows of one filled builder (fixed fields: views; var: collated per batch)."""
+    outs = []
+    for a, b in zip(bounds[:-1], bounds[1:]):
         out: dict[str, Any] = {}
-        for f, (name, spec) in enumerate(self.schema.items()):
-            out[name] = (self._fixed[f][0] if f in self._fixed
-                         else collate_values(name, spec, self._vals[f], pin=self.pin, shared=self.shared))
-        return out
+        for f, (name, spec) in enumerate(schema.items()):
+            if f in fixed:
+                t = fixed[f][0]
+                out[name] = t if (a, b) == (0, len(t)) else t[a:b]
+            else:
+                out[name] = collate_values(name, spec, vals[f][a:b], pin=pin, shared=shared)
+        outs.append(out)
+    return outs

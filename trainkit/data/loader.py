@@ -93,13 +93,12 @@ class _MicroBatches(IterableDataset):
             lo, hi = self.batch_positions(k)
             self.stream.advance(self.seed, lo, lag)
             ids = self.stream.ids_at(self.seed, lo, hi)
-            if batched and not built and not self.stream.ready(ids):
-                # shards still to come: this window's next micro-batches are filled as they arrive
+            if batched and not built:
+                # this reader's next micro-batches of the window at once: one gather per shard and
+                # field for all of them; shards still to come are read as they arrive
                 built = self.stream.read_batches(self._ahead(k, ids), pin=self.pin, shared=shared)
             if built:
                 batch = built.pop(0)
-            elif batched:
-                batch = self.stream.read_batch(ids, pin=self.pin, shared=shared)
             else:
                 samples = self.stream.get_many(ids)
                 if self.transform is not None:

@@ -373,6 +373,8 @@ class Stream:
         first batch of a window needs all its shards). A batch whose layout a later shard does
         not fit (a field fixed-shape in one shard, not in another) is built again once all its
         shards are here; so is every batch of a format whose batches cannot take parts one by one."""
+        if self.ready(np.concatenate([np.asarray(ids, dtype=np.int64).reshape(-1) for ids in id_lists])):
+            return self._read_together(id_lists, pin=pin, shared=shared)
         plans = [self._groups(ids) for ids in id_lists]
         todo: list[int] = []
         for _size, groups in plans:
@@ -409,6 +411,21 @@ class Stream:
                                                                                                    local))
             out.append(builders[b].finish())
         return out
+
+    def _read_together(self, id_lists: Sequence[Sequence[int]], *, pin: bool, shared: bool) -> list[dict[str, Any]]:
+        """The batches as one: a gather per shard and field for all of them (not one per batch),
+        then split into views; formats whose batches cannot split are read batch by batch."""
+        parts = [np.asarray(ids, dtype=np.int64).reshape(-1) for ids in id_lists]
+        size, groups = self._groups(np.concatenate(parts))
+        self._batch_shards = len(groups)
+        builder = self.source.batch([self.state(i) for i, _, _ in groups], size, pin=pin, shared=shared)
+        if not hasattr(builder, "finish_split"):
+            return [self.read_batch(ids, pin=pin, shared=shared) for ids in parts]
+        for i, rows, local in groups:
+            self._read(i, lambda buf, st, rows=rows, local=local: builder.fill(buf, st, rows, local))
+        bounds = np.zeros(len(parts) + 1, dtype=np.int64)
+        np.cumsum([len(p) for p in parts], out=bounds[1:])
+        return builder.finish_split(bounds.tolist())
 
     def close(self) -> None:
         self.cache.close()
