@@ -34,9 +34,10 @@ def _train(tmp_path: Path, recipe: str, strategy: str, *stops: int) -> tuple[Pat
     return run_dir, out
 
 
+@pytest.mark.rotate("parity")
 @pytest.mark.parametrize("recipe", [
     "gpt",
-    # The resnet case takes ~30 s more; gpt is the proof that runs by default.
+    # The resnet case takes ~30 s more; gpt is the proof, in rotation with the other parity tests.
     pytest.param("resnet", marks=pytest.mark.slow),
 ])
 def test_accelerate_matches_ddp(tmp_path: Path, recipe: str) -> None:

@@ -10,6 +10,7 @@ import sys
 import pytest
 
 
+@pytest.mark.rotate("bench-step-2-workers")
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_two_workers_print_and_record_the_ratio(tmp_path, strategy):
     out = tmp_path / "step.md"

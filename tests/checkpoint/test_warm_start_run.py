@@ -91,6 +91,7 @@ def test_missing_and_unexpected_keys_strict_and_not(tmp_path: Path) -> None:
     assert "missing (in the model, not in the source): blocks.2.ln1.bias" in r.stderr + r.stdout
 
 
+@pytest.mark.rotate("e2e-long")
 def test_a_changed_model_is_refused_with_one_line_unless_allowed(tmp_path: Path) -> None:
     run = tmp_path / "run"
     base = [*SMALL, "trainer.max_steps=2", f"run_dir={run}"]

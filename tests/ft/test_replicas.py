@@ -78,6 +78,7 @@ def sample_ids(run_dir: Path, acc: ledger.Accounting, groups: int = 2) -> list[i
     return ids
 
 
+@pytest.mark.rotate("ft-group-loss")
 def test_a_group_killed_mid_allreduce_is_replaced_and_heals_from_its_peer(tmp_path):
     sys.path.insert(0, str(HERE))
     out = launch(tmp_path / "run", kill="1:3:allreduce")
@@ -156,6 +157,7 @@ def test_min_replicas_all_groups_waits_for_the_replacement(tmp_path):
     assert acc.losses == expected
 
 
+@pytest.mark.rotate("ft-group-loss")
 def test_a_notice_backed_leave_costs_the_survivor_no_step(tmp_path):
     """Group 1 gets SIGTERM (a spot notice) at step 3. It stops heartbeating at once but keeps
     training its share, with its peer, without quorums, until the lighthouse's heartbeat

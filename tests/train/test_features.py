@@ -55,6 +55,7 @@ def _accum_worker(rank: int, world: int, port: int, out: str, accum: int) -> Non
     run.finish()
 
 
+@pytest.mark.rotate("parity")
 def test_gradient_accumulation_matches_one_big_batch(tmp_path: Path) -> None:
     """Two micro-steps of 4 per rank make the same update as one step of 8 (clipping included)."""
     for accum in (1, 2):
@@ -64,6 +65,7 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path: Path) -> None:
         torch.testing.assert_close(two[key], one[key], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.rotate("feature-matrix")
 @pytest.mark.parametrize(
     "overrides",
     [

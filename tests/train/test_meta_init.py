@@ -15,6 +15,7 @@ from trainkit.strategies.base import Strategy, StrategyOptions, StepSettings
 from trainkit.tasks.gpt import GPT, GPTConfig
 
 
+@pytest.mark.rotate("e2e-long")
 def test_fsdp_meta_init_trains_exactly_as_eager_init(tmp_path: Path) -> None:
     runs = {}
     for mode in ("false", "true"):

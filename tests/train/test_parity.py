@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import pytest
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -72,6 +73,7 @@ def _worker(rank: int, world: int, port: int, out: str, mode: str) -> None:
 
 
 
+@pytest.mark.rotate("parity")
 def test_ddp_matches_handwritten_ddp(tmp_path: Path) -> None:
     for mode in ("plain", "trainkit"):
         spawn(_worker, (2, free_port(), str(tmp_path), mode), nprocs=2)
