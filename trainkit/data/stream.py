@@ -367,60 +367,41 @@ class Stream:
 
     def read_batches(self, id_lists: Sequence[Sequence[int]], *, pin: bool = False,
                      shared: bool = False) -> list[dict[str, Any]]:
-        """``[read_batch(ids) for ids in id_lists]``, built shard by shard as the shards arrive:
-        the batches of a window whose shards are still downloading are filled during the
-        downloads, each from every shard already here, instead of all after the last one (the
-        first batch of a window needs all its shards). A batch whose layout a later shard does
-        not fit (a field fixed-shape in one shard, not in another) is built again once all its
-        shards are here; so is every batch of a format whose batches cannot take parts one by one."""
-        if self.ready(np.concatenate([np.asarray(ids, dtype=np.int64).reshape(-1) for ids in id_lists])):
-            return self._read_together(id_lists, pin=pin, shared=shared)
-        plans = [self._groups(ids) for ids in id_lists]
-        todo: list[int] = []
-        for _size, groups in plans:
-            todo.extend(i for i, _, _ in groups if i not in todo)
-        self._batch_shards = len(todo)
-        builders: list[Any] = [None] * len(plans)
-        redo: set[int] = set()
-        states: dict[int, Any] = {}
-        while todo:
-            i = self.cache.first_ready(todo)
-            todo.remove(i)
-            states[i] = st = self.state(i)
-            for b, (size, groups) in enumerate(plans):
-                if b in redo:
-                    continue
-                for j, rows, local in groups:
-                    if j != i:
-                        continue
-                    if builders[b] is None:
-                        builders[b] = self.source.batch([st], size, pin=pin, shared=shared)
-                        if not hasattr(builders[b], "accepts"):  # this format's batches take no parts
-                            return [self.read_batch(ids, pin=pin, shared=shared) for ids in id_lists]
-                    elif not builders[b].accepts(st):
-                        redo.add(b)
-                        break
-                    self._read(i, lambda buf, st_, rows=rows, local=local, bb=builders[b]: bb.fill(buf, st_, rows,
-                                                                                                   local))
-        out = []
-        for b, (size, groups) in enumerate(plans):
-            if b in redo:
-                builders[b] = self.source.batch([states[j] for j, _, _ in groups], size, pin=pin, shared=shared)
-                for j, rows, local in groups:
-                    self._read(j, lambda buf, st_, rows=rows, local=local, bb=builders[b]: bb.fill(buf, st_, rows,
-                                                                                                   local))
-            out.append(builders[b].finish())
-        return out
-
-    def _read_together(self, id_lists: Sequence[Sequence[int]], *, pin: bool, shared: bool) -> list[dict[str, Any]]:
-        """The batches as one: a gather per shard and field for all of them (not one per batch),
-        then split into views; formats whose batches cannot split are read batch by batch."""
+        """``[read_batch(ids) for ids in id_lists]``, built as one batch (a gather per shard and
+        field for all of them, then views per batch) and shard by shard as the shards arrive:
+        the first to complete is read first, so the batches of a window whose shards are still
+        downloading are filled during the downloads, not all after the last one (the first
+        batch of a shuffled window needs all its shards). The layout comes from the first shard
+        read; if a later one does not fit it (a field fixed-shape in one shard, not in another),
+        the batches are built again once all their shards are here. Formats whose batches take
+        no parts are read batch by batch."""
         parts = [np.asarray(ids, dtype=np.int64).reshape(-1) for ids in id_lists]
         size, groups = self._groups(np.concatenate(parts))
         self._batch_shards = len(groups)
+        where = {i: (rows, local) for i, rows, local in groups}
+        todo = [i for i, _, _ in groups]
+        builder: Any = None
+        while todo:
+            i = self.cache.first_ready(todo)
+            todo.remove(i)
+            st = self.state(i)
+            if builder is None:
+                builder = self.source.batch([st], size, pin=pin, shared=shared)
+                if not (hasattr(builder, "accepts") and hasattr(builder, "finish_split")):
+                    return [self.read_batch(ids, pin=pin, shared=shared) for ids in parts]
+            elif not builder.accepts(st):
+                return self._read_together(parts, pin=pin, shared=shared)
+            rows, local = where[i]
+            self._read(i, lambda buf, st_, rows=rows, local=local: builder.fill(buf, st_, rows, local))
+        bounds = np.zeros(len(parts) + 1, dtype=np.int64)
+        np.cumsum([len(p) for p in parts], out=bounds[1:])
+        return builder.finish_split(bounds.tolist())
+
+    def _read_together(self, parts: list[np.ndarray], *, pin: bool, shared: bool) -> list[dict[str, Any]]:
+        """The batches as one, with the layout of all their shards (each is waited for)."""
+        size, groups = self._groups(np.concatenate(parts))
+        self._batch_shards = len(groups)
         builder = self.source.batch([self.state(i) for i, _, _ in groups], size, pin=pin, shared=shared)
-        if not hasattr(builder, "finish_split"):
-            return [self.read_batch(ids, pin=pin, shared=shared) for ids in parts]
         for i, rows, local in groups:
             self._read(i, lambda buf, st, rows=rows, local=local: builder.fill(buf, st, rows, local))
         bounds = np.zeros(len(parts) + 1, dtype=np.int64)
