@@ -1,4 +1,4 @@
-"""``python -m trainkit.bench step|data|checkpoint|memory|node-loss|spot|scale [options]``."""
+"""``python -m trainkit.bench step|data|checkpoint|memory|node-loss|spot|scale|ft [options]``."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ BENCHES = {
     "node-loss": "trainkit.bench.node_loss",
     "spot": "trainkit.bench.spot",
     "scale": "trainkit.bench.scale",
+    "ft": "trainkit.bench.ft",
 }
 
 
