@@ -95,14 +95,19 @@ class _PidWatch(threading.Thread):
             return None
 
     def run(self) -> None:
+        offsets: dict[Path, int] = {}  # bytes of each ledger read so far: a loop stays short
         while not self.done.is_set():
             for path in self.ledgers.glob("*.jsonl"):
-                for line in _read(path).splitlines():
+                with open(path, "rb") as f:
+                    f.seek(offsets.get(path, 0))
+                    new = f.read()
+                complete = new[:new.rfind(b"\n") + 1]
+                offsets[path] = offsets.get(path, 0) + len(complete)
+                for line in complete.decode().splitlines():
                     if '"event": "start"' in line:
                         pid = json.loads(line)["pid"]
-                        if pid not in self.started:
-                            fields = self._stat(pid)
-                            self.started[pid] = (self._boot + int(fields[19]) / self._tick) if fields else float("nan")
+                        fields = self._stat(pid)
+                        self.started[pid] = (self._boot + int(fields[19]) / self._tick) if fields else float("nan")
             now = time.time()
             for pid in self.started:
                 if pid not in self.died:
@@ -177,7 +182,8 @@ def notice_figures(run_dir: Path) -> dict[str, Any]:
     left = next(r for r in led[1] if r.get("event") == "left")
     commits = _commits(led[0])
     alone = next(r for r in commits if r["time"] > leaving["time"] and r["participants"] == 1)
-    between = [r["time"] for r in commits if leaving["time"] - 1 < r["time"] <= alone["time"]]
+    after = next(i for i, r in enumerate(commits) if r["time"] > leaving["time"])
+    between = [r["time"] for r in commits[max(0, after - 1):] if r["time"] <= alone["time"]]
     gaps = [b - a for a, b in zip(between, between[1:])]
     return {"notice_to_survivor_alone_commit_s": alone["time"] - leaving["time"],
             "left_to_survivor_alone_commit_s": alone["time"] - left["time"], "leaver_silent_s": left["silent_s"],
