@@ -52,7 +52,7 @@ def test_goodput_and_split_add_up_to_the_wall_time(scenario):
     # The run report's buckets; the launcher's own start-up (10 s) added, and its exit (1.5 s).
     assert r["split"] == pytest.approx({
         "startup_s": 10 + 1, "restore_s": 1, "checkpoint_save_s": 0.2, "data_wait_s": 0, "recompute_s": 2,
-        "emergency_save_s": 0.5, "downtime_s": 10 + 6.5, "other_s": 0.5, "exit_s": 1.5,
+        "emergency_save_s": 0.5, "downtime_s": 10 + 6.5, "membership_s": 0, "other_s": 0.5, "exit_s": 1.5,
     })
     assert r["useful_s"] + sum(r["split"].values()) == pytest.approx(r["wall_s"])
     assert r["interruption_s"] == pytest.approx(2 + 10 + 0.5 + 6.5 + 2)
