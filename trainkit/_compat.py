@@ -65,6 +65,7 @@ __all__ = ["FileSystem", "FsspecReader", "FsspecWriter", "StorageInfo", "caching
            "drop_save_plans", "staging_stream", "RayKV", "RAY_PRIVATE_NAMES", "RAY_TRAIN_WORKER_MODULE",
            "ray_dashboard_up", "ray_drain_node", "ray_draining_nodes", "ray_lean_trainer", "ray_is_worker_process", "ray_keep_loopback", "ray_preload_train_worker",
            "ray_prestart_workers", "ray_runtime_env_hash", "ray_setup_hook_env", "ray_torchft_config",
+           "ray_torchft_lighthouse_env",
            "ray_train_storage"]
 
 
@@ -297,6 +298,7 @@ RAY_PRIVATE_NAMES = (
     "DataParallelTrainer._create_default_callbacks (DatasetsCallback, PlacementGroupCleanerCallback)",
     "ray.train.v2.torch.torchft_config.TorchftConfig, _TorchftBackend._maybe_create_lighthouse_actor, "
     "LighthouseServerActor",
+    "ray.train.v2._internal.constants.TORCHFT_LIGHTHOUSE_ADDR_ENV_VAR",
 )
 
 
@@ -329,6 +331,14 @@ def ray_torchft_config() -> Any:
             return Backend
 
     return TorchftConfig
+
+
+def ray_torchft_lighthouse_env() -> str:
+    """The environment variable in which Ray's TorchftConfig backend gives every worker the
+    lighthouse's address (``ray.train.v2._internal.constants``; not exported)."""
+    from ray.train.v2._internal.constants import TORCHFT_LIGHTHOUSE_ADDR_ENV_VAR
+
+    return TORCHFT_LIGHTHOUSE_ADDR_ENV_VAR
 
 
 def torchft_manager_bound_to(host: str) -> Any:

@@ -103,7 +103,7 @@ def test_forked_child_cannot_unregister_the_parents_sockets():
 
 def test_ray_private_names_are_all_checked_here():
     """The list this file checks is the list _compat uses (a new name needs a test below)."""
-    assert len(_compat.RAY_PRIVATE_NAMES) == 14
+    assert len(_compat.RAY_PRIVATE_NAMES) == 15
 
 
 def test_ray_torchft_config_keeps_rays_backend_and_its_lighthouse_actor():
@@ -124,6 +124,17 @@ def test_ray_torchft_config_keeps_rays_backend_and_its_lighthouse_actor():
     assert "lighthouse_kwargs" in inspect.signature(tf.LighthouseServerActor.__ray_metadata__.modified_class.__init__
                                                     ).parameters
     assert _compat.ray_torchft_config() is _compat.ray_torchft_config()
+
+
+def test_ray_torchft_lighthouse_env_is_what_rays_backend_sets():
+    import inspect
+
+    from ray.train.v2.torch import torchft_config as tf
+
+    name = _compat.ray_torchft_lighthouse_env()
+    assert name == "TORCHFT_LIGHTHOUSE"
+    # The backend's worker setup writes the lighthouse address under that name.
+    assert "TORCHFT_LIGHTHOUSE_ADDR_ENV_VAR" in inspect.getsource(tf)
 
 
 def test_ray_loopback_switch_is_where_ray_reads_it():

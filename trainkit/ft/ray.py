@@ -24,8 +24,6 @@ from trainkit.ft.loop import BARRIER_ENV, INCARNATION_ENV, LIGHTHOUSE_ENV, LeftQ
 from trainkit.ft.records import record_attempt, write_config
 from trainkit.ft.supervisor import write_summary
 
-# Set by Ray's TorchftConfig backend in every worker (ray.train.v2._internal.constants).
-RAY_LIGHTHOUSE_ENV = "TORCHFT_LIGHTHOUSE"
 
 
 class GroupLeft(TrainkitError):
@@ -40,7 +38,7 @@ def _group(config: dict[str, Any]) -> None:
     group = ray.train.get_context().get_world_rank()
     # A replacement keeps its group's world rank; its incarnation is how many started before it.
     started = sum(1 for r in read(cfg["run_dir"], cfg["ft"]["groups"])[group] if r.get("event") == "start")
-    os.environ.update({LIGHTHOUSE_ENV: os.environ[RAY_LIGHTHOUSE_ENV], INCARNATION_ENV: str(started),
+    os.environ.update({LIGHTHOUSE_ENV: os.environ[_compat.ray_torchft_lighthouse_env()], INCARNATION_ENV: str(started),
                        BARRIER_ENV: config["barrier"]})
     try:
         run_group(cfg, group)
