@@ -32,6 +32,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from trainkit.data.prefetch import map_leaves
+
 ALIGN = 64  # every tensor starts at a multiple of this in its slot (any dtype can view it)
 WAIT_MAX = 0.01  # s between two looks at ``released`` while a slot is still in use
 
@@ -44,15 +46,6 @@ class InRing:
     nbytes: int
     dtype: torch.dtype
     shape: tuple[int, ...]
-
-
-def _walk(fn, batch: Any) -> Any:
-    """``fn`` applied to every leaf of a batch of dicts, lists and tuples (the containers kept)."""
-    if isinstance(batch, dict):
-        return {k: _walk(fn, v) for k, v in batch.items()}
-    if isinstance(batch, (list, tuple)) and not hasattr(batch, "_fields"):
-        return type(batch)(_walk(fn, v) for v in batch)
-    return fn(batch)
 
 
 class Ring:
@@ -101,7 +94,7 @@ class Ring:
             used += -(-n // ALIGN) * ALIGN
             return out
 
-        return _walk(place, batch)
+        return map_leaves(place, batch)
 
     def take(self, k: int, batch: Any, *, pin: bool = False) -> Any:
         """In the main process: batch ``k`` with its :class:`InRing` tensors copied out of the
@@ -117,7 +110,7 @@ class Ring:
                 np.copyto(_as_bytes(t), self._bytes()[base + v.offset : base + v.offset + v.nbytes])
             return t
 
-        got = _walk(out, batch)
+        got = map_leaves(out, batch)
         self.state[s] = k
         return got
 

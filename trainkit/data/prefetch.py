@@ -17,15 +17,18 @@ import torch
 T = TypeVar("T")
 
 
+def map_leaves(fn: Callable[[Any], Any], batch: Any) -> Any:
+    """``fn`` applied to every leaf of a batch of dicts, lists and tuples (the containers kept)."""
+    if isinstance(batch, dict):
+        return {k: map_leaves(fn, v) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)) and not hasattr(batch, "_fields"):
+        return type(batch)(map_leaves(fn, v) for v in batch)
+    return fn(batch)
+
+
 def map_tensors(fn: Callable[[torch.Tensor], torch.Tensor], batch: Any) -> Any:
     """``fn`` applied to every tensor in a batch of dicts, lists and tuples; the rest kept."""
-    if isinstance(batch, torch.Tensor):
-        return fn(batch)
-    if isinstance(batch, dict):
-        return {k: map_tensors(fn, v) for k, v in batch.items()}
-    if isinstance(batch, (list, tuple)) and not hasattr(batch, "_fields"):
-        return type(batch)(map_tensors(fn, v) for v in batch)
-    return batch
+    return map_leaves(lambda v: fn(v) if isinstance(v, torch.Tensor) else v, batch)
 
 
 def pin(batch: Any) -> Any:
