@@ -20,6 +20,8 @@ from trainkit.errors import ConfigError
 
 _OWNED = False
 _EXIT_CODE: int | None = None
+_GUARDED = False
+_KEPT: list[Any] = []
 
 
 @dataclass(frozen=True)
@@ -100,6 +102,7 @@ def init(backend: str = "auto", *, threads: int = 0) -> DistInfo:
             timeout=datetime.timedelta(seconds=int(os.environ.get("TRAINKIT_PG_TIMEOUT", 600))),
             device_id=device if chosen == "nccl" else None,
         )
+        keep_until_exit(dist.group.WORLD)
     return DistInfo(rank, world, local_rank, local_world, device, chosen)
 
 
@@ -133,7 +136,8 @@ def exit_guard() -> Iterator[None]:
     the exit code the body earned: 0, a ``SystemExit``'s code, or 1 for an exception. A
     ``KeyboardInterrupt`` leaves the process to exit the ordinary way.
     """
-    global _EXIT_CODE
+    global _EXIT_CODE, _GUARDED
+    _GUARDED = True
     try:
         yield
     except SystemExit as exc:
@@ -147,6 +151,21 @@ def exit_guard() -> Iterator[None]:
     finally:
         # Registered last, so it runs first and can still run every other handler.
         atexit.register(_leave)
+
+
+def keep_until_exit(obj: Any) -> None:
+    """In a process under :func:`exit_guard`, holds ``obj`` (a process group) until the process
+    leaves, so its destructor never runs; elsewhere does nothing, since a process that ends the
+    ordinary way must be able to free it.
+
+    A gloo group's destructor joins gloo's threads on whichever thread drops the last
+    reference, holding the GIL, and with torch 2.13 a gloo thread that drops a finished
+    collective can be waiting for the GIL (the work item keeps a Python object from the
+    caller's thread-local state): a DDP module freed just after its group's last collective
+    deadlocked the worker (tests/train/test_group_teardown.py has the stacks).
+    """
+    if _GUARDED:
+        _KEPT.append(obj)
 
 
 def _leave() -> None:
@@ -202,7 +221,9 @@ def new_gloo_group(process_group=None, timeout: datetime.timedelta | None = None
     kw: dict = {"backend": "gloo"}
     if timeout is not None:
         kw["timeout"] = timeout
-    return dist.new_group(ranks=ranks, **kw)
+    group = dist.new_group(ranks=ranks, **kw)
+    keep_until_exit(group)
+    return group
 
 
 def all_gather_object(obj, group=None) -> list:

@@ -28,6 +28,7 @@ def init_dist(strategy: str) -> tuple[int, int]:
     if strategy == "single" and world == 1:
         return 0, 1
     dist.init_process_group("gloo", rank=int(os.environ["RANK"]), world_size=world)
+    distributed.keep_until_exit(dist.group.WORLD)
     return dist.get_rank(), world
 
 

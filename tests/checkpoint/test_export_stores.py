@@ -30,6 +30,7 @@ def _export_worker(rank: int, world: int, port: int, endpoint: str, url: str) ->
 
     storage.configure({"s3": {"endpoint_url": endpoint}})
     dist.init_process_group("gloo")
+    distributed.keep_until_exit(dist.group.WORLD)
     torch.manual_seed(0)
     model = GPT(GPTConfig(**CFG))
     for block in model.blocks:

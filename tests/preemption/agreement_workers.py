@@ -28,6 +28,7 @@ def main(a: dict) -> None:
     with distributed.exit_guard():
         torch.set_num_threads(1)
         dist.init_process_group("gloo", rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
+        distributed.keep_until_exit(dist.group.WORLD)
         rank = dist.get_rank()
         ck = Checkpointer(a["root"], keep_last=2)
         jitter = random.Random(1000 + rank)  # this rank's own step times

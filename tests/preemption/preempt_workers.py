@@ -48,6 +48,7 @@ def agree(a: dict) -> None:
     with distributed.exit_guard():
         torch.set_num_threads(1)
         dist.init_process_group("gloo", rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
+        distributed.keep_until_exit(dist.group.WORLD)
         rank = dist.get_rank()
         w = PreemptionWatcher(signals=["SIGTERM"]).start()
         ck = Checkpointer(a["root"])

@@ -40,6 +40,7 @@ class Hook:
 
 with distributed.exit_guard():
     dist.init_process_group("gloo", rank=int(os.environ["RANK"]), world_size=2)
+    distributed.keep_until_exit(dist.group.WORLD)
     rank = dist.get_rank()
     report = Hook({3} if rank == 0 else {7}, stop=False)
     probe = Hook({10} if rank == 1 else set(), stop=True)

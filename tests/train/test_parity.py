@@ -41,6 +41,7 @@ def _worker(rank: int, world: int, port: int, out: str, mode: str) -> None:
     loss_fn = nn.CrossEntropyLoss()
     if mode == "plain":
         dist.init_process_group("gloo")
+        distributed.keep_until_exit(dist.group.WORLD)
         torch.manual_seed(7)
         model = nn.parallel.DistributedDataParallel(_model())
         opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)

@@ -163,6 +163,7 @@ def _worker(a: dict[str, Any]) -> None:
         if cuda:
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
+        distributed.keep_until_exit(dist.group.WORLD)
         torch.set_num_threads(a["threads"])
         rank = dist.get_rank()
         batches = _batches(a["steps"], a["micro"], a["width"], seed=rank, device=device)
