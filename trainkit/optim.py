@@ -42,8 +42,8 @@ def optimizer_factory(cfg: OptimConfig) -> Callable[[list[nn.Parameter]], torch.
         rest = [p for p in params if p.requires_grad and p.ndim < 2]
         groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}]
         if not cfg.weight_decay:
-            # Two groups alike would only cost: a foreach step makes one pass per group, and
-            # over FSDP2's DTensors each pass is a round of dispatches (12 % of a small model's
+            # Two groups alike would only cost: a step makes one pass over each group, and
+            # over FSDP2's DTensors each pass is its own round of dispatches (12 % of a small model's
             # step on CPU; docs/benchmarks/step-distributed-2026-12-01.md).
             groups = [{"params": decay + rest, "weight_decay": 0.0}]
         if cfg.name == "sgd":

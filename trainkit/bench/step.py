@@ -108,7 +108,7 @@ def _timed(marks: list[float], steps: int) -> tuple[float, float]:
 
 
 def trainkit_loop(batches: list[Any], width: int, depth: int, run_dir: str, strategy: str = "single",
-                  threads: int = 0) -> tuple[float, float]:
+                  threads: int = 0, agree_every_s: float | None = None) -> tuple[float, float]:
     from trainkit.run import Run
 
     cfg = Config(run_dir=run_dir)
@@ -117,6 +117,8 @@ def trainkit_loop(batches: list[Any], width: int, depth: int, run_dir: str, stra
     cfg.trainer.log_every = LOG_EVERY
     cfg.trainer.progress = "off"
     cfg.trainer.threads = threads
+    if agree_every_s is not None:
+        cfg.preemption.agree_every_s = agree_every_s
     cfg.checkpoint.enabled = False
     cfg.checkpoint.export_safetensors = False
     cfg.data.batch_size = batches[0][0].shape[0] * (dist.get_world_size() if dist.is_initialized() else 1)
@@ -170,7 +172,8 @@ def _worker(a: dict[str, Any]) -> None:
         plain_loop(batches[:20], a["width"], a["depth"], a["strategy"], device)  # warm-up: allocator, kernels
         ours, plain = _rounds(
             a["rounds"],
-            lambda r: trainkit_loop(batches, a["width"], a["depth"], f"{a['run_dir']}/r{r}", a["strategy"], a["threads"]),
+            lambda r: trainkit_loop(batches, a["width"], a["depth"], f"{a['run_dir']}/r{r}", a["strategy"], a["threads"],
+                                    a["agree_every_s"]),
             lambda r: plain_loop(batches, a["width"], a["depth"], a["strategy"], device),
         )
         if rank == 0:
@@ -186,7 +189,7 @@ def _distributed(args: argparse.Namespace, device: str, run_dir: str) -> dict[st
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.workers)
     spec = {"strategy": args.strategy, "device": device, "steps": args.steps, "rounds": args.rounds,
             "micro": args.batch // args.workers, "width": args.width, "depth": args.depth, "threads": threads,
-            "run_dir": run_dir}
+            "agree_every_s": args.agree_every_s, "run_dir": run_dir}
     env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE=str(args.workers),
                LOCAL_WORLD_SIZE=str(args.workers), OMP_NUM_THREADS=str(threads))
     procs = [subprocess.Popen([sys.executable, "-m", "trainkit.bench.step", json.dumps(spec)],
@@ -210,6 +213,8 @@ def main(argv: list[str]) -> None:
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--threads", type=int, default=0, help="intra-op threads per process (0: cores / workers)")
+    p.add_argument("--agree-every-s", type=float, default=None,
+                   help="trainkit's preemption.agree_every_s (default: the config's), to price the stop/save agreement")
     p.add_argument("--out", help="append a markdown section with the results to this file")
     args = p.parse_args(argv)
     if args.strategy == "single" and args.workers != 1:
@@ -228,7 +233,7 @@ def main(argv: list[str]) -> None:
             plain_loop(batches[:20], args.width, args.depth, device=dev)  # warm-up: allocator, kernels
             ours, plain = _rounds(args.rounds,
                                   lambda r: trainkit_loop(batches, args.width, args.depth, f"{tmp}/r{r}",
-                                                          threads=args.threads),
+                                                          threads=args.threads, agree_every_s=args.agree_every_s),
                                   lambda r: plain_loop(batches, args.width, args.depth, device=dev))
             result = {"ours": ours, "plain": plain, "backend": None, "device": device,
                       "threads": torch.get_num_threads()}
