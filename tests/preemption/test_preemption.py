@@ -189,6 +189,19 @@ def test_signal_stops_once_and_second_signal_is_ignored(tmp_path, sig):
     saved = json.loads(out.read_text())
     assert saved["reason"] == f"signal {sig}" and saved["signals"] == 3
     assert "ignored while stopping" in err
+    assert f"{sig} received: stopping at the next step boundary (checkpoint, exit 75)" in err
+
+
+def test_the_signal_line_says_what_the_process_will_do():
+    """A torchft replica group leaves its quorum on a notice rather than saving: its line says so."""
+    code = ("import os, signal, time\n"
+            "from trainkit.preemption import PreemptionWatcher\n"
+            "w = PreemptionWatcher(signals=['SIGUSR1'], on_stop='leave the quorum and exit 76').start()\n"
+            "os.kill(os.getpid(), signal.SIGUSR1)\n"
+            "while not w.requested: time.sleep(0.01)\n")
+    result = subprocess.run([sys.executable, "-c", code], env=_env(), capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "SIGUSR1 received: stopping at the next step boundary (leave the quorum and exit 76)" in result.stderr
 
 
 def test_ranks_agree_on_one_stop_step(tmp_path):

@@ -308,7 +308,9 @@ def run_group(cfg_dict: Mapping[str, Any], group: int, *, say: Callable[[str], N
                   "pid": os.getpid(), "time": time.time()})
     p = cfg.preemption
     watcher = PreemptionWatcher(signals=p.signals, aws_endpoint=p.aws_endpoint, gcp_endpoint=p.gcp_endpoint,
-                                poll_seconds=p.poll_seconds).start()
+                                poll_seconds=p.poll_seconds,
+                                on_stop=f"leave the quorum and exit {EXIT_LEFT}, or, if every group got it, "
+                                        "checkpoint and exit 75").start()
     leave = _Leave(ft.heartbeat_timeout_s)
     try:
         manager, pg, _store = _manager(cfg, group, replica)  # the store must outlive the loop

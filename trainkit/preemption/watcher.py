@@ -157,13 +157,16 @@ class PreemptionWatcher:
 
     def __init__(self, signals: Iterable[str] = ("SIGTERM", "SIGINT", "SIGUSR1"), aws_endpoint: str = "",
                  gcp_endpoint: str = "", poll_seconds: float = 5.0, *, gcp_wait_for_change: bool = False,
-                 http_timeout: float = 2.0) -> None:
+                 http_timeout: float = 2.0, on_stop: str = "checkpoint, exit 75") -> None:
         self.signals = [self._signum(s) for s in signals]
         self.aws_endpoint = _check_endpoint(aws_endpoint)
         self.gcp_endpoint = _check_endpoint(gcp_endpoint)
         self.poll_seconds = poll_seconds
         self.gcp_wait_for_change = gcp_wait_for_change
         self.http_timeout = http_timeout
+        # What the process does once stopped, for the line a signal prints: a run saves and
+        # exits 75, a torchft replica group leaves its quorum instead.
+        self.on_stop = on_stop
         self._event = threading.Event()
         self._lock = threading.Lock()
         self._reason = ""
@@ -222,7 +225,7 @@ class PreemptionWatcher:
             # locks, no logging here, only plain assignments and a raw write
             self.requested_at = time.monotonic()
             self._sig_reason = f"signal {name}"
-            msg = f"trainkit: {name} received: stopping at the next step boundary (checkpoint, exit 75)\n"
+            msg = f"trainkit: {name} received: stopping at the next step boundary ({self.on_stop})\n"
         else:
             msg = f"trainkit: {name} received again ({self.signal_count}): ignored while stopping; SIGKILL aborts\n"
         try:
