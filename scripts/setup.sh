@@ -28,4 +28,8 @@ PIP_CONSTRAINT="$PWD/.ci/constraints-skypilot.txt" .tools/skypilot/bin/python -m
 # (they would replace torch and numpy), plus the small packages the writer imports (catalogue:
 # its StreamingDataset, which python -m trainkit.bench data reads with).
 .venv/bin/python -m pip install -q --no-deps mosaicml-streaming==0.13.0 Brotli python-snappy cramjam zstd xxhash catalogue
+# DeepSpeed's CPU shared-memory op (strategy=deepspeed on CPU), built here once (~45 s) rather
+# than by the first run; the build is tied to this checkout's path, so a moved tree rebuilds it.
+TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$HOME/.cache/trainkit/torch_extensions} .venv/bin/python -c \
+    "from deepspeed.accelerator import get_accelerator; get_accelerator().create_op_builder('ShareMemCommBuilder').load()" >/dev/null
 echo "$want" > "$STAMP"

@@ -20,7 +20,7 @@ def _built() -> bool:
     return any(Path(EXT_DIR).glob("**/deepspeed_shm_comm*.so"))
 
 
-@pytest.mark.skipif(not _built(), reason="DeepSpeed shm op not built yet (~45 s): run with --runslow once")
+@pytest.mark.skipif(not _built(), reason="DeepSpeed shm op not built (scripts/setup.sh builds it, ~40 s; --runslow builds it here)")
 def test_zero2_resume_is_bitwise_on_s3(s3_server, s3_url, tmp_path):
     _zero2(s3_server, s3_url, tmp_path)
 
