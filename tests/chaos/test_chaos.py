@@ -38,7 +38,7 @@ def _run(tmp_path: Path, steps: int, kills: int, sigterms: int, seed: int) -> No
 @pytest.mark.rotate("e2e-long")
 def test_chaos_three_kills_one_sigterm(tmp_path: Path) -> None:
     """The default sample: a kill mid-save, two other kills and a SIGTERM (the 20-kill run is slow)."""
-    _run(tmp_path, steps=60, kills=3, sigterms=1, seed=1)
+    _run(tmp_path, steps=45, kills=3, sigterms=1, seed=1)
 
 
 @pytest.mark.slow
