@@ -176,6 +176,11 @@ class PreemptionConfig:
                 raise ConfigError(f"preemption.signals: {name!r} is not a signal; e.g. SIGTERM, SIGINT, SIGUSR1")
 
 
+# A leaver's heartbeat counts as expired this long after the lighthouse's timeout (the last
+# heartbeat may land just after the Manager is shut down; the lighthouse ticks every 100 ms).
+FT_STALE_MARGIN_S = 0.2
+
+
 @dataclass
 class FaultToleranceConfig:
     """``ft.mode=replicas``: replica groups each hold the whole model; a torchft lighthouse forms a
@@ -200,6 +205,11 @@ class FaultToleranceConfig:
     # Replacements the local launcher starts per group before it gives up on the job.
     max_restarts: int = 5
 
+    @property
+    def leave_after_s(self) -> float:
+        """How long a group with a notice keeps training before it leaves (its heartbeat expiry)."""
+        return self.heartbeat_timeout_s + FT_STALE_MARGIN_S
+
     def check(self, cfg: Config) -> None:
         if self.mode == "off":
             return
@@ -213,6 +223,11 @@ class FaultToleranceConfig:
             raise ConfigError(
                 f"ft.quorum_timeout_s={self.quorum_timeout_s} must exceed ft.replacement_s + ft.heartbeat_timeout_s "
                 f"= {self.replacement_s + self.heartbeat_timeout_s}: a replacement may take that long to join")
+        if cfg.preemption.grace_seconds <= self.leave_after_s:
+            raise ConfigError(
+                f"preemption.grace_seconds={cfg.preemption.grace_seconds} must exceed ft.heartbeat_timeout_s + "
+                f"{FT_STALE_MARGIN_S} = {self.leave_after_s:g}: a group with a notice trains until its heartbeat "
+                f"has expired, then leaves")
         if cfg.launcher.name not in ("local", "ray") or cfg.strategy.name != "ddp" or cfg.launcher.workers != 1:
             raise ConfigError("ft.mode=replicas runs with launcher=local or launcher=ray, strategy=ddp and "
                               "launcher.workers=1 (one process per replica group) in this version")

@@ -77,3 +77,11 @@ def test_each_groups_store_listens_on_loopback_only():
     store = loopback_store()
     store.set("k", "v")
     assert _listeners(store.port) == ["0100007F"]  # 127.0.0.1, and nothing on [::]
+
+
+def test_a_grace_period_shorter_than_the_leave_is_one_line():
+    """A group with a notice trains until its heartbeat has expired: the notice must outlast that."""
+    base = {"strategy": {"name": "ddp"}, "data": {"batch_size": 8}}
+    with pytest.raises(ConfigError, match=r"preemption.grace_seconds=3.0 must exceed ft.heartbeat_timeout_s \+ 0.2 = 5.2"):
+        load_config({**base, "preemption": {"grace_seconds": 3}, "ft": {"mode": "replicas", "heartbeat_timeout_s": 5}})
+    assert load_config({**base, "preemption": {"grace_seconds": 6}, "ft": {"mode": "replicas", "heartbeat_timeout_s": 5}})

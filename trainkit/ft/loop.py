@@ -51,9 +51,6 @@ KILL_ENV = "TRAINKIT_FT_KILL"
 # A group that left the quorum on a notice while other groups went on: the supervisor starts
 # its replacement (75 is kept for "every group stopped: relaunch to resume").
 EXIT_LEFT = 76
-# A leaver's heartbeat counts as expired this long after the lighthouse's timeout (the last
-# heartbeat may land just after the Manager is shut down; the lighthouse ticks every 100 ms).
-_STALE_MARGIN_S = 0.2
 # The tail of a group's all-reduce buffer after the flat gradients: the share's loss, its
 # validity vote, "this group is leaving", "this leaver's heartbeat has expired".
 _LOSS, _VOTE, _LEAVING, _STALE = -4, -3, -2, -1
@@ -266,8 +263,8 @@ class _Leave:
     the others' next quorum forms at once without them. No step is lost and nobody waits.
     """
 
-    def __init__(self, heartbeat_timeout_s: float) -> None:
-        self.stale_after = heartbeat_timeout_s + _STALE_MARGIN_S
+    def __init__(self, stale_after: float) -> None:
+        self.stale_after = stale_after  # ft.leave_after_s
         self.silent_since: float | None = None  # when this group's Manager was shut down
         self.reason = ""
 
@@ -311,7 +308,7 @@ def run_group(cfg_dict: Mapping[str, Any], group: int, *, say: Callable[[str], N
                                 poll_seconds=p.poll_seconds,
                                 on_stop=f"leave the quorum and exit {EXIT_LEFT}, or, if every group got it, "
                                         "checkpoint and exit 75").start()
-    leave = _Leave(ft.heartbeat_timeout_s)
+    leave = _Leave(ft.leave_after_s)
     try:
         manager, pg, _store = _manager(cfg, group, replica)  # the store must outlive the loop
         barrier = os.environ.get(BARRIER_ENV)
