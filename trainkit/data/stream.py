@@ -355,15 +355,8 @@ class Stream:
         size, groups = self._groups(sample_ids)
         self._batch_shards = len(groups)
         builder = self.source.batch([self.state(i) for i, _, _ in groups], size, pin=pin, shared=shared)
-        for i, rows, local in groups:
-            self._read(i, lambda buf, st: builder.fill(buf, st, rows, local))
+        self._fill(builder, groups)
         return builder.finish()
-
-    def ready(self, sample_ids: Sequence[int]) -> bool:
-        """Whether every shard these samples are in is here (reading them would not wait)."""
-        ids = np.asarray(sample_ids, dtype=np.int64).reshape(-1)
-        shards = np.unique(np.searchsorted(self._starts, ids, side="right") - 1)
-        return all(self.cache.ready(int(i)) for i in shards)
 
     def read_batches(self, id_lists: Sequence[Sequence[int]], *, pin: bool = False,
                      shared: bool = False) -> list[dict[str, Any]]:
@@ -390,23 +383,16 @@ class Stream:
                 if not (hasattr(builder, "accepts") and hasattr(builder, "finish_split")):
                     return [self.read_batch(ids, pin=pin, shared=shared) for ids in parts]
             elif not builder.accepts(st):
-                return self._read_together(parts, pin=pin, shared=shared)
-            rows, local = where[i]
-            self._read(i, lambda buf, st_, rows=rows, local=local: builder.fill(buf, st_, rows, local))
-        bounds = np.zeros(len(parts) + 1, dtype=np.int64)
-        np.cumsum([len(p) for p in parts], out=bounds[1:])
-        return builder.finish_split(bounds.tolist())
+                # the layout of all their shards: each is waited for
+                builder = self.source.batch([self.state(j) for j, _, _ in groups], size, pin=pin, shared=shared)
+                self._fill(builder, groups)
+                break
+            self._fill(builder, [(i, *where[i])])
+        return builder.finish_split(np.cumsum([0, *map(len, parts)]).tolist())
 
-    def _read_together(self, parts: list[np.ndarray], *, pin: bool, shared: bool) -> list[dict[str, Any]]:
-        """The batches as one, with the layout of all their shards (each is waited for)."""
-        size, groups = self._groups(np.concatenate(parts))
-        self._batch_shards = len(groups)
-        builder = self.source.batch([self.state(i) for i, _, _ in groups], size, pin=pin, shared=shared)
+    def _fill(self, builder: Any, groups: Sequence[tuple[int, np.ndarray, np.ndarray]]) -> None:
         for i, rows, local in groups:
             self._read(i, lambda buf, st, rows=rows, local=local: builder.fill(buf, st, rows, local))
-        bounds = np.zeros(len(parts) + 1, dtype=np.int64)
-        np.cumsum([len(p) for p in parts], out=bounds[1:])
-        return builder.finish_split(bounds.tolist())
 
     def close(self) -> None:
         self.cache.close()
