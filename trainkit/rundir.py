@@ -70,8 +70,9 @@ def attempt_config(attempt: int) -> str:
 FT_LEDGERS = "ft"
 
 
-def ft_ledger(group: int) -> str:
-    return f"{FT_LEDGERS}/group-{group}.jsonl"
+def ft_ledger(group: int, rank: int = 0) -> str:
+    """Rank 0's ledger is the group's; with several processes per group each other rank keeps its own."""
+    return f"{FT_LEDGERS}/group-{group}.jsonl" if rank == 0 else f"{FT_LEDGERS}/group-{group}-rank-{rank}.jsonl"
 
 
 @dataclass(frozen=True)
