@@ -1,4 +1,5 @@
-"""One replica group's training loop under ``ft.mode=replicas`` (one process per group).
+"""One replica group's training loop under ``ft.mode=replicas`` (one process per group, or
+``launcher.workers`` processes per group with ``strategy=fsdp``).
 
 Every step: a quorum (torchft ``Manager.start_quorum``, synchronous, so a replacement heals
 before it computes), this group's chunks of the step's global batch, a checked all-reduce of
@@ -10,6 +11,15 @@ step ``s`` trains positions ``[s * B, (s + 1) * B)`` of trainkit's order, cut in
 position is trained exactly once, whoever joins or leaves. Each chunk's gradient is computed
 alone and scaled by ``1 / ft.groups``, so the sum over chunks does not depend on who computed
 which (with two groups it is the same float sum in any membership).
+
+With ``W = launcher.workers`` processes per group (``strategy=fsdp``, HSDP-style), the group's
+processes shard the model with FSDP2 over their own process group, and each chunk is cut in
+``W`` equal slices, rank ``i`` training slice ``i`` (:func:`shard`); FSDP reduce-scatters each
+chunk's gradient inside the group (a mean over the slices: the chunk's gradient), and rank
+``i`` of each group all-reduces its gradient shard with rank ``i`` of the others (torchft's
+Manager configures one cross-group process group per rank). torchft's Manager runs per rank
+(``rank``/``world_size`` = the group's), so the group's quorum, commit vote and heal are one:
+rank ``i`` heals its shard from rank ``i`` of a live group.
 
 Start-up is ordered (model, data, checkpointer, then the Manager last, then a barrier among the
 first incarnations so the first quorum has every group) and the Manager is shut down on every
@@ -42,7 +52,12 @@ from trainkit.tasks.base import default_url
 LIGHTHOUSE_ENV = "TRAINKIT_FT_LIGHTHOUSE"
 INCARNATION_ENV = "TRAINKIT_FT_INCARNATION"
 BARRIER_ENV = "TRAINKIT_FT_BARRIER"
-# Chaos: ``group:step:point[,...]`` makes a group's first incarnation SIGKILL itself at a step,
+# The process's rank in its group (several processes per group; 0 when unset).
+RANK_ENV = "TRAINKIT_FT_RANK"
+# A folder where rank 0 of each group incarnation publishes its store's port (several processes per group).
+STORES_ENV = "TRAINKIT_FT_STORES"
+# Chaos: ``group:step:point[,...]`` makes a group's first incarnation SIGKILL itself at a step
+# (every process of it; ``group.rank:step:point``: that rank's process only),
 # ``point`` = ``allreduce`` (while its peers wait in the all-reduce) or ``commit`` (after the
 # step committed, between steps), or send itself SIGTERM at the step's start (``notice``: a spot
 # notice through the preemption watcher). What trainkit.chaos and the tests use for repeatable
@@ -66,30 +81,40 @@ def chunks(step: int, batch: int, groups: int, rank: int, participants: int) -> 
     return [(start + c * size, start + (c + 1) * size) for c in range(rank, groups, participants)]
 
 
+def shard(part: tuple[int, int], workers: int, rank: int) -> tuple[int, int]:
+    """Rank ``rank``'s slice of one chunk when a group has ``workers`` processes."""
+    lo, hi = part
+    size = (hi - lo) // workers
+    return lo + rank * size, lo + (rank + 1) * size
+
+
 @dataclass
 class _Kill:
     step: int
     point: str
 
 
-def _kills(group: int) -> list[_Kill]:
+def _kills(group: int, rank: int = 0) -> list[_Kill]:
     if os.environ.get(INCARNATION_ENV, "0") != "0":
         return []
     out = []
     for item in filter(None, os.environ.get(KILL_ENV, "").split(",")):
-        g, step, point = item.split(":")
-        if int(g) == group:
+        who, step, point = item.split(":")
+        g, _, r = who.partition(".")
+        if int(g) == group and (not r or int(r) == rank):
             out.append(_Kill(int(step), point))
     return out
 
 
-def _die_if(kills: list[_Kill], step: int, point: str) -> None:
+def _die_if(kills: list[_Kill], step: int, point: str, ledger: Any = None) -> None:
     if any(k.step == step and k.point == point for k in kills):
         if point == "notice":
             os.kill(os.getpid(), signal.SIGTERM)
             return
         if point == "allreduce":
             time.sleep(_KILL_DELAY_S)
+        if ledger is not None:  # when the kill happened: the time to the survivors' next commit
+            ledger.write({"event": "killed", "step": step, "point": point, "time": time.time()})
         os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -97,10 +122,29 @@ class LeftQuorum(Exception):
     """This group left the quorum after a notice and its peers go on (exit code EXIT_LEFT)."""
 
 
-class _Replica:
-    """The model, optimizer, schedule and data of one group, and one step's arithmetic."""
+def _local(t: Any) -> Any:
+    """A sharded (DTensor) tensor's own shard; any other value as it is."""
+    from torch.distributed.tensor import DTensor
 
-    def __init__(self, cfg: Config) -> None:
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def _local_tree(value: Any) -> Any:
+    """A state tree with each DTensor replaced by its shard: what the peer transfer carries
+    (plain tensors, which ``torch.load(weights_only=True)`` accepts)."""
+    if isinstance(value, dict):
+        return {k: _local_tree(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_local_tree(v) for v in value)
+    return _local(value)
+
+
+class _Replica:
+    """The model, optimizer, schedule and data of one group's process (rank ``rank`` of
+    ``workers``; with ``mesh``, the group's FSDP2 mesh, the model is sharded over it), and one
+    step's arithmetic."""
+
+    def __init__(self, cfg: Config, *, rank: int = 0, workers: int = 1, mesh: Any = None) -> None:
         self.cfg = cfg
         task = TASKS.get(cfg.task, "task")
         self.task = task
@@ -108,6 +152,16 @@ class _Replica:
         torch.manual_seed(cfg.seed)  # identical initial weights in every group, no broadcast
         self.model = task.build_model(model_cfg)
         self.model.train()
+        self.rank, self.workers, self.sharded = rank, workers, mesh is not None
+        if mesh is not None:
+            from torch.distributed.fsdp import fully_shard
+
+            from trainkit.strategies.base import default_units
+
+            reshard = bool(getattr(cfg.strategy, "reshard_after_forward", True))
+            for unit in default_units(self.model):
+                fully_shard(unit, mesh=mesh, reshard_after_forward=reshard)
+            fully_shard(self.model, mesh=mesh, reshard_after_forward=reshard)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = optimizer_factory(cfg.optim)(self.params)
         self.scheduler = scheduler(self.optimizer, cfg.optim, cfg.trainer.max_steps)
@@ -122,22 +176,28 @@ class _Replica:
         self.data_s = 0.0  # the last share's time reading its samples
         self.groups = cfg.ft.groups
 
+    def slices(self, parts: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        """What this process trains of the group's chunks: its slice of each."""
+        return [shard(p, self.workers, self.rank) for p in parts]
+
     def gradients(self, parts: list[tuple[int, int]]) -> torch.Tensor:
-        """This group's share of the step: flat gradients and loss, each chunk weighted 1/groups."""
+        """This process's share of the step: flat gradients (its shard of them when sharded:
+        FSDP has reduced each chunk's over the group) and loss, each chunk weighted 1/groups."""
         self.optimizer.zero_grad(set_to_none=True)
         weight = 1.0 / self.groups
         loss_sum = torch.zeros((), dtype=torch.float32)
         self.data_s = 0.0
-        for lo, hi in parts:
+        for lo, hi in self.slices(parts):
             t0 = time.perf_counter()
             ids = self.stream.ids_at(self.cfg.seed, lo, hi)
             batch = default_collate([self.stream[int(i)] for i in ids])
             self.data_s += time.perf_counter() - t0
             loss, _ = self.task.loss(self.model, batch)
             (loss * weight).backward()
-            loss_sum = loss_sum + loss.detach().float() * weight
-        flat = [p.grad.reshape(-1) if p.grad is not None else torch.zeros(p.numel(), dtype=p.dtype)
-                for p in self.params]
+            # Each slice's mean loss counts 1/workers of its chunk's (the group sums them).
+            loss_sum = loss_sum + loss.detach().float() * weight / self.workers
+        flat = [_local(p.grad).reshape(-1) if p.grad is not None
+                else torch.zeros(_local(p).numel(), dtype=p.dtype) for p in self.params]
         # The loss, this group's vote that its share is valid (see checked_allreduce), and the
         # leave flags (see run_group), set by the caller.
         tail = torch.tensor([float(loss_sum), 1.0, 0.0, 0.0], dtype=flat[0].dtype)
@@ -147,8 +207,11 @@ class _Replica:
         """Steps the optimizer on the reduced gradients; returns the step's global-batch loss."""
         offset = 0
         for p in self.params:
-            n = p.numel()
-            p.grad = buf[offset:offset + n].view_as(p).clone()
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            grad = _local(p.grad)
+            n = grad.numel()
+            grad.copy_(buf[offset:offset + n].view_as(grad))
             offset += n
         clip = self.cfg.trainer.grad_clip
         if clip:
@@ -158,14 +221,37 @@ class _Replica:
         return float(buf[_LOSS])
 
     def state_dict(self, step: int) -> dict[str, Any]:
-        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+        """This process's state (its shards when sharded), as its peer rank in a replacement loads it."""
+        return {"model": _local_tree(self.model.state_dict()), "optimizer": _local_tree(self.optimizer.state_dict()),
                 "scheduler": self.scheduler.state_dict(), "data": {"position": step * self.batch}}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        if self.sharded:
+            self._load_shards(state)
+        else:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.healed_position = int(state["data"]["position"])
+
+    def _load_shards(self, state: Mapping[str, Any]) -> None:
+        """Copies a peer rank's shards into this process's (the same mesh and layout), and
+        rebuilds its optimizer state as DTensors laid out like their parameters."""
+        from torch.distributed.tensor import DTensor
+
+        with torch.no_grad():
+            for name, own in self.model.state_dict(keep_vars=True).items():
+                _local(own).copy_(state["model"][name])
+        osd = state["optimizer"]
+        params = {i: p for saved, group in zip(osd["param_groups"], self.optimizer.param_groups)
+                  for i, p in zip(saved["params"], group["params"])}
+        for i, entry in osd["state"].items():
+            p = params[i]
+            for key, value in entry.items():
+                if isinstance(p, DTensor) and torch.is_tensor(value) and value.dim() > 0:
+                    entry[key] = DTensor.from_local(value, p.device_mesh, p.placements, run_check=False,
+                                                    shape=p.shape, stride=p.stride())
+        self.optimizer.load_state_dict(osd)
 
 
 def reference_losses(cfg_dict: Mapping[str, Any]) -> list[float]:
@@ -188,7 +274,7 @@ def reference_losses(cfg_dict: Mapping[str, Any]) -> list[float]:
 def _threads(cfg: Config) -> int:
     """Intra-op threads per group, fixed by the config: kernels then sum in the same order
     whichever group computes a chunk."""
-    return cfg.trainer.threads or max(1, (os.cpu_count() or 1) // cfg.ft.groups)
+    return cfg.trainer.threads or max(1, (os.cpu_count() or 1) // (cfg.ft.groups * cfg.launcher.workers))
 
 
 class _Checkpoints:
@@ -240,11 +326,11 @@ class _Position:
         self.position = int(state["position"])
 
 
-def _barrier(path: str, group: int, groups: int, timeout: float) -> None:
-    """Waits until every first-incarnation group has built its Manager (they all heartbeat)."""
-    Path(path, f"ready-{group}").touch()
+def _barrier(path: str, group: int, rank: int, processes: int, timeout: float) -> None:
+    """Waits until every first-incarnation process has built its Manager (they all heartbeat)."""
+    Path(path, f"ready-{group}-{rank}").touch()
     deadline = time.monotonic() + timeout
-    while sum(1 for _ in Path(path).glob("ready-*")) < groups:
+    while sum(1 for _ in Path(path).glob("ready-*")) < processes:
         if time.monotonic() > deadline:
             raise TrainkitError(f"replica groups did not all start within ft.replacement_s={timeout}")
         time.sleep(0.02)
@@ -263,8 +349,11 @@ class _Leave:
     the others' next quorum forms at once without them. No step is lost and nobody waits.
     """
 
-    def __init__(self, stale_after: float) -> None:
+    def __init__(self, stale_after: float, agree: Callable[[float], float] | None = None) -> None:
         self.stale_after = stale_after  # ft.leave_after_s
+        # With several processes per group: makes them agree on the flag (each silenced its
+        # Manager at its own instant), so every rank's all-reduce carries the same flags.
+        self.agree = agree
         self.silent_since: float | None = None  # when this group's Manager was shut down
         self.reason = ""
 
@@ -278,11 +367,55 @@ class _Leave:
     def flags(self, buf: torch.Tensor) -> None:
         if self.leaving:
             buf[_LEAVING] = 1.0
-            buf[_STALE] = float(self.silent_s() >= self.stale_after)
+            stale = float(self.silent_s() >= self.stale_after)
+            buf[_STALE] = stale if self.agree is None else self.agree(stale)
 
 
-def run_group(cfg_dict: Mapping[str, Any], group: int, *, say: Callable[[str], None] = print) -> int:
-    """Trains as replica group ``group`` until ``trainer.max_steps`` is committed; returns it.
+def _group_store(cfg: Config, group: int, rank: int) -> Any:
+    """The store of this group incarnation's processes (their process group, their Managers):
+    rank 0 hosts it on loopback and publishes its port in the supervisor's folder."""
+    from torch.distributed import TCPStore
+
+    path = Path(os.environ[STORES_ENV], f"{group}-{os.environ.get(INCARNATION_ENV, '0')}")
+    if rank == 0:
+        store = distributed.loopback_store()
+        path.with_suffix(".tmp").write_text(str(store.port))
+        path.with_suffix(".tmp").rename(path)
+        return store
+    deadline = time.monotonic() + cfg.ft.replacement_s
+    while not path.exists():
+        if time.monotonic() > deadline:
+            raise TrainkitError(f"rank 0 of replica group {group} published no store within "
+                                f"ft.replacement_s={cfg.ft.replacement_s}")
+        time.sleep(0.02)
+    return TCPStore("127.0.0.1", int(path.read_text()), is_master=False, wait_for_workers=False,
+                    timeout=timedelta(seconds=cfg.ft.timeout_s))
+
+
+def _group_mesh(cfg: Config, store: Any, rank: int) -> Any:
+    """The group's own process group (the default one in this process) and its FSDP2 mesh."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    workers = cfg.launcher.workers
+    dist.init_process_group("gloo", store=dist.PrefixStore("trainkit/group", store), rank=rank,
+                            world_size=workers, timeout=timedelta(seconds=cfg.ft.timeout_s))
+    return init_device_mesh("cpu", (workers,))
+
+
+def _group_sum(value: float) -> float:
+    """Sums one number over the group's processes (its own process group)."""
+    import torch.distributed as dist
+
+    t = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(t)
+    return float(t[0])
+
+
+def run_group(cfg_dict: Mapping[str, Any], group: int, *, rank: int | None = None,
+              say: Callable[[str], None] = print) -> int:
+    """Trains as process ``rank`` (default: ``RANK_ENV``'s, else 0) of replica group ``group``
+    until ``trainer.max_steps`` is committed; returns it.
 
     A preemption notice (``preemption.*``: signals, cloud pollers) makes the group leave the
     quorum when others remain (:class:`_Leave`; raises :class:`LeftQuorum`), or, when every
@@ -294,26 +427,31 @@ def run_group(cfg_dict: Mapping[str, Any], group: int, *, say: Callable[[str], N
     ft = cfg.ft
     storage.configure(cfg.storage)
     torch.set_num_threads(_threads(cfg))
-    kills = _kills(group)
-    replica = _Replica(cfg)
+    rank = int(os.environ.get(RANK_ENV, "0")) if rank is None else rank
+    kills = _kills(group, rank)
+    workers = cfg.launcher.workers
+    sharded = cfg.strategy.name == "fsdp"
+    incarnation = int(os.environ.get(INCARNATION_ENV, "0"))
+    store = _group_store(cfg, group, rank) if sharded else None
+    replica = _Replica(cfg, rank=rank, workers=workers, mesh=_group_mesh(cfg, store, rank) if sharded else None)
     durable = _Checkpoints(cfg, replica)
     from trainkit.metrics import JsonlLog
 
-    ledger = JsonlLog(cfg.run_dir, rundir.ft_ledger(group), flush_seconds=0.0)
+    ledger = JsonlLog(cfg.run_dir, rundir.ft_ledger(group, rank), flush_seconds=0.0)
     manager = None
-    ledger.write({"event": "start", "group": group, "incarnation": int(os.environ.get(INCARNATION_ENV, "0")),
-                  "pid": os.getpid(), "time": time.time()})
+    ledger.write({"event": "start", "group": group, "incarnation": incarnation, "pid": os.getpid(),
+                  "time": time.time(), **({"group_rank": rank} if sharded else {})})
     p = cfg.preemption
     watcher = PreemptionWatcher(signals=p.signals, aws_endpoint=p.aws_endpoint, gcp_endpoint=p.gcp_endpoint,
                                 poll_seconds=p.poll_seconds,
                                 on_stop=f"leave the quorum and exit {EXIT_LEFT}, or, if every group got it, "
                                         "checkpoint and exit 75").start()
-    leave = _Leave(ft.leave_after_s)
+    leave = _Leave(ft.leave_after_s, None if workers == 1 else lambda stale: float(_group_sum(stale) >= workers))
     try:
-        manager, pg, _store = _manager(cfg, group, replica)  # the store must outlive the loop
+        manager, pg, store = _manager(cfg, group, replica, store)  # the store must outlive the loop
         barrier = os.environ.get(BARRIER_ENV)
-        if barrier and os.environ.get(INCARNATION_ENV, "0") == "0":
-            _barrier(barrier, group, ft.groups, ft.replacement_s)
+        if barrier and incarnation == 0:
+            _barrier(barrier, group, rank, ft.groups * workers, ft.replacement_s)
         expected: int | None = None  # the step this group is at before a quorum; None: no state yet
         window: tuple[int, int] | None = None  # (rank, participants) kept while a leaver's heartbeat expires
         while True:
@@ -339,19 +477,29 @@ def run_group(cfg_dict: Mapping[str, Any], group: int, *, say: Callable[[str], N
             if r is None:
                 raise TrainkitError(f"replica group {group} is not in the quorum of step {step}")
             _die_if(kills, step, "notice")
-            if watcher.requested and not leave.leaving:
+            # The group leaves as one: any process's notice is every process's.
+            requested = watcher.requested if workers == 1 else _group_sum(float(watcher.requested)) > 0
+            if requested and not leave.leaving:
                 # Silent from now on; the share of this step and of the window still counts.
                 manager.shutdown(wait=False)
-                leave.silent_since, leave.reason = time.monotonic(), watcher.reason
+                leave.silent_since, leave.reason = time.monotonic(), watcher.reason or "a notice to the group"
                 ledger.write({"event": "leaving", "group": group, "step": step, "reason": leave.reason,
                               "time": time.time()})
             parts = chunks(step, cfg.data.batch_size, ft.groups, r, n)
             buf = replica.gradients(parts)
-            _die_if(kills, step, "allreduce")
+            _die_if(kills, step, "allreduce", ledger)
             reduced = checked_allreduce(manager, pg, buf, leave)
+            if sharded:
+                # Rank i's sum holds its slices of every chunk: the step's loss is the group's sum.
+                buf[_LOSS] = _group_sum(float(buf[_LOSS]))
             # A leaver's Manager is shut down: the vote is its commit (its peers' should_commit
             # says the same for them: both are "the all-reduce completed with every share").
-            committed = reduced and (leave.leaving or manager.should_commit())
+            # Every process of a group votes (should_commit is the group's collective), even one
+            # whose all-reduce failed: the vote is then no for the whole group.
+            if leave.leaving:
+                committed = reduced
+            else:
+                committed = (manager.should_commit() if reduced or sharded else False) and reduced
             leavers, expired = int(buf[_LEAVING]), int(buf[_STALE])
             if not committed:
                 if leave.leaving:
@@ -367,7 +515,9 @@ def run_group(cfg_dict: Mapping[str, Any], group: int, *, say: Callable[[str], N
             ledger.write({"step": step, "group": group, "rank": r, "participants": n, "chunks": parts,
                           "loss": loss, "lr": replica.scheduler.get_last_lr()[0], "time": time.time(),
                           "step_s": time.time() - t0, "quorum_s": quorum_s, "data_s": replica.data_s,
-                          **({"window": True} if window is not None else {})})
+                          **({"window": True} if window is not None else {}),
+                          **({"group_rank": rank, "slices": replica.slices(parts), "incarnation": incarnation}
+                             if sharded else {})})
             last = step + 1 == cfg.trainer.max_steps
             everyone_leaves = leavers == n
             periodic = durable.every and (step + 1) % durable.every == 0
@@ -380,7 +530,7 @@ def run_group(cfg_dict: Mapping[str, Any], group: int, *, say: Callable[[str], N
                 ledger.write({"event": "checkpoint", "group": group, "step": step + 1,
                               "blocking_s": time.perf_counter() - t_save, "time": time.time()})
             expected = step + 1
-            _die_if(kills, step, "commit")
+            _die_if(kills, step, "commit", ledger)
             if everyone_leaves:
                 ledger.write({"event": "preempted", "group": group, "step": step + 1, "time": time.time()})
                 raise Preempted(f"replica group {group}: every group had a notice; checkpoint at step {step + 1}, "
@@ -437,16 +587,17 @@ def checked_allreduce(manager: Any, pg: Any, buf: torch.Tensor, leave: _Leave | 
     return manager.errored() is None
 
 
-def _manager(cfg: Config, group: int, replica: _Replica) -> tuple[Any, Any, Any]:
-    """The torchft Manager for this group, its process group and the group's store; built
-    last, since the Manager heartbeats from here on."""
+def _manager(cfg: Config, group: int, replica: _Replica, store: Any = None) -> tuple[Any, Any, Any]:
+    """The torchft Manager for this process of the group, its cross-group process group and
+    the group's store (``store``: the group's, else one of its own); built last, since the
+    Manager heartbeats from here on."""
     from torchft import Manager, ProcessGroupGloo
 
     from trainkit.ft.transport import LoopbackTransport
 
     ft = cfg.ft
     timeout = timedelta(seconds=ft.timeout_s)
-    store = distributed.loopback_store()
+    store = store if store is not None else distributed.loopback_store()
     pg = ProcessGroupGloo(timeout=timeout)
     def state() -> dict[str, Any]:
         return replica.state_dict(manager.current_step())
@@ -455,7 +606,8 @@ def _manager(cfg: Config, group: int, replica: _Replica) -> tuple[Any, Any, Any]
         manager = Manager(
             pg=pg, load_state_dict=replica.load_state_dict, state_dict=state, min_replica_size=ft.min_replicas,
             use_async_quorum=False, timeout=timeout, quorum_timeout=timedelta(seconds=ft.quorum_timeout_s),
-            connect_timeout=timeout, rank=0, world_size=1, store_addr="127.0.0.1", store_port=store.port,
+            connect_timeout=timeout, rank=replica.rank, world_size=replica.workers, store_addr="127.0.0.1",
+            store_port=store.port,
             lighthouse_addr=os.environ[LIGHTHOUSE_ENV], replica_id=f"trainkit_group_{group}",
             hostname="127.0.0.1", checkpoint_transport=LoopbackTransport("127.0.0.1", timeout),
             init_sync=False,
