@@ -311,8 +311,11 @@ def ray_torchft_config() -> Any:
     actor pinned to the controller's node with Ray's default of 1 CPU; on a cluster whose head
     has none (trainkit's loopback cluster, a head kept free of training) it is never scheduled
     and ``fit()`` fails ("The actor is not schedulable"). The lighthouse only answers RPCs, so
-    the subclass asks for 0 CPUs. ``lighthouse_kwargs`` must name ``bind`` (Ray's default is
-    every interface)."""
+    the subclass asks for 0 CPUs, and sets ``RUST_LOG`` (default ``warn``) in the actor: its Rust
+    side logs every quorum, one a step, at INFO, which Ray ships to the driver. ``lighthouse_kwargs``
+    must name ``bind`` (Ray's default is every interface)."""
+    import os
+
     import ray
     from ray.train.v2.torch import torchft_config as tf
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -321,7 +324,9 @@ def ray_torchft_config() -> Any:
         def _maybe_create_lighthouse_actor(self, backend_config: Any) -> str:
             if self.lighthouse_actor is None:
                 here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
-                self.lighthouse_actor = tf.LighthouseServerActor.options(num_cpus=0, scheduling_strategy=here).remote(
+                quiet = {"env_vars": {"RUST_LOG": os.environ.get("RUST_LOG", "warn")}}
+                self.lighthouse_actor = tf.LighthouseServerActor.options(
+                    num_cpus=0, scheduling_strategy=here, runtime_env=quiet).remote(
                     lighthouse_kwargs=backend_config.lighthouse_kwargs)
             return ray.get(self.lighthouse_actor.address.remote())
 
