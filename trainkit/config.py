@@ -229,12 +229,12 @@ class FaultToleranceConfig:
                 f"{FT_STALE_MARGIN_S} = {self.leave_after_s:g}: a group with a notice trains until its heartbeat "
                 f"has expired, then leaves")
         one = cfg.launcher.name in ("local", "ray") and cfg.strategy.name == "ddp" and cfg.launcher.workers == 1
-        several = cfg.launcher.name == "local" and cfg.strategy.name == "fsdp" and cfg.launcher.workers >= 2
+        several = cfg.launcher.name == "local" and cfg.strategy.name in ("ddp", "fsdp") and cfg.launcher.workers >= 2
         if not (one or several):
             raise ConfigError("ft.mode=replicas runs with launcher=local or launcher=ray, strategy=ddp and "
                               "launcher.workers=1 (one process per replica group), or with launcher=local, "
-                              "strategy=fsdp and launcher.workers >= 2 (processes per group, the model sharded "
-                              "over them), in this version")
+                              "strategy=ddp or fsdp and launcher.workers >= 2 (processes per group, the model "
+                              "replicated or sharded over them), in this version")
         per_step = self.groups * cfg.launcher.workers
         if cfg.trainer.grad_accum != 1 or cfg.data.batch_size % per_step:
             raise ConfigError(f"ft.mode=replicas needs trainer.grad_accum=1 and data.batch_size a multiple of "
