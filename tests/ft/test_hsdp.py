@@ -72,9 +72,11 @@ def test_config_takes_fsdp_groups_of_several_processes_on_launcher_local():
     cfg = load_config({**base, "strategy": {"name": "fsdp"}, "launcher": {"name": "local", "workers": 2},
                        "ft": {"mode": "replicas"}})
     assert cfg.ft.groups * cfg.launcher.workers == 4
-    for strategy, launcher, why in (("fsdp", {"name": "local", "workers": 1}, "strategy=fsdp and launcher.workers >= 2"),
-                                    ("ddp", {"name": "local", "workers": 2}, "strategy=ddp and launcher.workers=1"),
-                                    ("fsdp", {"name": "ray", "workers": 2}, "with launcher=local, strategy=fsdp")):
+    ddp = load_config({**base, "launcher": {"name": "local", "workers": 2}, "ft": {"mode": "replicas"}})
+    assert ddp.strategy.name == "ddp" and ddp.launcher.workers == 2
+    for strategy, launcher, why in (("fsdp", {"name": "local", "workers": 1}, "fsdp and launcher.workers >= 2"),
+                                    ("ddp", {"name": "ray", "workers": 2}, "strategy=ddp and launcher.workers=1"),
+                                    ("fsdp", {"name": "ray", "workers": 2}, "launcher=local, strategy=ddp or fsdp")):
         with pytest.raises(ConfigError, match=why):
             load_config({**base, "strategy": {"name": strategy}, "launcher": launcher, "ft": {"mode": "replicas"}})
     with pytest.raises(ConfigError, match="a multiple of ft.groups x launcher.workers = 6"):
@@ -107,7 +109,7 @@ def test_the_accounting_checks_every_ranks_slices(tmp_path):
     acc = ledger.account(str(run), groups=2, steps=2, batch=8, workers=2)
     assert acc.participants == [2, 2]
     write(slices_of=lambda p, w, r: shard(p, w, 0))  # rank 1 trained rank 0's slice again
-    with pytest.raises(TrainkitError, match=r"step 0: rank 1 of replica group 0 trained \[\[0, 2\]\].*were \[\[2, 4\]\]"):
+    with pytest.raises(TrainkitError, match=r"step 0: rank 1 of replica group 0 trained \[\[0, 2\]\].* \[\[2, 4\]\]"):
         ledger.account(str(run), groups=2, steps=2, batch=8, workers=2)
     write(skip=(1, 1, 1))
     with pytest.raises(TrainkitError, match="step 1: rank 1 of replica group 1 has no commit of it"):
@@ -127,6 +129,8 @@ def test_a_process_killed_mid_allreduce_takes_its_group_whose_replacement_heals_
     run = tmp_path / "run"
     summary = rundir.read_summary(str(run))
     assert summary is not None and summary["ft"]["groups_lost"] == 1 and summary["ft"]["workers_per_group"] == 2
+    # Every process is a worker the run pays for (a price per worker reads the start's world_size).
+    assert summary["world_size"] == 4 and rundir.of(rundir.read_events(str(run)), rundir.START)[0]["world_size"] == 4
     acc = ledger.account(str(run), groups=2, steps=STEPS, batch=BATCH, workers=WORKERS)
     assert acc.redone >= 1 and not acc.recomputed
     assert acc.participants[:3] == [2, 2, 2] and acc.participants[3] == 1 and acc.participants[-1] == 2
@@ -196,3 +200,29 @@ def test_a_notice_to_one_process_makes_its_whole_group_leave_without_a_redo(tmp_
     assert acc.participants[:k] == [2] * k and acc.participants[k] == 1, acc.participants
     ids = slice_ids(run, acc)
     assert len(ids) == STEPS * BATCH == len(set(ids))
+
+
+@pytest.mark.slow
+def test_ddp_inside_groups_with_rank_0_killed_between_steps(tmp_path):
+    """strategy=ddp with two processes per group (each holds the whole model; FSDP2's HSDP
+    layout with shards of one): rank 0 of group 1, the one that hosts its group's store and
+    ManagerServer, SIGKILLed right after committing step 5. Group 0 goes on alone, the
+    replacement group heals per rank from it, and the losses equal the uninterrupted run's."""
+    sys.path.insert(0, str(HERE))
+    out = launch(tmp_path / "run", "strategy=ddp", kill="1.0:5:commit")
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    run = tmp_path / "run"
+    acc = ledger.account(str(run), groups=2, steps=STEPS, batch=BATCH, workers=WORKERS)
+    assert acc.participants[:6] == [2] * 6 and acc.participants[6] == 1 and acc.participants[-1] == 2
+    logs = ranks(run)
+    assert [h["source"] for r in logs for h in logs[r][1] if h.get("event") == "healed"] == ["peer"] * WORKERS
+    killed = next(r["time"] for r in logs[0][1] if r.get("event") == "killed")
+    nxt = min(r["time"] for g in logs.values() for r in g[0] if "loss" in r and r["time"] > killed)
+    print(f"kill between steps -> survivors' next commit: {nxt - killed:.2f} s")
+    assert nxt - killed <= HEARTBEAT + 1.0, nxt - killed
+    ids = slice_ids(run, acc)
+    assert len(ids) == STEPS * BATCH == len(set(ids))
+    ref = launch(tmp_path / "ref", "strategy=ddp")
+    assert ref.returncode == 0, ref.stdout[-3000:] + ref.stderr[-3000:]
+    expected = ledger.account(str(tmp_path / "ref"), groups=2, steps=STEPS, batch=BATCH, workers=WORKERS).losses
+    assert max(abs(a - b) for a, b in zip(acc.losses, expected)) <= LOSS_TOLERANCE

@@ -393,14 +393,19 @@ def _group_store(cfg: Config, group: int, rank: int) -> Any:
 
 
 def _group_mesh(cfg: Config, store: Any, rank: int) -> Any:
-    """The group's own process group (the default one in this process) and its FSDP2 mesh."""
+    """The group's own process group (the default one in this process) and its FSDP2 mesh:
+    the model sharded over the group's processes (``strategy=fsdp``), or with ``strategy=ddp``
+    whole on each of them (FSDP2's HSDP layout with shards of one process: each chunk's
+    gradient is all-reduced inside the group instead of reduce-scattered)."""
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
     workers = cfg.launcher.workers
     dist.init_process_group("gloo", store=dist.PrefixStore("trainkit/group", store), rank=rank,
                             world_size=workers, timeout=timedelta(seconds=cfg.ft.timeout_s))
-    return init_device_mesh("cpu", (workers,))
+    if cfg.strategy.name == "fsdp":
+        return init_device_mesh("cpu", (workers,))
+    return init_device_mesh("cpu", (workers, 1), mesh_dim_names=("replicate", "shard"))
 
 
 def _group_sum(value: float) -> float:
@@ -430,7 +435,7 @@ def run_group(cfg_dict: Mapping[str, Any], group: int, *, rank: int | None = Non
     rank = int(os.environ.get(RANK_ENV, "0")) if rank is None else rank
     kills = _kills(group, rank)
     workers = cfg.launcher.workers
-    sharded = cfg.strategy.name == "fsdp"
+    sharded = cfg.strategy.name == "fsdp" or workers > 1  # the group has its own process group and mesh
     incarnation = int(os.environ.get(INCARNATION_ENV, "0"))
     store = _group_store(cfg, group, rank) if sharded else None
     replica = _Replica(cfg, rank=rank, workers=workers, mesh=_group_mesh(cfg, store, rank) if sharded else None)

@@ -72,7 +72,7 @@ def record_attempt(cfg: Config, *, began: float | None, outcome: str | None, rea
                 recomputed_steps=max(0, done_before - int(restore["step"])), load_s=float(restore.get("load_s", 0.0)),
                 dropped_until=max(times, default=None)))
         events_log.write(rundir.event(rundir.START, loop_start, attempt=attempt, step=start_step,
-                                      world_size=cfg.ft.groups, strategy=cfg.strategy.name,
+                                      world_size=cfg.ft.groups * cfg.launcher.workers, strategy=cfg.strategy.name,
                                       startup_s=max(0.0, loop_start - began), nodes=1))
         saves = sorted((r for r in new if r.get("event") == "checkpoint"), key=lambda r: r["time"])
         for rec in _metrics(commits, saves, attempt, loop_start, cfg):

@@ -3,10 +3,11 @@
 Starts a torchft lighthouse on loopback and ``launcher.workers`` processes per replica group
 (one by default), and restarts a group that dies in place while the others go on (the local
 counterpart of Ray replacing one group). A group is one unit: when any of its processes dies,
-the others are killed and a whole replacement group is started. A group that left the quorum on a notice (exit ``EXIT_LEFT``) is replaced the same
-way, without counting as a loss. The replacement heals from a live peer through the quorum;
-the job ends when a group has committed ``trainer.max_steps``, or fails when a group exits
-with a trainkit error or is lost more than ``ft.max_restarts`` times. Once this process is
+the others are killed and a whole replacement group is started. A group that left the
+quorum on a notice (exit ``EXIT_LEFT``) is replaced the same way, without counting as a loss.
+The replacement heals from a live peer through the quorum; the job ends when a group has
+committed ``trainer.max_steps``, or fails when a group exits with a trainkit error or is lost
+more than ``ft.max_restarts`` times. Once this process is
 told to stop (its preemption signals, relayed to the groups, which then checkpoint and exit
 75 together), nothing is replaced.
 """
@@ -188,7 +189,8 @@ def write_summary(cfg: Config, *, began: float, lost: int, left: int) -> None:
         "run_dir": cfg.run_dir, "strategy": cfg.strategy.name, "world_size": ft.groups * cfg.launcher.workers,
         "steps": cfg.trainer.max_steps, "wall_s": time.time() - began,
         "loss": acc.losses[-1] if acc.losses else None, **accounting(cfg),
-        "ft": {"mode": ft.mode, "groups": ft.groups, "workers_per_group": cfg.launcher.workers, "groups_lost": lost, "groups_left": left,
+        "ft": {"mode": ft.mode, "groups": ft.groups, "workers_per_group": cfg.launcher.workers,
+               "groups_lost": lost, "groups_left": left,
                "healed_from_peer": heals.count("peer"), "restored_from_checkpoint": heals.count("checkpoint"),
                "steps_with_fewer_groups": sum(1 for n in acc.participants if n < ft.groups),
                "steps_redone": acc.redone, "steps_recomputed": len(acc.recomputed), "exactly_once": True},
