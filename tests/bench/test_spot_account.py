@@ -49,6 +49,7 @@ def test_goodput_and_split_add_up_to_the_wall_time(scenario):
     assert r["useful_s"] == pytest.approx(19.8)  # 20 kept steps less 0.2 s blocked on a save
     assert r["goodput"] == pytest.approx(19.8 / 53)
     assert r["steady_goodput"] == pytest.approx(20 / 53)
+    assert r["steady_goodput_training"] == pytest.approx(20 / (53 - 10 - 1.5))  # launch start-up and exit out
     # The run report's buckets; the launcher's own start-up (10 s) added, and its exit (1.5 s).
     assert r["split"] == pytest.approx({
         "startup_s": 10 + 1, "restore_s": 1, "checkpoint_save_s": 0.2, "data_wait_s": 0, "recompute_s": 2,
@@ -132,7 +133,8 @@ def test_metrics_tail_keeps_records_a_restore_drops(tmp_path):
     path.write_text("".join(lines[:4] + resumed))
     tail.poll()
     assert len(tail.records) == 10 + 7 and tail.latest_attempt == 1
-    assert len(tail.stop()) == 17
+    tail.stop()
+    assert len(tail.records) == 17
 
 
 def test_markdown_section_names_both_commits_and_has_the_tables(scenario):
@@ -141,9 +143,9 @@ def test_markdown_section_names_both_commits_and_has_the_tables(scenario):
 
     final, seen, events, fired = scenario
     result = account(final, seen, events, fired, T0, T0 + 53)
-    result.update(exit_code=0, history_problems=[], not_fired=[], run_dir="r", launch_log="l")
+    result.update(mode="restart", exit_code=0, history_problems=[], not_fired=[], run_dir="r", launch_log="l")
     info = {**report.machine(PACKAGES), "git_commit": "abc"}
-    text = markdown(result, "python -m trainkit.bench spot --minutes 1", info, [0.5, 0.4, 0.3], "def")
+    text = markdown([result], "python -m trainkit.bench spot --minutes 1", info, [0.5, 0.4, 0.3], "def")
     assert "abc at start, def at end" in text and "ray " in text and "at end: [0.5, 0.4, 0.3]" in text
     rows = {cells[0]: cells[1:] for cells in ([c.strip() for c in line.strip("|").split("|")]
                                               for line in text.splitlines() if line.startswith("|"))}
@@ -152,3 +154,92 @@ def test_markdown_section_names_both_commits_and_has_the_tables(scenario):
     assert rows["kill (planned 20 s)"][-5:] == ["0.0", "10.0", "0.0", "0.0", "12.0"]
     assert "restore s" in rows["event"] and "steady-state goodput" in text
     assert '"run_dir"' not in text
+
+
+def test_metrics_tail_opens_the_gate_once_a_newer_attempt_logs(tmp_path):
+    import json
+
+    from trainkit.bench.spot import MetricsTail
+
+    path = tmp_path / "metrics.jsonl"
+    tail = MetricsTail(path)
+    assert not tail.training_again()
+    path.write_text(json.dumps({"step": 1, "attempt": 0, "time": 1}) + "\n")
+    tail.poll()
+    assert tail.training_again() and tail.mark(123, 2.0) and not tail.training_again()
+    with open(path, "a") as f:
+        f.write(json.dumps({"step": 2, "attempt": 1, "time": 3}) + "\n")
+    tail.poll()
+    assert tail.training_again()
+
+
+def _ledgers():
+    """Group 1 (pid 200) drained at 4.5 s: it marks itself leaving at step 4, trains the window
+    steps 5 and 6 with group 0, leaves at 7.1 s; group 0 trains steps 7-9 alone (the first at 8 s,
+    step 7 tried twice); the replacement (pid 300) starts at 9 s, heals from group 0 at 10.5 s and
+    both commit step 10 at 11 s."""
+    def commit(g, step, t, n, **kw):
+        return {"step": step, "group": g, "rank": g if n == 2 else 0, "participants": n, "loss": 1.0, "time": t, **kw}
+
+    g0 = [{"event": "start", "group": 0, "pid": 100, "time": 0.0}]
+    g1 = [{"event": "start", "group": 1, "pid": 200, "time": 0.0}]
+    for step in range(7):
+        window = {"window": True} if step in (5, 6) else {}
+        g0.append(commit(0, step, step + 1.0, 2, **window))
+        g1.append(commit(1, step, step + 1.0, 2, **window))
+        if step == 4:
+            g1.append({"event": "leaving", "group": 1, "step": 4, "time": 5.0})
+    g1.append({"event": "left", "group": 1, "step": 7, "time": 7.1})
+    g0.append({"step": 7, "group": 0, "redo": True, "participants": 1, "time": 7.5})
+    g0 += [commit(0, step, step + 1.0, 1) for step in (7, 8, 9)]
+    g1 += [{"event": "start", "group": 1, "pid": 300, "time": 9.0},
+           {"event": "healed", "group": 1, "step": 10, "source": "peer", "time": 10.5}]
+    g0.append(commit(0, 10, 11.0, 2))
+    g1.append(commit(1, 10, 11.0, 2))
+    return {0: g0, 1: g1}
+
+
+def test_replica_event_rows_from_the_ledgers():
+    from trainkit.bench.spot_replicas import event_rows
+
+    # metrics.jsonl as records.py writes it: one record a step (log_every=1), 0.1 s a step with
+    # both groups, 0.2 s alone; step 8's record (step 7 done) holds the stall of the redone try.
+    final = [{"step": s + 1, "time": s + 1.0, "step_time_s": 0.2 if 7 <= s <= 9 else 0.1,
+              "ft_stall_s": 0.4 if s == 7 else 0.0, "ft_groups": 1.0 if 7 <= s <= 9 else 2.0} for s in range(11)]
+    fired = [{"kind": "drain", "planned_s": 4, "fired_at": 4.5, "pid": 200},
+             {"kind": "kill", "planned_s": 12, "fired_at": 12.0, "pid": 999}]
+    drain, unknown = event_rows(_ledgers(), final, fired, t_launch=0.0, median_step_s=0.1)
+    assert drain["group"] == 1 and drain["fired_s"] == 4.5
+    assert drain["notice_to_leaving_s"] == pytest.approx(0.5) and drain["notice_to_left_s"] == pytest.approx(2.6)
+    assert drain["to_survivor_short_commit_s"] == pytest.approx(3.5) and drain["redone_tries"] == 1
+    assert drain["to_replacement_start_s"] == pytest.approx(4.5) and drain["to_healed_s"] == pytest.approx(6.0)
+    assert drain["healed_from"] == "peer" and drain["to_all_groups_s"] == pytest.approx(6.5)
+    assert drain["steps_short"] == 3 and drain["stall_s"] == pytest.approx(0.4)
+    assert drain["short_capacity_s"] == pytest.approx(0.3) and drain["cost_s"] == pytest.approx(0.7)
+    assert unknown == {"kind": "kill", "planned_s": 12, "fired_s": 12.0, "group": None}
+
+
+def test_ledger_tail_knows_the_groups_and_waits_for_the_struck_one(tmp_path):
+    import json
+
+    from trainkit import rundir
+    from trainkit.bench.spot_replicas import LedgerTail
+
+    ledgers = _ledgers()
+    tail = LedgerTail(tmp_path)
+
+    def upto(t):
+        for g, records in ledgers.items():
+            path = tmp_path / rundir.ft_ledger(g)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text("".join(json.dumps(r) + "\n" for r in records if r["time"] <= t))
+        tail.poll()
+
+    assert not tail.training_again()
+    upto(4.0)
+    assert tail.group_of_pid == {100: 0, 200: 1} and tail.training_again()
+    assert not tail.mark(999, 4.5) and tail.mark(200, 4.5)
+    upto(10.5)  # window steps and the replacement's start: not yet training together again
+    assert tail.group_of_pid[300] == 1 and not tail.training_again()
+    upto(11.0)
+    assert tail.training_again()

@@ -1,9 +1,13 @@
 """Goodput of a ``launcher=ray`` job under a simulated spot schedule.
 
-    python -m trainkit.bench spot [--minutes 12] [--drain-every 180] [--kill-every 420] \\
-        [--seed 0] [--markdown FILE] [key=value ...]
+    python -m trainkit.bench spot [--modes restart,replicas] [--minutes 12] [--drain-every 180] \\
+        [--kill-every 420] [--seed 0] [--markdown FILE] [key=value ...]
 
-A loopback Ray cluster runs the recipe with ``launcher=ray``, checkpointing every 5 s: a
+Each mode in ``--modes`` runs the same seeded schedule, one after the other, on a fresh
+cluster: ``restart`` (the default fault handling, below) and ``replicas`` (``ft.mode=replicas``
+with two replica groups, :mod:`trainkit.bench.spot_replicas`: a drain becomes the group's
+notice-backed leave, a kill drops the group, and Ray replaces only that group, which heals
+from its live peer). A loopback Ray cluster runs the recipe with ``launcher=ray``, checkpointing every 5 s: a
 0-CPU head (GCS, driver, Ray Train's controller) with the GCS health checks of
 ``SPOT_SYSTEM_CONFIG``, one 1-CPU node per worker and ``--spare`` idle nodes (a cluster
 kept one node above what the job needs, so a restart need not wait for a new instance).
@@ -42,6 +46,7 @@ from typing import Any
 from trainkit import rundir
 from trainkit.bench import report
 from trainkit.bench.loopback import LoopbackCluster
+from trainkit.bench import spot_replicas
 from trainkit.bench.spot_account import account, history_problems
 from trainkit.bench.spot_schedule import SpotEvent, format_schedule, make_schedule, parse_schedule
 from trainkit.cost.goodput import BUCKETS, LABELS
@@ -60,6 +65,7 @@ RECIPE = [
 # step 31 ms on 2026-11-30), less ~10 % for restarts and slower steps; sizes the job to
 # --minutes, so that every scheduled event hits a running job. Elsewhere pass --steps.
 STEPS_PER_S = 28.0
+MODES = ("restart", "replicas")
 
 
 class MetricsTail(threading.Thread):
@@ -75,6 +81,7 @@ class MetricsTail(threading.Thread):
         self.every_s = every_s
         self.records: dict[tuple[Any, int], dict[str, Any]] = {}
         self.latest_attempt: int | None = None
+        self._hit_attempt: int | None = None
         self._offset = 0
         self._last_line = b""
         self._done = threading.Event()
@@ -103,6 +110,16 @@ class MetricsTail(threading.Thread):
                 if isinstance(r.get("attempt"), int):
                     self.latest_attempt = max(r["attempt"], self.latest_attempt or 0)
 
+    def mark(self, pid: int, at: float) -> bool:
+        """An event struck the job's current attempt (whichever worker it hit)."""
+        self._hit_attempt = self.latest_attempt
+        return True
+
+    def training_again(self) -> bool:
+        """The job logged a step, in an attempt newer than the one the last event struck."""
+        attempt = self.latest_attempt
+        return attempt is not None and (self._hit_attempt is None or attempt > self._hit_attempt)
+
     def _unchanged(self, f: Any) -> bool:
         """Whether the file still holds, just before our offset, the last line we read."""
         start = self._offset - len(self._last_line)
@@ -111,12 +128,11 @@ class MetricsTail(threading.Thread):
         f.seek(start)
         return f.read(len(self._last_line)) == self._last_line
 
-    def stop(self) -> list[dict[str, Any]]:
+    def stop(self) -> None:
         self._done.set()
         if self.ident is not None:
             self.join()
         self.poll()
-        return list(self.records.values())
 
 
 class SpotRunner:
@@ -132,8 +148,9 @@ class SpotRunner:
         self.fired: list[dict[str, Any]] = []
         self._later: list[tuple[float, str, Callable[[], Any]]] = []
 
-    def run(self, cmd: list[str], run_dir: Path, out: Path, timeout_s: float) -> dict[str, Any]:
-        tail = MetricsTail(run_dir / rundir.METRICS)
+    def run(self, cmd: list[str], run_dir: Path, out: Path, timeout_s: float,
+            tail: MetricsTail | spot_replicas.LedgerTail) -> dict[str, Any]:
+        """``tail`` follows the job: the event whose time has come fires once it trains again."""
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         with open(out, "w") as stdout:
             t_launch = time.time()
@@ -141,43 +158,40 @@ class SpotRunner:
             tail.start()
             try:
                 pending = list(self.schedule)
-                hit_attempt: Any = None
                 while proc.poll() is None:
                     if time.time() - t_launch > timeout_s:
                         raise TimeoutError(f"the job ran past {timeout_s:.0f} s; its output: {out}")
                     self._due()
-                    attempt = tail.latest_attempt
-                    resumed = attempt is not None and (hit_attempt is None or attempt > hit_attempt)
-                    if pending and resumed and time.time() >= t_launch + pending[0].at_s:
-                        if self._fire(pending[0], t_launch):
+                    if pending and tail.training_again() and time.time() >= t_launch + pending[0].at_s:
+                        if self._fire(pending[0], t_launch, tail):
                             pending.pop(0)
-                            hit_attempt = attempt
                     time.sleep(0.1)
                 t_end = time.time()
             finally:
                 if proc.poll() is None:
                     proc.kill()
                     proc.wait()
-                seen = tail.stop()
+                tail.stop()
                 self._due(everything=True)
         return {
             "exit_code": proc.returncode,
             "t_launch": t_launch,
             "t_end": t_end,
-            "seen": seen,
+            "seen": list(tail.records.values()) if isinstance(tail, MetricsTail) else None,
             "final": rundir.read_metrics(str(run_dir)),
             "events": rundir.read_events(str(run_dir)),
             "not_fired": [str(e) for e in pending],
         }
 
-    def _fire(self, event: SpotEvent, t_launch: float) -> bool:
+    def _fire(self, event: SpotEvent, t_launch: float, tail: MetricsTail | spot_replicas.LedgerTail) -> bool:
         workers = sorted(self.cluster.worker_pids())
-        node = self.cluster.node_of(workers[event.victim % len(workers)]) if workers else None
-        if node is None:
-            return False  # the group is between restarts: try again on the next tick
+        pid = workers[event.victim % len(workers)] if workers else None
+        node = self.cluster.node_of(pid) if pid is not None else None
         now = time.time()
+        if node is None or not tail.mark(pid, now):
+            return False  # the group is between restarts: try again on the next tick
         record = {"kind": event.kind, "planned_s": event.at_s, "fired_at": now, "node": node.node_id[:8],
-                  "worker": event.victim % len(workers)}
+                  "worker": event.victim % len(workers), "pid": pid}
         if event.kind == "drain":
             self.cluster.drain(node, self.grace_s)
             self._at(now + self.grace_s, f"reclaim drained node {node.node_id[:8]}",
@@ -202,29 +216,45 @@ class SpotRunner:
 
 def run_bench(schedule: list[SpotEvent], *, steps: int, workers: int = 2, spare: int = 1, grace_s: float = 30.0,
               replace_after_s: float = 30.0, overrides: list[str] = (), timeout_s: float = 3600.0,
-              system_config: dict[str, Any] | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Runs one job under ``schedule``; returns :func:`~trainkit.bench.spot_account.account`'s
-    figures plus the run's identity and the checks of its history."""
-    work = Path(tempfile.mkdtemp(prefix="trainkit-bench-spot-"))
+              system_config: dict[str, Any] | None = None, mode: str = "restart",
+              log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Runs one job under ``schedule`` in ``mode``; returns
+    :func:`~trainkit.bench.spot_account.account`'s figures plus the run's identity and the
+    checks of its history (``replicas``: one worker per replica group, ``workers`` groups)."""
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}: one of {', '.join(MODES)}")
+    replicas = mode == "replicas"
+    if replicas and workers != spot_replicas.GROUPS:
+        raise ValueError(f"the replicas mode runs {spot_replicas.GROUPS} replica groups, one worker each")
+    work = Path(tempfile.mkdtemp(prefix=f"trainkit-bench-spot-{mode}-"))
     run_dir, out = work / "run", work / "launch.log"
     cluster = LoopbackCluster(workers + spare, system_config=SPOT_SYSTEM_CONFIG if system_config is None
                               else system_config)
     try:
-        cmd = [sys.executable, "-m", "trainkit.launch", *RECIPE, f"trainer.max_steps={steps}",
-               f"launcher.workers={workers}", *overrides, "launcher=ray",
-               f"launcher.address={cluster.address}", f"run_dir={run_dir}"]
+        shape = spot_replicas.OVERRIDES if replicas else [f"launcher.workers={workers}"]
+        cmd = [sys.executable, "-m", "trainkit.launch", *RECIPE, f"trainer.max_steps={steps}", *shape,
+               *overrides, "launcher=ray", f"launcher.address={cluster.address}", f"run_dir={run_dir}"]
         runner = SpotRunner(cluster, schedule, grace_s=grace_s, replace_after_s=replace_after_s, log=log)
-        raw = runner.run(cmd, run_dir, out, timeout_s)
+        tail = spot_replicas.LedgerTail(run_dir) if replicas else MetricsTail(run_dir / rundir.METRICS)
+        raw = runner.run(cmd, run_dir, out, timeout_s, tail)
     finally:
         cluster.shutdown()
-    result = account(raw["final"], raw["seen"], raw["events"], runner.fired, raw["t_launch"], raw["t_end"])
+    seen = raw["final"] if replicas else raw["seen"]  # a replicas run drops no record unless every group is lost
+    result = account(raw["final"], seen, raw["events"], runner.fired, raw["t_launch"], raw["t_end"])
+    if replicas:
+        from trainkit.ft.ledger import read
+
+        result["events"] = spot_replicas.event_rows(read(str(run_dir), spot_replicas.GROUPS), raw["final"],
+                                                    runner.fired, raw["t_launch"], result["median_step_s"] or 0.0)
+        result["summary_ft"] = (rundir.read_summary(str(run_dir)) or {}).get("ft")
     result.update({
+        "mode": mode,
         "exit_code": raw["exit_code"],
         "history_problems": history_problems(raw["final"], steps),
         "planned": [str(e) for e in schedule],
         "not_fired": raw["not_fired"],
-        "fired_events": [{k: v for k, v in f.items() if k != "fired_at"} | {"fired_s": f["fired_at"] - raw["t_launch"]}
-                         for f in runner.fired],
+        "fired_events": [{k: v for k, v in f.items() if k not in ("fired_at", "pid")}
+                         | {"fired_s": f["fired_at"] - raw["t_launch"]} for f in runner.fired],
         "max_steps": steps,
         "workers": workers,
         "spare_nodes": spare,
@@ -244,12 +274,14 @@ def _f(value: Any, fmt: str = ".1f") -> str:
 
 def summary_lines(result: dict[str, Any]) -> list[str]:
     wall = result["wall_s"]
-    lines = [f"goodput {_f(result['goodput'], '.1%')}: useful step time {result['useful_s']:.1f} s of "
+    lines = [f"**{result.get('mode', 'restart')}**: goodput {_f(result['goodput'], '.1%')}: useful step time {result['useful_s']:.1f} s of "
              f"{wall:.1f} s wall ({result['steps']} steps, {result['attempts']} attempts, "
              f"exit {result['exit_code']}); {_f(result['goodput_with_data_wait'], '.1%')} with data wait counted "
              "as useful, as this bench counted before it used the run report's accounting",
              f"steady-state goodput {_f(result['steady_goodput'], '.1%')}: the same steps at the median step time "
-             f"({result['median_step_s'] * 1000:.1f} ms) over the wall time",
+             f"({result['median_step_s'] * 1000:.1f} ms) over the wall time; "
+             f"{_f(result['steady_goodput_training'], '.1%')} over the training span (the launch's start-up and "
+             "exit left out)",
              ""]
     split = [["useful steps", f"{result['useful_s']:.1f}", f"{result['useful_s'] / wall:.1%}"]]
     names = {**LABELS, "exit": "launcher exit (after the run's last record)"}
@@ -258,13 +290,7 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
     split.append(["(lost to the events: their recompute, saves, downtime, restarts)", f"{result['interruption_s']:.1f}",
                   f"{result['interruption_s'] / wall:.1%}"])
     lines += [report.table(["where the wall time went (launch -> exit)", "s", "share"], split), ""]
-    events = [[f"{e['kind']} (planned {_f(e['planned_s'], 'g')} s)", f"{e['fired_s']:.1f}", _f(e["notice_to_stop_s"]),
-               _f(e["to_first_step_s"]), _f(e["recomputed_steps"], "d"), f"{e['recompute_s']:.1f}",
-               f"{e['emergency_save_s']:.1f}", f"{e['downtime_s']:.1f}", f"{e['startup_s']:.1f}",
-               f"{e['restore_s']:.1f}", f"{e['cost_s']:.1f}"] for e in result["events"]]
-    lines.append(report.table(["event", "fired at s", "notice -> stop s", "-> first resumed step s", "steps recomputed",
-                               "recompute s", "emergency save s", "downtime s", "start-up s", "restore s", "cost s"],
-                              events))
+    lines.append(_replica_events(result["events"]) if result.get("mode") == "replicas" else _restart_events(result["events"]))
     if result["not_fired"]:
         lines.append(f"\nnot fired (the job ended first): {', '.join(result['not_fired'])}")
     if result["unscheduled_restarts"]:
@@ -274,20 +300,60 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _restart_events(rows: list[dict[str, Any]]) -> str:
+    events = [[f"{e['kind']} (planned {_f(e['planned_s'], 'g')} s)", f"{e['fired_s']:.1f}", _f(e["notice_to_stop_s"]),
+               _f(e["to_first_step_s"]), _f(e["recomputed_steps"], "d"), f"{e['recompute_s']:.1f}",
+               f"{e['emergency_save_s']:.1f}", f"{e['downtime_s']:.1f}", f"{e['startup_s']:.1f}",
+               f"{e['restore_s']:.1f}", f"{e['cost_s']:.1f}"] for e in rows]
+    return report.table(["event", "fired at s", "notice -> stop s", "-> first resumed step s", "steps recomputed",
+                         "recompute s", "emergency save s", "downtime s", "start-up s", "restore s", "cost s"], events)
+
+
+def _replica_events(rows: list[dict[str, Any]]) -> str:
+    events = [[f"{e['kind']} (planned {_f(e['planned_s'], 'g')} s)", f"{e['fired_s']:.1f}", _f(e["group"], "d"),
+               _f(e.get("notice_to_leaving_s")), _f(e.get("notice_to_left_s")),
+               _f(e.get("to_survivor_short_commit_s"), ".2f"), _f(e.get("redone_tries"), "d"),
+               _f(e.get("to_replacement_start_s")), _f(e.get("to_healed_s")), e.get("healed_from") or "-",
+               _f(e.get("to_all_groups_s")), _f(e.get("steps_short"), "d"), _f(e.get("stall_s"), ".2f"),
+               _f(e.get("short_capacity_s")), _f(e.get("cost_s"))] for e in rows]
+    return report.table(["event", "fired at s", "group", "notice -> leaving s", "notice -> left s",
+                         "-> survivor's first short commit s", "tries redone", "-> replacement start s",
+                         "-> healed s", "healed from", "-> all groups s", "steps short a group", "stall s",
+                         "short-step capacity s", "cost s"], events)
+
+
+def comparison(results: list[dict[str, Any]]) -> str:
+    """The modes side by side: goodput, steady-state goodput and the badput buckets."""
+    rows = [["goodput", *(_f(r["goodput"], ".1%") for r in results)],
+            ["steady-state goodput", *(_f(r["steady_goodput"], ".1%") for r in results)],
+            ["steady-state goodput, training span", *(_f(r["steady_goodput_training"], ".1%") for r in results)],
+            ["median step ms", *(_f(r["median_step_s"] * 1000) for r in results)],
+            ["wall s", *(f"{r['wall_s']:.1f}" for r in results)],
+            ["steps / attempts / exit", *(f"{r['steps']} / {r['attempts']} / {r['exit_code']}" for r in results)],
+            ["events fired", *(str(r["fired"]) for r in results)]]
+    names = {**LABELS, "exit": "launcher exit"}
+    rows += [[f"{names[key]} s", *(f"{r['split'][f'{key}_s']:.1f}" for r in results)] for key in (*BUCKETS, "exit")]
+    rows.append(["the events' cost s", *(f"{sum(e.get('cost_s') or 0.0 for e in r['events']):.1f}" for r in results)])
+    return report.table(["", *(r["mode"] for r in results)], rows)
+
+
 PACKAGES = ("torch", "ray")
 
 
-def markdown(result: dict[str, Any], command: str, info: dict[str, Any], load_end: list[float] | None,
+def markdown(results: list[dict[str, Any]], command: str, info: dict[str, Any], load_end: list[float] | None,
              commit_end: str | None) -> str:
     """``info`` is :func:`trainkit.bench.report.machine` at the start; the commit at the end is
     named too, since Ray's workers import trainkit from the tree while the job runs."""
-    raw = {k: v for k, v in result.items() if k not in ("run_dir", "launch_log")}
-    return report.section(command, info, ["\n".join(summary_lines(result))], raw, packages=PACKAGES,
-                          wall_s=result["wall_s"], load_end=load_end, commit_end=commit_end)
+    raw = {r["mode"]: {k: v for k, v in r.items() if k not in ("run_dir", "launch_log")} for r in results}
+    body = ([comparison(results)] if len(results) > 1 else []) + ["\n".join(summary_lines(r)) for r in results]
+    return report.section(command, info, body, raw, packages=PACKAGES, wall_s=sum(r["wall_s"] for r in results),
+                          load_end=load_end, commit_end=commit_end)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m trainkit.bench spot", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--modes", default=",".join(MODES),
+                        help="comma-separated, run in this order on the same schedule (default restart,replicas)")
     parser.add_argument("--minutes", type=float, default=12.0, help="planned job length (default 12)")
     parser.add_argument("--drain-every", type=float, default=180.0, help="seconds between drains, ~ (0: none)")
     parser.add_argument("--kill-every", type=float, default=420.0, help="seconds between hard kills, ~ (0: none)")
@@ -303,6 +369,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--markdown", type=Path, help="append a dated section with the figures to this file")
     parser.add_argument("overrides", nargs="*", help="recipe overrides (key=value)")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    unknown = sorted(set(modes) - set(MODES))
+    if unknown or not modes:
+        parser.error(f"--modes: {', '.join(unknown) or 'none given'}; choose from {', '.join(MODES)}")
     duration = args.minutes * 60
     if args.schedule:
         schedule = parse_schedule(args.schedule)
@@ -312,17 +382,23 @@ def main(argv: list[str] | None = None) -> None:
     steps = args.steps or max(1, round(duration * STEPS_PER_S))
     print(format_schedule(schedule), flush=True)
     info = report.machine(PACKAGES)
-    result = run_bench(schedule, steps=steps, workers=args.workers, spare=args.spare, grace_s=args.grace,
-                       replace_after_s=args.replace_after, overrides=args.overrides,
-                       timeout_s=duration * 4 + 600, log=lambda s: print(s, flush=True))
+    results = []
+    for mode in modes:
+        print(f"[spot] mode {mode}: {steps} steps", flush=True)
+        result = run_bench(schedule, steps=steps, workers=args.workers, spare=args.spare, grace_s=args.grace,
+                           replace_after_s=args.replace_after, overrides=args.overrides, mode=mode,
+                           timeout_s=duration * 4 + 600, log=lambda s: print(s, flush=True))
+        print("\n".join(summary_lines(result)), flush=True)
+        print(json.dumps(result, default=str), flush=True)
+        results.append(result)
     load_end = report.load_avg()
-    print("\n".join(summary_lines(result)))
-    print(json.dumps(result, default=str))
+    if len(results) > 1:
+        print(comparison(results))
     if args.markdown:
         command = "python -m trainkit.bench spot " + " ".join(sys.argv[1:] if argv is None else argv)
-        report.append(args.markdown, markdown(result, command.strip(), info, load_end, report.git_commit()),
+        report.append(args.markdown, markdown(results, command.strip(), info, load_end, report.git_commit()),
                       "Spot schedule benchmarks")
-    if result["exit_code"] != 0 or result["history_problems"]:
+    if any(r["exit_code"] != 0 or r["history_problems"] for r in results):
         sys.exit(1)
 
 

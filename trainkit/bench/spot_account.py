@@ -16,7 +16,9 @@ saw, on hand-made records as easily as on a real job:
 Ray, the worker group) is added to ``startup``; its time after the run's last record (Ray's
 and the driver's shutdown) is ``exit``, a bucket of the bench's own. ``goodput = useful_s / wall_s``; ``useful_s`` is the kept steps' time
 less their data wait and checkpoint blocking. ``steady_goodput`` puts the same steps at the
-median step time. Each fired event gets one row: what the attempt it hit lost (recompute,
+median step time, and ``steady_goodput_training`` the same over the training span only (the
+first attempt's first step to the run's last record: the launch's start-up and exit, a fixed
+cost of any job whatever its faults, left out). Each fired event gets one row: what the attempt it hit lost (recompute,
 emergency save, downtime) and what the next attempt took to start (start-up, restore).
 """
 
@@ -99,6 +101,7 @@ def account(final: Sequence[Record], seen: Sequence[Record], events: Sequence[Re
             "restored_step": restore.get("step"),
         })
     steps_done = g["useful_steps"]
+    training_s = t_end - min(s["start"] for s in spans) - split["exit_s"] if spans else 0.0
     # As the bench counted before the report's accounting was its own: data wait as useful.
     with_wait = g["useful_s"] + g["badput_s"]["data_wait"]
     return {
@@ -107,6 +110,7 @@ def account(final: Sequence[Record], seen: Sequence[Record], events: Sequence[Re
         "goodput": g["useful_s"] / wall_s if wall_s > 0 else None,
         "goodput_with_data_wait": with_wait / wall_s if wall_s > 0 else None,
         "steady_goodput": g["median_step_s"] * steps_done / wall_s if wall_s > 0 else None,
+        "steady_goodput_training": g["median_step_s"] * steps_done / training_s if training_s > 0 else None,
         "median_step_s": g["median_step_s"],
         "steps": g["steps"] if final else 0,
         "attempts": g["attempts"],
