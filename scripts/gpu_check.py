@@ -192,16 +192,20 @@ def sync_debug(check: Check) -> dict[str, Any]:
 
 
 def step_overhead(check: Check, strategy: str) -> dict[str, Any]:
-    size = ["--steps", "20", "--rounds", "2", "--width", "32", "--depth", "2"] if check.dry_run else \
-        ["--steps", "300", "--rounds", "5"]
+    size = ["--blocks", "3", "--block", "5", "--width", "32", "--depth", "2"] if check.dry_run else \
+        ["--blocks", "60"]
     argv = [sys.executable, "-m", "trainkit.bench", "step", "--strategy", strategy, "--workers", "1", *size]
     entry = check.run(f"step overhead ({strategy})", argv, 120)
     out: dict[str, Any] = {"strategy": strategy, "status": entry["status"]}
     for line in entry.get("stdout", "").splitlines():
         if line.startswith('{"bench": "step"'):
             raw = json.loads(line)
-            out.update({k: raw[k] for k in ("ratio", "step_ratio", "plain_ms", "trainkit_ms", "ratios", "device", "backend")})
+            out.update({k: raw[k] for k in ("ratio", "quartiles", "total_ratio", "plain_ms", "trainkit_ms", "device", "backend")})
     return out
+
+
+def _quartiles(q: list[float] | None) -> str:
+    return "-" if not q else f"{q[0]:.3f}-{q[1]:.3f}"
 
 
 def _fmt(value: Any, spec: str) -> str:
@@ -242,12 +246,13 @@ def render(date: str, facts: dict[str, Any], results: dict[str, Any], commands: 
             "`torch.cuda.set_sync_debug_mode(\"error\")`.", "",
             f"- result: **{s['result']}** ({s['summary'] or s['status']})", ""]
     rows = [[o["strategy"], f"{o.get('device', '-')} / {o.get('backend', '-')}", _fmt(o.get("plain_ms"), ".3f"),
-             _fmt(o.get("trainkit_ms"), ".3f"), _fmt(o.get("ratio"), ".4f"), _fmt(o.get("step_ratio"), ".4f"), o["status"]]
+             _fmt(o.get("trainkit_ms"), ".3f"), _fmt(o.get("ratio"), ".4f"), _quartiles(o.get("quartiles")), o["status"]]
             for o in results["step_overhead"]]
     out += ["## Step overhead vs a hand-written loop", "",
             "`python -m trainkit.bench step --workers 1` (one rank: NCCL on the GPU): trainkit's loop vs a "
-            "hand-written DDP / FSDP2 loop on the same MLP and batches, alternating rounds.", "",
-            report.table(["strategy", "device / backend", "hand-written ms", "trainkit ms", "ratio", "single-step ratio",
+            "hand-written DDP / FSDP2 loop on the same MLP and batches, taking turns every 10 steps; the "
+            "ratio is the median over pairs of neighbouring blocks.", "",
+            report.table(["strategy", "device / backend", "hand-written ms", "trainkit ms", "ratio", "quartiles",
                           "status"], rows, "llrrrrl"), ""]
     rows = goals(results)
     if dry_run:  # tiny CPU figures say nothing about the goals

@@ -1,9 +1,11 @@
 """Step overhead: trainkit's loop vs the same loop written by hand in plain PyTorch.
 
-Both loops train the same model on the same in-memory batches, in alternating rounds so
-machine noise hits both alike; the figure is the median ratio of per-step times. Data loading
-and checkpointing are off: this isolates what the Run API adds around forward/backward/step
-(bookkeeping, the stop/save agreement, logging).
+Both loops train the same model on the same in-memory batches, both alive in one process and
+taking turns every ``--block`` steps (one logging window), so the machine's drift in speed hits
+both alike; the figure is the median ratio of neighbouring blocks' times. (Whole rounds of a few
+seconds each, run one loop after the other, spread ±10 % on the project's 2-core machine and
+could not resolve a 2 % difference.) Data loading and checkpointing are off: this isolates what
+the Run API adds around forward/backward/step (bookkeeping, the stop/save agreement, logging).
 
 ``--strategy single`` (the default) runs both loops in this process. ``--strategy ddp|fsdp``
 starts ``--workers`` processes (gloo on CPU, NCCL on GPUs) that run trainkit's loop and a
@@ -16,6 +18,7 @@ the model is kept small on purpose. Each worker is this module run as a script
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import statistics
@@ -23,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
@@ -33,6 +37,10 @@ from trainkit.bench import report
 from trainkit.config import Config
 
 LOG_EVERY = 10
+# Batches each rank holds in memory; the loops cycle through them.
+DISTINCT_BATCHES = 200
+# Blocks of each loop left out of the figures: first steps (optimizer state, first records).
+WARMUP_BLOCKS = 2
 
 
 class _MLP(nn.Module):
@@ -66,10 +74,10 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def plain_loop(batches: list[Any], width: int, depth: int, strategy: str = "single",
-               device: torch.device = torch.device("cpu")) -> tuple[float, float]:
+def plain_loop(batches: Iterable[Any], width: int, depth: int, strategy: str = "single",
+               device: torch.device = torch.device("cpu")) -> Iterator[None]:
     """The loop as one writes it by hand: wrap, step, read the loss every LOG_EVERY steps
-    (averaged over ranks, as a logging loop does)."""
+    (averaged over ranks, as a logging loop does). Yields after each step."""
     model = _model(width, depth).to(device)
     if strategy == "ddp":
         from torch.nn.parallel import DistributedDataParallel
@@ -83,9 +91,7 @@ def plain_loop(batches: list[Any], width: int, depth: int, strategy: str = "sing
         fully_shard(model)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
     loss_fn = nn.CrossEntropyLoss()
-    if strategy != "single":
-        dist.barrier()
-    marks = [time.perf_counter()]
+    yield
     for i, (x, y) in enumerate(batches):
         loss = loss_fn(model(x), y)
         loss.backward()
@@ -96,24 +102,19 @@ def plain_loop(batches: list[Any], width: int, depth: int, strategy: str = "sing
             if strategy != "single":
                 dist.all_reduce(value)
             value.item()
-        marks.append(time.perf_counter())
-    _sync(device)
-    return _timed(marks, len(batches))
+        yield
 
 
-def _timed(marks: list[float], steps: int) -> tuple[float, float]:
-    """(mean step time over the loop, median time between step ends). The median is robust
-    to bursts of load from other processes; it leaves out the logging steps (one in LOG_EVERY)."""
-    return (time.perf_counter() - marks[0]) / steps, statistics.median(b - a for a, b in zip(marks, marks[1:]))
-
-
-def trainkit_loop(batches: list[Any], width: int, depth: int, run_dir: str, strategy: str = "single",
-                  threads: int = 0, agree_every_s: float | None = None) -> tuple[float, float]:
+def trainkit_loop(batches: Iterable[Any], steps: int, global_batch: int, width: int, depth: int, run_dir: str,
+                  strategy: str = "single", threads: int = 0, agree_every_s: float | None = None) -> Iterator[None]:
+    """trainkit's loop on the same model and data, logging every LOG_EVERY steps (loss averaged
+    over ranks, memory peak, a metrics record) with the stop/save agreement on; yields after each
+    step, its set-up before the first."""
     from trainkit.run import Run
 
     cfg = Config(run_dir=run_dir)
     cfg.strategy.name = strategy
-    cfg.trainer.max_steps = len(batches)
+    cfg.trainer.max_steps = steps
     cfg.trainer.log_every = LOG_EVERY
     cfg.trainer.progress = "off"
     cfg.trainer.threads = threads
@@ -121,41 +122,60 @@ def trainkit_loop(batches: list[Any], width: int, depth: int, run_dir: str, stra
         cfg.preemption.agree_every_s = agree_every_s
     cfg.checkpoint.enabled = False
     cfg.checkpoint.export_safetensors = False
-    cfg.data.batch_size = batches[0][0].shape[0] * (dist.get_world_size() if dist.is_initialized() else 1)
+    cfg.data.batch_size = global_batch
     cfg.optim.weight_decay = 0.0
     run = Run(cfg)
     model, opt = run.setup(_model(width, depth), run.optimizer())
     loss_fn = nn.CrossEntropyLoss()
-    if strategy != "single":
-        dist.barrier()
-    marks = [time.perf_counter()]
+    yield
     for x, y in run.steps(batches):
         with run.autocast():
             loss = loss_fn(model(x), y)
         run.backward(loss)
         run.optimizer_step(opt)
-        marks.append(time.perf_counter())
-    _sync(run.dist.device)
-    timed = _timed(marks, len(batches))
+        yield
     run.finish()
-    return timed
 
 
-def _rounds(rounds: int, ours: Any, plain: Any) -> tuple[list[Any], list[Any]]:
-    """Alternating rounds, the order swapped every round so a drift in speed hits both."""
-    a, b = [], []
-    for r in range(rounds):
-        if r % 2:
-            b.append(plain(r))
-            a.append(ours(r))
-        else:
-            a.append(ours(r))
-            b.append(plain(r))
-    return a, b
+def interleaved(ours: Iterator[None], plain: Iterator[None], blocks: int, block: int, device: torch.device
+                ) -> tuple[list[float], list[float]]:
+    """Seconds per block of ``block`` steps of each loop, the loops taking turns block by block
+    (the order swapped every block), so a change in the machine's speed — on a shared or
+    throttled machine it drifts by ±10 % within seconds — hits both loops within one block of
+    each other. Each loop's set-up runs before the first block; the device is synchronised at
+    the end of every block, so a block's time is its work's."""
+    next(ours)
+    next(plain)
+    if dist.is_initialized():
+        dist.barrier()
+    times: tuple[list[float], list[float]] = ([], [])
+    for k in range(blocks):
+        for which in ((0, 1) if k % 2 == 0 else (1, 0)):
+            loop = (ours, plain)[which]
+            t0 = time.perf_counter()
+            for _ in range(block):
+                next(loop)
+            _sync(device)
+            times[which].append(time.perf_counter() - t0)
+    for _ in ours:  # trainkit's end of run (the last record)
+        pass
+    return times
+
+
+def _measure(batches: list[Any], a: dict[str, Any], device: torch.device, run_dir: str) -> tuple[list[float], list[float]]:
+    """Both loops on ``batches`` (cycled), taking turns: seconds per block of each."""
+    steps = a["blocks"] * a["block"]
+    warm = plain_loop(batches[:20], a["width"], a["depth"], a["strategy"], device)
+    for _ in warm:  # warm-up: allocator, kernels
+        pass
+    ours = trainkit_loop(itertools.islice(itertools.cycle(batches), steps), steps, a["batch"], a["width"], a["depth"], run_dir,
+                         a["strategy"], a["threads"], a["agree_every_s"])
+    plain = plain_loop(itertools.islice(itertools.cycle(batches), steps), a["width"], a["depth"], a["strategy"], device)
+    return interleaved(ours, plain, a["blocks"], a["block"], device)
 
 
 def _worker(a: dict[str, Any]) -> None:
-    """One rank of a distributed measurement; rank 0 prints the per-round step times."""
+    """One rank of a distributed measurement; rank 0 prints the per-block times."""
     from trainkit import distributed
 
     with distributed.exit_guard():
@@ -168,14 +188,8 @@ def _worker(a: dict[str, Any]) -> None:
         distributed.keep_until_exit(dist.group.WORLD)
         torch.set_num_threads(a["threads"])
         rank = dist.get_rank()
-        batches = _batches(a["steps"], a["micro"], a["width"], seed=rank, device=device)
-        plain_loop(batches[:20], a["width"], a["depth"], a["strategy"], device)  # warm-up: allocator, kernels
-        ours, plain = _rounds(
-            a["rounds"],
-            lambda r: trainkit_loop(batches, a["width"], a["depth"], f"{a['run_dir']}/r{r}", a["strategy"], a["threads"],
-                                    a["agree_every_s"]),
-            lambda r: plain_loop(batches, a["width"], a["depth"], a["strategy"], device),
-        )
+        batches = _batches(DISTINCT_BATCHES, a["micro"], a["width"], seed=rank, device=device)
+        ours, plain = _measure(batches, a, device, a["run_dir"])
         if rank == 0:
             print("RESULT " + json.dumps({"ours": ours, "plain": plain, "backend": dist.get_backend(),
                                           "device": str(device)}), flush=True)
@@ -187,9 +201,7 @@ def _distributed(args: argparse.Namespace, device: str, run_dir: str) -> dict[st
     from trainkit.distributed import free_port
 
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.workers)
-    spec = {"strategy": args.strategy, "device": device, "steps": args.steps, "rounds": args.rounds,
-            "micro": args.batch // args.workers, "width": args.width, "depth": args.depth, "threads": threads,
-            "agree_every_s": args.agree_every_s, "run_dir": run_dir}
+    spec = {**_spec(args, threads), "device": device, "micro": args.batch // args.workers, "run_dir": run_dir}
     env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE=str(args.workers),
                LOCAL_WORLD_SIZE=str(args.workers), OMP_NUM_THREADS=str(threads))
     procs = [subprocess.Popen([sys.executable, "-m", "trainkit.bench.step", json.dumps(spec)],
@@ -202,6 +214,17 @@ def _distributed(args: argparse.Namespace, device: str, run_dir: str) -> dict[st
     return {**json.loads(line[len("RESULT "):]), "threads": threads}
 
 
+def _spec(args: argparse.Namespace, threads: int) -> dict[str, Any]:
+    return {"strategy": args.strategy, "blocks": args.blocks + WARMUP_BLOCKS, "block": args.block,
+            "batch": args.batch, "width": args.width, "depth": args.depth, "threads": threads,
+            "agree_every_s": args.agree_every_s}
+
+
+def _quartiles(values: list[float]) -> tuple[float, float]:
+    q = statistics.quantiles(values, n=4) if len(values) > 1 else values * 3
+    return q[0], q[2]
+
+
 def main(argv: list[str]) -> None:
     p = argparse.ArgumentParser(prog="python -m trainkit.bench step")
     p.add_argument("--strategy", choices=["single", "ddp", "fsdp"], default="single")
@@ -210,8 +233,9 @@ def main(argv: list[str]) -> None:
     p.add_argument("--width", type=int, default=512)
     p.add_argument("--depth", type=int, default=4)
     p.add_argument("--batch", type=int, default=64, help="global batch: split over the workers")
-    p.add_argument("--steps", type=int, default=200)
-    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--blocks", type=int, default=200, help="blocks per loop, the loops taking turns block by block")
+    p.add_argument("--block", type=int, default=LOG_EVERY,
+                   help=f"steps per block (default {LOG_EVERY}: one logging step in each)")
     p.add_argument("--threads", type=int, default=0, help="intra-op threads per process (0: cores / workers)")
     p.add_argument("--agree-every-s", type=float, default=None,
                    help="trainkit's preemption.agree_every_s (default: the config's), to price the stop/save agreement")
@@ -221,6 +245,8 @@ def main(argv: list[str]) -> None:
         p.error("--workers > 1 needs --strategy ddp or fsdp")
     if args.batch % args.workers:
         p.error("--batch must be a multiple of --workers")
+    if args.blocks < 1 or args.block < 1:
+        p.error("--blocks and --block must be at least 1")
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     info = report.machine()
     t_start = time.perf_counter()
@@ -229,47 +255,43 @@ def main(argv: list[str]) -> None:
             if args.threads:
                 torch.set_num_threads(args.threads)
             dev = torch.device(device)
-            batches = _batches(args.steps, args.batch, args.width, device=dev)
-            plain_loop(batches[:20], args.width, args.depth, device=dev)  # warm-up: allocator, kernels
-            ours, plain = _rounds(args.rounds,
-                                  lambda r: trainkit_loop(batches, args.width, args.depth, f"{tmp}/r{r}",
-                                                          threads=args.threads, agree_every_s=args.agree_every_s),
-                                  lambda r: plain_loop(batches, args.width, args.depth, device=dev))
+            spec = _spec(args, args.threads)
+            ours, plain = _measure(_batches(DISTINCT_BATCHES, args.batch, args.width, device=dev), spec, dev, tmp)
             result = {"ours": ours, "plain": plain, "backend": None, "device": device,
                       "threads": torch.get_num_threads()}
         else:
             result = _distributed(args, device, tmp)
     wall = time.perf_counter() - t_start
-    ours, plain = [t[0] for t in result["ours"]], [t[0] for t in result["plain"]]
+    ours, plain = result["ours"][WARMUP_BLOCKS:], result["plain"][WARMUP_BLOCKS:]
     ratios = [o / q for o, q in zip(ours, plain)]
-    step_ratios = [o[1] / q[1] for o, q in zip(result["ours"], result["plain"])]
+    ratio, (q1, q3), total = statistics.median(ratios), _quartiles(ratios), sum(ours) / sum(plain)
+    plain_ms, ours_ms = statistics.median(plain) / args.block * 1e3, statistics.median(ours) / args.block * 1e3
     params = sum(q.numel() for q in _model(args.width, args.depth).parameters())
     hand = {"single": "plain PyTorch", "ddp": "hand-written DDP", "fsdp": "hand-written FSDP2"}[args.strategy]
     where = f"{args.workers} x {result['backend']}" if result["backend"] else "one process"
     lines = [
         f"model: MLP {args.depth}x{args.width} ({params / 1e6:.2f}M params), global batch {args.batch}, "
-        f"{args.steps} steps x {args.rounds} rounds, strategy {args.strategy} on {where} ({result['device']}), "
+        f"{args.blocks} blocks of {args.block} steps per loop (after {WARMUP_BLOCKS} warm-up blocks), the loops taking "
+        f"turns block by block; strategy {args.strategy} on {where} ({result['device']}), "
         f"{result['threads']} threads per process",
-        f"{hand} step:".ljust(26) + f"{statistics.median(plain) * 1e3:.3f} ms (median)",
-        "trainkit step:".ljust(26) + f"{statistics.median(ours) * 1e3:.3f} ms (median)",
-        f"ratio trainkit/{hand}: {statistics.median(ratios):.4f} (per round: {', '.join(f'{r:.3f}' for r in ratios)})",
-        f"median single-step ratio (non-logging steps, robust to load bursts): {statistics.median(step_ratios):.4f} "
-        f"(per round: {', '.join(f'{r:.3f}' for r in step_ratios)})",
+        f"{hand} step:".ljust(26) + f"{plain_ms:.3f} ms (median block / {args.block})",
+        "trainkit step:".ljust(26) + f"{ours_ms:.3f} ms (median block / {args.block})",
+        f"ratio trainkit/{hand}: {ratio:.4f} (median over {len(ratios)} pairs of neighbouring blocks; "
+        f"quartiles {q1:.3f}-{q3:.3f}; total time {total:.4f})",
     ]
     print("\n".join(lines))
     load_end, commit_end = report.load_avg(), report.git_commit()
     print(f"machine: {report.describe(info)}; commit {report.commits(info['git_commit'], commit_end)}; "
           f"load average {info['load_avg']} at start, {load_end} at end")
     raw = {"bench": "step", "strategy": args.strategy, "workers": args.workers, **result, "ratios": ratios,
-           "ratio": statistics.median(ratios), "step_ratios": step_ratios, "step_ratio": statistics.median(step_ratios), "plain_ms": statistics.median(plain) * 1e3,
-           "trainkit_ms": statistics.median(ours) * 1e3, "params": params, "width": args.width, "depth": args.depth,
-           "batch": args.batch, "steps": args.steps, "rounds": args.rounds}
+           "ratio": ratio, "quartiles": [q1, q3], "total_ratio": total, "plain_ms": plain_ms, "trainkit_ms": ours_ms,
+           "params": params, "width": args.width, "depth": args.depth, "batch": args.batch, "blocks": args.blocks,
+           "block": args.block, "warmup_blocks": WARMUP_BLOCKS}
     print(json.dumps(raw))
     if args.out:
         command = "python -m trainkit.bench step " + " ".join(argv)
-        body = [report.table(["loop", "median step (ms)"], [[hand, f"{raw['plain_ms']:.3f}"],
-                                                            ["trainkit", f"{raw['trainkit_ms']:.3f}"]]),
-                lines[0], lines[-2], lines[-1]]
+        body = [report.table(["loop", "median step (ms)"], [[hand, f"{plain_ms:.3f}"], ["trainkit", f"{ours_ms:.3f}"]]),
+                lines[0], lines[-1]]
         report.append(args.out, report.section(command.strip(), info, body, raw, wall_s=wall, load_end=load_end,
                                                commit_end=commit_end), "Step overhead")
 
