@@ -1,5 +1,5 @@
 """One replica group's training loop under ``ft.mode=replicas`` (one process per group, or
-``launcher.workers`` processes per group with ``strategy=fsdp``).
+``launcher.workers`` processes per group).
 
 Every step: a quorum (torchft ``Manager.start_quorum``, synchronous, so a replacement heals
 before it computes), this group's chunks of the step's global batch, a checked all-reduce of
@@ -13,7 +13,8 @@ alone and scaled by ``1 / ft.groups``, so the sum over chunks does not depend on
 which (with two groups it is the same float sum in any membership).
 
 With ``W = launcher.workers`` processes per group (``strategy=fsdp``, HSDP-style), the group's
-processes shard the model with FSDP2 over their own process group, and each chunk is cut in
+processes shard the model with FSDP2 over their own process group (``strategy=ddp``: each
+holds all of it, :func:`_group_mesh`), and each chunk is cut in
 ``W`` equal slices, rank ``i`` training slice ``i`` (:func:`shard`); FSDP reduce-scatters each
 chunk's gradient inside the group (a mean over the slices: the chunk's gradient), and rank
 ``i`` of each group all-reduces its gradient shard with rank ``i`` of the others (torchft's
@@ -141,8 +142,8 @@ def _local_tree(value: Any) -> Any:
 
 class _Replica:
     """The model, optimizer, schedule and data of one group's process (rank ``rank`` of
-    ``workers``; with ``mesh``, the group's FSDP2 mesh, the model is sharded over it), and one
-    step's arithmetic."""
+    ``workers``; with ``mesh``, the group's mesh, the model is wrapped by FSDP2 over it), and
+    one step's arithmetic."""
 
     def __init__(self, cfg: Config, *, rank: int = 0, workers: int = 1, mesh: Any = None) -> None:
         self.cfg = cfg
