@@ -194,11 +194,15 @@ def test_every_group_killed_resumes_every_rank_from_the_committed_checkpoint(tmp
 def test_a_notice_to_one_process_makes_its_whole_group_leave_without_a_redo(tmp_path):
     """Rank 1 of group 1 gets SIGTERM (a spot notice) at step 3: its group agrees to leave as
     one, trains its share through the heartbeat expiry, then both its processes exit; group 0
-    goes on alone with no step redone, and a replacement group is started."""
+    goes on alone with no step redone, and a replacement group is started. The run's metrics,
+    events and summary read as the restart mode's, from rank 0's ledgers."""
     from ft_paced import CHUNK_S_ENV, LEDGERS_ENV
 
     sys.path.insert(0, str(HERE))
-    out = launch(tmp_path / "run", kill="1.1:3:notice", **{LEDGERS_ENV: "", CHUNK_S_ENV: "0.05"})
+    from test_replicas import check_run_logs
+
+    out = launch(tmp_path / "run", "cost.on_demand_usd_per_hour=2.0", kill="1.1:3:notice",
+                 **{LEDGERS_ENV: "", CHUNK_S_ENV: "0.05"})
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "replica group 1 left the quorum on a notice; starting its replacement" in out.stdout
     run = tmp_path / "run"
@@ -211,6 +215,7 @@ def test_a_notice_to_one_process_makes_its_whole_group_leave_without_a_redo(tmp_
     assert acc.participants[:k] == [2] * k and acc.participants[k] == 1, acc.participants
     ids = slice_ids(run, acc)
     assert len(ids) == STEPS * BATCH == len(set(ids))
+    check_run_logs(run, STEPS, attempts=1)
 
 
 @pytest.mark.slow
