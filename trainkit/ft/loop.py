@@ -550,6 +550,10 @@ def run_group(cfg_dict: Mapping[str, Any], group: int, *, rank: int | None = Non
                                      f"({leave.reason}); its peers go on")
             elif leavers:
                 window = (r, n)
+        if sharded:
+            # Rank 0 hosts the group's ManagerServer: it waits until every rank has the last
+            # quorum's answer, or one still waiting for it would fail on a closed connection.
+            _group_sum(0.0)
         return step
     finally:
         watcher.stop()
