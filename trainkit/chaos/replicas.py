@@ -205,7 +205,7 @@ def check(report: Report, run_dir: str, cfg: Any, reference: list[float], tolera
         return report
     steps, batch = cfg.trainer.max_steps, cfg.data.batch_size
     try:
-        acc = account(run_dir, groups=cfg.ft.groups, steps=steps, batch=batch)
+        acc = account(run_dir, groups=cfg.ft.groups, steps=steps, batch=batch, workers=cfg.launcher.workers)
     except TrainkitError as exc:
         report.problems.append(f"exactly-once violated: {exc}")
         return report
