@@ -64,8 +64,7 @@ class DrainPoller(threading.Thread):
         self._done = threading.Event()
 
     def run(self) -> None:
-        from trainkit.launch.ray.report import drain_reason
-        from trainkit.preemption import request
+        from trainkit.preemption.watcher import drain_reason, request
 
         while self.deadline_ms is None and not self._done.is_set():
             try:

@@ -273,6 +273,13 @@ class PreemptionWatcher:
 _RUNNING: "weakref.WeakSet[PreemptionWatcher]" = weakref.WeakSet()
 
 
+def drain_reason(nodes: list[str], deadline_ms: int | None) -> str:
+    """The stop reason of a Ray node drain, as every launcher's log says it."""
+    left = f", {max(0.0, deadline_ms / 1000 - time.time()):.0f}s before the deadline" if deadline_ms else ""
+    names = ", ".join(n[:8] for n in nodes) or "?"
+    return f"ray node drain ({names}{left})"
+
+
 def request(reason: str) -> int:
     """Raises the flag of every started watcher in this process (a Ray drain hook, a custom
     notice source); returns how many were told."""

@@ -32,6 +32,7 @@ import time
 from typing import Any
 
 from trainkit import rundir
+from trainkit.preemption.watcher import drain_reason
 
 log = logging.getLogger(__name__)
 
@@ -158,12 +159,6 @@ class PreemptionProbe:
 
         request(self.reason)
         return True
-
-
-def drain_reason(nodes: list[str], deadline_ms: int | None) -> str:
-    left = f", {max(0.0, deadline_ms / 1000 - time.time()):.0f}s before the deadline" if deadline_ms else ""
-    names = ", ".join(n[:8] for n in nodes) or "?"
-    return f"ray node drain ({names}{left})"
 
 
 def in_train_worker() -> bool:
