@@ -25,6 +25,7 @@ class LogWindow:
         self.since_step = 0
         self._carried_s = 0.0
         self._t0 = time.perf_counter()
+        self._read_at: float | None = None
         self._restored = False
 
     def add(self, loss: torch.Tensor) -> None:
@@ -44,7 +45,9 @@ class LogWindow:
     def read(self, step: int) -> tuple[torch.Tensor, int, dict[str, float], float, int]:
         """(loss sum as a device tensor, losses, timers, seconds, optimizer steps) of the window
         up to ``step``."""
-        return self.loss_sum.clone(), self.count, dict(self.timers), self.elapsed(), step - self.since_step
+        self._read_at = time.perf_counter()
+        elapsed = self._carried_s + self._read_at - self._t0
+        return self.loss_sum.clone(), self.count, dict(self.timers), elapsed, step - self.since_step
 
     def reset(self, step: int) -> None:
         self.loss_sum.zero_()
@@ -52,7 +55,10 @@ class LogWindow:
         self.timers = dict.fromkeys(TIMERS, 0.0)
         self.since_step = step
         self._carried_s = 0.0
-        self._t0 = time.perf_counter()
+        # The next window starts where this one was read, so the windows tile the run's time:
+        # what a record costs (its collective, which also absorbs the ranks' skew) is in the next.
+        self._t0 = self._read_at if self._read_at is not None else time.perf_counter()
+        self._read_at = None
         self._restored = False
 
     def state_dict(self) -> dict[str, Any]:
