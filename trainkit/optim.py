@@ -38,16 +38,17 @@ def optimizer_factory(cfg: OptimConfig) -> Callable[[list[nn.Parameter]], torch.
     """Params → optimizer; weight decay only on matrices (not biases, norms, embeddings' scale)."""
 
     def make(params: list[nn.Parameter]) -> torch.optim.Optimizer:
-        decay = [p for p in params if p.requires_grad and p.ndim >= 2]
-        rest = [p for p in params if p.requires_grad and p.ndim < 2]
-        groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}]
-        if not cfg.weight_decay:
+        trainable = [p for p in params if p.requires_grad]
+        if cfg.weight_decay:
+            groups = [{"params": [p for p in trainable if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+                      {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0}]
+        else:
             # Two groups alike would only cost: a step makes one pass over each group, and
             # over FSDP2's DTensors each pass is its own round of dispatches (12 % of a small model's
             # step on CPU; docs/benchmarks/step-distributed-2026-12-01.md). The group keeps the
-            # model's order: matrices first, then the vectors, made the step 4-20 % slower on CPU
+            # model's order: matrices first, then vectors, made the step 4-20 % slower on CPU
             # (docs/benchmarks/step-distributed-2026-12-02.md).
-            groups = [{"params": [p for p in params if p.requires_grad], "weight_decay": 0.0}]
+            groups = [{"params": trainable, "weight_decay": 0.0}]
         if cfg.name == "sgd":
             return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
