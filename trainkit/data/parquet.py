@@ -22,6 +22,7 @@ INT32 (4 bytes each before the codec), and a list column carries levels per valu
 from __future__ import annotations
 
 import struct
+import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -33,6 +34,16 @@ from trainkit.errors import StorageError
 
 SUFFIX = ".parquet"
 FOOTER_GUESS = 64 << 10  # bytes read from a file's end for its footer
+# A row group is decoded in record batches of about this many stored bytes, then joined (one copy
+# of the values): a list<uint8> column is decoded as INT32 values plus two int16 levels per value
+# (~9x its bytes), and in batches that scratch memory is reused instead of first touched for the
+# whole row group: 7 row groups of 8 MB decoded in 0.25 s instead of 0.44 s (0.49 / 0.6-0.9 s
+# in a fresh process) on this 2-core machine.
+DECODE_BYTES = 768 << 10
+# One row group decoded at a time per process: they are decoded in the download threads as the
+# files arrive, and several at once (page faults of one process competing for its memory map)
+# made 7 concurrent decodes of 8 MB take 1.6-3 s where one after the other took 0.3 s.
+_DECODING = threading.Lock()
 
 
 class ParquetSource:
@@ -94,7 +105,13 @@ class ParquetSource:
 
         shard = self.shards[i]
         try:
-            table = pq.ParquetFile(pa.BufferReader(pa.py_buffer(buf))).read_row_group(self._where[i][1])
+            pf = pq.ParquetFile(pa.BufferReader(pa.py_buffer(buf)))
+            rg = self._where[i][1]
+            per_row = pf.metadata.row_group(rg).total_byte_size / max(1, shard.num_samples)
+            rows = int(min(1 << 16, max(16, DECODE_BYTES // max(1.0, per_row))))
+            with _DECODING:
+                table = pa.Table.from_batches(
+                    list(pf.iter_batches(batch_size=rows, row_groups=[rg], use_threads=False)), schema=pf.schema_arrow)
         except (pa.ArrowException, OSError) as exc:
             raise StorageError(f"{shard.url}: corrupt Parquet file: {exc}") from exc
         if table.num_rows != shard.num_samples:

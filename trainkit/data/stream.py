@@ -117,6 +117,7 @@ class Stream:
                 warn_small_cache(cache_bytes, sum(sizes[:shuffle_window]))
         self._hlock = threading.Lock()
         self._maps: OrderedDict[int, tuple] = OrderedDict()  # shard -> (mmap, source state, path, inode)
+        self._opening: dict[int, threading.RLock] = {}  # shard -> held while this process opens it
         self._maps_pid = os.getpid()
         self._map_key: tuple | None = None
         self._batch_shards = 0  # shards the batch being read touches: all stay mapped while it is
@@ -227,6 +228,7 @@ class Stream:
         if self._maps_pid != os.getpid():  # after fork: the parent's mappings are not ours
             self._maps, self._maps_pid = OrderedDict(), os.getpid()
             self._hlock = threading.Lock()
+            self._opening = {}
         return self._maps
 
     def _drop_map(self, i: int) -> None:
@@ -278,21 +280,29 @@ class Stream:
             m = None
         if m is None:
             self.cache.path(i)  # once it is here, the thread that fetched it may have opened it
-            with self._hlock:
-                m = maps.get(i)
-            if m is not None and self._still_there(m):
-                return m
-            m = self._open_map(i)
-            with self._hlock:
-                old = maps.pop(i, None)
-                maps[i] = m
-                # a batch that straddles windows needs all its shards mapped at once
-                while len(maps) > max(self.shuffle_window + 2, self._batch_shards):
-                    _, (mm_old, *_rest) = maps.popitem(last=False)
-                    _close(mm_old)
+            with self._opening_lock(i):  # the reader and the thread that fetched it: one opens it
+                with self._hlock:
+                    m = maps.get(i)
+                if m is not None and self._still_there(m):
+                    return m
+                m = self._open_map(i)
+                with self._hlock:
+                    old = maps.pop(i, None)
+                    maps[i] = m
+                    # a batch that straddles windows needs all its shards mapped at once
+                    while len(maps) > max(self.shuffle_window + 2, self._batch_shards):
+                        _, (mm_old, *_rest) = maps.popitem(last=False)
+                        _close(mm_old)
             if old is not None:
                 _close(old[0])
         return m
+
+    def _opening_lock(self, i: int) -> threading.RLock:
+        """The lock held while shard ``i`` is opened in this process: opening a Parquet row group
+        decodes it, and the reader asking for a shard its fetching thread was already opening
+        decoded it a second time (10 decodes for 8 row groups in a cold epoch)."""
+        with self._hlock:
+            return self._opening.setdefault(i, threading.RLock())
 
     def _read(self, i: int, fn):
         """``fn(mapped shard, header)`` for shard ``i``, under the lock that keeps the mapping
@@ -404,6 +414,7 @@ class Stream:
         d.pop("_hlock")
         d["_sizing"] = None
         d["_maps"], d["_maps_pid"] = OrderedDict(), -1
+        d["_opening"] = {}
         return d
 
     def __setstate__(self, d) -> None:
