@@ -162,7 +162,7 @@ class _Replica:
             reshard = bool(getattr(cfg.strategy, "reshard_after_forward", True))
             for unit in default_units(self.model):
                 fully_shard(unit, mesh=mesh, reshard_after_forward=reshard)
-            fully_shard(self.model, mesh=mesh, reshard_after_forward=reshard)
+            fully_shard(self.model, mesh=mesh, reshard_after_forward=False)  # as strategies/fsdp.py
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = optimizer_factory(cfg.optim)(self.params)
         self.scheduler = scheduler(self.optimizer, cfg.optim, cfg.trainer.max_steps)

@@ -26,7 +26,8 @@ if TYPE_CHECKING:
 class FSDPOptions(StrategyOptions):
     name: str = "fsdp"
     # Free each block's gathered parameters after its forward (memory) or keep them for the
-    # backward (one all-gather fewer per block).
+    # backward (one all-gather fewer per block). The root always keeps its own: the backward
+    # needs them first thing, so freeing them only buys a second all-gather every step.
     reshard_after_forward: bool = True
 
     def check(self, cfg: Config) -> None:
@@ -47,7 +48,7 @@ class FSDPStrategy(Strategy):
         reshard = self.options.reshard_after_forward
         for unit in units:
             fully_shard(unit, mp_policy=policy, reshard_after_forward=reshard)
-        fully_shard(model, mp_policy=policy, reshard_after_forward=reshard)
+        fully_shard(model, mp_policy=policy, reshard_after_forward=False)
         return model
 
     def autocast(self) -> contextlib.AbstractContextManager[Any]:
