@@ -92,7 +92,9 @@ def test_a_group_killed_mid_allreduce_is_replaced_and_heals_from_its_peer(tmp_pa
     assert acc.redone >= 1
     assert acc.participants[:3] == [2, 2, 2] and acc.participants[3] == 1
     alone = [s for s, n in enumerate(acc.participants) if n == 1]
-    assert len(alone) >= 5 and acc.participants[-1] == 2, acc.participants
+    # How many steps the survivor trains alone is the replacement's start-up time (4-10 steps
+    # here, by load); what must hold is one unbroken stretch alone, then both again.
+    assert alone == list(range(3, 3 + len(alone))) and acc.participants[-1] == 2, acc.participants
     assert [h["source"] for h in acc.healed[1]] == ["peer"], acc.healed
     assert not acc.recomputed
     # Every sample of the run's positions trained exactly once.
