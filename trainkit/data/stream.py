@@ -234,6 +234,7 @@ class Stream:
     def _drop_map(self, i: int) -> None:
         with self._hlock:
             m = self._maps_for_pid().pop(i, None)
+            self._opening.pop(i, None)
         if m is not None:
             _close(m[0])
 
@@ -291,7 +292,8 @@ class Stream:
                     maps[i] = m
                     # a batch that straddles windows needs all its shards mapped at once
                     while len(maps) > max(self.shuffle_window + 2, self._batch_shards):
-                        _, (mm_old, *_rest) = maps.popitem(last=False)
+                        gone, (mm_old, *_rest) = maps.popitem(last=False)
+                        self._opening.pop(gone, None)
                         _close(mm_old)
             if old is not None:
                 _close(old[0])
@@ -300,7 +302,8 @@ class Stream:
     def _opening_lock(self, i: int) -> threading.RLock:
         """The lock held while shard ``i`` is opened in this process: opening a Parquet row group
         decodes it, and the reader asking for a shard its fetching thread was already opening
-        decoded it a second time (10 decodes for 8 row groups in a cold epoch)."""
+        decoded it a second time (10 decodes for 8 row groups in a cold epoch). A shard's lock goes
+        when its mapping does, so there are no more of them than mapped shards."""
         with self._hlock:
             return self._opening.setdefault(i, threading.RLock())
 
