@@ -200,6 +200,15 @@ def mean_and_max(means: torch.Tensor, maxes: torch.Tensor) -> tuple[list[float],
     return mean, peak
 
 
+def is_peer_loss(exc: BaseException) -> bool:
+    """A collective that failed because a peer process died (gloo's read/write errors): the
+    peer's own error explains the job, and repeating the collective cannot succeed."""
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and any(
+        m in text for m in ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
+    )
+
+
 def initialized() -> bool:
     return dist.is_available() and dist.is_initialized()
 

@@ -163,6 +163,7 @@ def retry(
     max_delay: float = 5.0,
     sleep: Callable[[float], None] = time.sleep,
     on_retry: Callable[[int, BaseException], None] | None = None,
+    transient: Callable[[BaseException], bool] = is_transient,
 ) -> T:
     """Calls ``fn`` until it succeeds, retrying transient errors with full-jitter backoff.
 
@@ -170,7 +171,9 @@ def retry(
     ``what`` (the object's URL), so a failure says which object it was; a StorageError that
     ``fn`` raises has been through this already and passes unchanged. ``on_retry(attempt,
     error)`` hears each transient failure before the pause (a caller whose retries are rare
-    and costly, a whole checkpoint save, logs them there).
+    and costly, a whole checkpoint save, logs them there). ``transient`` classifies the
+    errors; a caller whose operation can also fail for a reason no store has (a checkpoint
+    save's collectives, when a peer process dies) narrows it.
     """
     for attempt in range(attempts):
         try:
@@ -178,7 +181,7 @@ def retry(
         except StorageError:
             raise
         except Exception as exc:  # noqa: BLE001 - classified below
-            if not is_transient(exc) or attempt == attempts - 1:
+            if not transient(exc) or attempt == attempts - 1:
                 raise StorageError(f"{what}: {type(exc).__name__}: {exc}") from exc
             if on_retry is not None:
                 on_retry(attempt + 1, exc)

@@ -125,6 +125,30 @@ def train(a: dict) -> None:
         dist.destroy_process_group()
 
 
+def peer_dies_mid_save(a: dict) -> None:
+    """Step 1 is saved by both ranks; then rank 1 dies, and rank 0 saves step 2 and tears its
+    process group down while that save is in flight (as a launcher does to a worker whose
+    peer died). Rank 0 writes what ``wait`` raised."""
+    rank, _ = init_dist("ddp")
+    model, opt = build("replicated")  # no DDP: rank 0's second step needs no collective
+    state = {"app": ModelOptimState(model, opt), "meta": {"step": 1}}
+    ck = Checkpointer(a["root"])
+    train_step(model, opt)
+    ck.save(1, state, blocking=True)
+    if rank == 1:
+        os._exit(3)
+    train_step(model, opt)
+    state["meta"]["step"] = 2
+    ck.save(2, state)
+    dist.destroy_process_group()
+    try:
+        ck.wait()
+        raised = None
+    except Exception as exc:  # noqa: BLE001 - reported to the test
+        raised = f"{type(exc).__name__}: {exc}"
+    Path(a["out"]).write_text(json.dumps({"raised": raised}))
+
+
 def warm(a: dict) -> None:
     """Warm-starts a model built apart from the source (weights moved off) and dumps it."""
     from trainkit.checkpoint.warm import warm_start

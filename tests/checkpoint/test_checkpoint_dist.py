@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 import ckpt_mp
-from trainkit.checkpoint import load_for_export
+from trainkit.checkpoint import Checkpointer, load_for_export
 
 
 def same_file(a, b) -> None:
@@ -49,3 +49,19 @@ def test_fsdp2_resume_and_reshard_2_to_1_to_2(tmp_path):
     saved = load_file(str(out / "a_saved_3.safetensors"))
     assert model.keys() == {k[len("model."):] for k in saved if k.startswith("model.")}
     assert all(torch.equal(v, saved["model." + k]) for k, v in model.items())
+
+
+def test_a_save_whose_peer_died_is_never_committed(tmp_path):
+    """Rank 1 dies before step 2's collectives, and rank 0's group is torn down while the
+    save is in flight: the save fails (a peer's death is no transient store error to retry),
+    and nothing rank 0 wrote alone is committed (a retry without the group once committed
+    one rank's half of a checkpoint, which the resumed run could not load)."""
+    root, out = str(tmp_path / "ck"), tmp_path / "rank0.json"
+    procs = ckpt_mp.start("peer_dies_mid_save", 2, {"root": root, "out": str(out)}, log_dir=tmp_path)
+    codes = [p.wait(120) for p in procs]
+    log = (tmp_path / "peer_dies_mid_save-rank0.log").read_text()
+    assert codes == [0, 3], log
+    raised = json.loads(out.read_text())["raised"]
+    assert raised and "not committed" in raised, (raised, log)
+    assert "retrying" not in log, log
+    assert Checkpointer(root, async_save=False).steps() == [1]

@@ -6,10 +6,12 @@ import fcntl
 import os
 import subprocess
 import threading
+import time
 
 import pytest
 
 from data_helpers import check_sample, make_samples, run_loaders
+from trainkit import storage
 from trainkit.data import Stream, write_shards
 from trainkit.errors import ConfigError
 
@@ -143,3 +145,36 @@ def test_dataset_change_does_not_reuse_stale_files(tmp_path):
     write_shards(({**s, "name": "v2"} for s in make_samples(20)), url, shard_bytes=1000)
     s2 = Stream(url, cache_dir=str(tmp_path))
     assert s2[3]["name"] == "v2"
+
+
+def test_a_demanded_shard_is_handed_over_open_while_neighbours_evict_it(big_memory_dataset, tmp_path):
+    """Two readers of one cache directory (as two loader workers are) with room for one shard,
+    each demanding its own shard over and over: every demand evicts the other's. Each still
+    gets its shard, whole, every time: the fetch hands it over as a file opened under the lock
+    evictions take, not as a path the neighbour may empty before it is opened."""
+    url, index = big_memory_dataset
+    largest = max(s["bytes"] for s in index["shards"])
+    streams = [Stream(url, cache_dir=str(tmp_path), cache_bytes=largest, shuffle_window=2, prefetch=0)
+               for _ in range(2)]
+    fs, _ = storage.filesystem(url)
+    want = [fs.cat_file(storage.filesystem(streams[0].shards[i].url)[1]) for i in range(2)]
+    errors: list[BaseException] = []
+    start = threading.Barrier(2)
+
+    def demand(k: int) -> None:
+        start.wait()
+        try:
+            for _ in range(100):
+                with streams[k].cache.open(k) as f:
+                    time.sleep(0.001)  # the neighbour's demand evicts it meanwhile
+                    assert f.read() == want[k]
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=demand, args=(k,)) for k in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert sum(s.cache.stats["evictions"] for s in streams) > 10  # they did take the room from each other

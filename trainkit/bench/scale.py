@@ -405,8 +405,8 @@ def checkpoint_commit(world: int, params: float = 8e9) -> dict[str, Any]:
     group = SimulatedGroup(world, lambda r, own: (_rank_records(r, world, state), None))
     t0 = time.perf_counter()
     with group.installed():
-        commit_collectively(store, None, step, _rank_records(0, world, state), None, keep_last=2, keep_every=0,
-                            extra={"kind": "dcp"})
+        commit_collectively(store, None, step, _rank_records(0, world, state), None, world_size=world,
+                            keep_last=2, keep_every=0, extra={"kind": "dcp"})
     elapsed = time.perf_counter() - t0
     manifest = len(store.fs.cat_file(store.file_path(step, rundir.MANIFEST)))
     return {"manifest_bytes": manifest, "commit_s": elapsed, "collectives": dict(group.calls),

@@ -31,10 +31,11 @@ def agree(problem: str | None, group) -> str | None:
 
 
 def commit_collectively(store: CheckpointStore, group, step: int, records: dict[str, dict[str, Any]],
-                        err: str | None, *, keep_last: int, keep_every: int, extra: dict[str, Any],
-                        on_commit: Callable[[], None] | None = None) -> None:
+                        err: str | None, *, world_size: int, keep_last: int, keep_every: int,
+                        extra: dict[str, Any], on_commit: Callable[[], None] | None = None) -> None:
     """Every rank, after writing its files: gather (files, error) to rank 0, which writes the
-    manifest and moves ``latest`` only when no rank failed; the outcome is broadcast so every
+    manifest and moves ``latest`` only when no rank failed and all ``world_size`` ranks the
+    save was made by answered (a group torn down under a save in flight leaves one); the outcome is broadcast so every
     rank raises the same error or none. Then rank 0 applies retention (the checkpoint is
     committed already; a failed deletion is only logged)."""
     gathered = distributed.gather_object((records, err), group)
@@ -42,6 +43,8 @@ def commit_collectively(store: CheckpointStore, group, step: int, records: dict[
     if gathered is not None:
         world = len(gathered)
         errors = [e for _, e in gathered if e]
+        if world != world_size:
+            errors.append(f"{world} of the save's {world_size} ranks answered")
         if errors:
             outcome = "; ".join(errors)
         else:

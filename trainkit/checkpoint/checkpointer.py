@@ -77,6 +77,13 @@ def _dcp(call: Callable[[], Any]) -> Any:
         raise storage.Failures(_short(exc), [e for e, _tb in (exc.failures or {}).values()]) from None
 
 
+def _store_transient(exc: BaseException) -> bool:
+    """A save failure worth repeating: the store's transient errors, but not a peer's death,
+    whose gloo error reads like one ("Connection reset by peer") and which no retry mends."""
+    errors = exc.errors if isinstance(exc, storage.Failures) else [exc]
+    return not any(distributed.is_peer_loss(e) for e in errors) and storage.is_transient(exc)
+
+
 def _cause(exc: StorageError) -> BaseException:
     """What :func:`trainkit.storage.retry` gave up on."""
     return exc.__cause__ if exc.__cause__ is not None else exc
@@ -149,6 +156,11 @@ class DCPCheckpointer:
         # collectives (async DCP deadlocks on the training group while it trains) and the
         # commit/load agreement. Created collectively, here, on every rank.
         self._group = distributed.new_gloo_group(process_group, collective_timeout)
+        # The world every save is made and committed in. A save still in flight when the
+        # group is torn down (a launcher ending a worker whose peer died) must fail, not go on
+        # as a single process: its retry would commit one rank's part of the checkpoint.
+        self._distributed = distributed.initialized()
+        self._world = distributed.world(self._group)
         self._executor: ThreadPoolExecutor | None = None
         self._stager: _KeepStager | None = None
         self._pending: Future | None = None
@@ -172,7 +184,7 @@ class DCPCheckpointer:
 
     @property
     def world_size(self) -> int:
-        return distributed.world(self._group)
+        return self._world
 
     def _writer(self, step: int) -> TrackedFsspecWriter:
         url = self.store.step_url(step)
@@ -286,6 +298,7 @@ class DCPCheckpointer:
                 _dcp(upload.result)
                 return
             if tries > 1:
+                self._same_world(step)
                 writer = self._writer(step)
             sd = self._stager.result() if upload is not None else tensors
             _dcp(lambda: dcp.save(sd, storage_writer=writer, planner=self._planner(sd), process_group=self._group,
@@ -297,7 +310,8 @@ class DCPCheckpointer:
 
         try:
             try:
-                storage.retry(write, what=url, attempts=self.save_attempts, base_delay=0.4, on_retry=retrying)
+                storage.retry(write, what=url, attempts=self.save_attempts, base_delay=0.4, on_retry=retrying,
+                              transient=_store_transient)
             except StorageError as exc:
                 raise StorageError(f"{url}: DCP save failed: {_short(_cause(exc))}") from None
             records.update(writer.records)
@@ -310,8 +324,15 @@ class DCPCheckpointer:
             self._newest_committed = max(step, -1 if self._newest_committed is None else self._newest_committed)
             log.info("checkpoint step %d committed under %s (%.2fs)", step, self.root, self.last_save_s)
 
-        commit_collectively(self.store, self._group, step, records, err, keep_last=self.keep_last,
-                            keep_every=self.keep_every, extra={"kind": "dcp", "shards": SAFETENSORS}, on_commit=committed)
+        self._same_world(step)
+        commit_collectively(self.store, self._group, step, records, err, world_size=self._world,
+                            keep_last=self.keep_last, keep_every=self.keep_every,
+                            extra={"kind": "dcp", "shards": SAFETENSORS}, on_commit=committed)
+
+    def _same_world(self, step: int) -> None:
+        if distributed.initialized() != self._distributed:
+            raise StorageError(f"checkpoint step {step} under {self.root} was not committed: the process group "
+                               "was torn down while the save was in flight")
 
     def wait(self) -> None:
         """Blocks until the in-flight save is committed; raises its error if it failed."""

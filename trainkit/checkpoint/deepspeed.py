@@ -80,6 +80,7 @@ class DeepSpeedCheckpointer:
         self.overlap_staging = overlap_staging
         self.local_dir = local_dir
         self._group = distributed.new_gloo_group(process_group)
+        self._world = distributed.world(self._group)  # a commit needs every one of them
         self._executor: ThreadPoolExecutor | None = None
         self._pending: Future | None = None
         self.last_blocking_s = 0.0
@@ -112,7 +113,7 @@ class DeepSpeedCheckpointer:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         _, local = split_state(state, sharded=False)
-        rank_state = RankState.encode(step, self.rank, distributed.world(self._group), {}, local)
+        rank_state = RankState.encode(step, self.rank, self._world, {}, local)
         if self.async_save:
             if self._executor is None:
                 self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="trainkit-ds-ckpt")
@@ -150,7 +151,8 @@ class DeepSpeedCheckpointer:
             err = f"rank {self.rank}: {type(exc).__name__}: {exc}"
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-        commit_collectively(self.store, self._group, step, records, err, keep_last=self.keep_last,
+        commit_collectively(self.store, self._group, step, records, err, world_size=self._world,
+                            keep_last=self.keep_last,
                             keep_every=self.keep_every, extra={"kind": "deepspeed", "tag": tag})
         self.commits.append(step)
         log.info("DeepSpeed checkpoint step %d committed under %s", step, self.root)

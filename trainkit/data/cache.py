@@ -37,6 +37,8 @@ from collections.abc import Callable, Hashable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
+
 import numpy as np
 
 from trainkit import storage
@@ -237,12 +239,34 @@ class ShardCache:
     # -- public ------------------------------------------------------------------------
     def path(self, i: int) -> str:
         """Local path of shard ``i``, fetching it now if needed (blocks)."""
-        self._check_pid()
+        return self._get(i, hold=False)
+
+    def open(self, i: int) -> BinaryIO:
+        """Shard ``i`` as an open file, fetching it now if needed (blocks). An open file stays
+        readable when a neighbour evicts it, so a fetched shard is opened under the lock that
+        evictions take: fetched, then opened by its path, two processes demanding each other's
+        shards from a tight cache evicted each one's fetch before it was opened, again and again."""
+        return self._get(i, hold=True)
+
+    def _here(self, i: int, hold: bool) -> str | BinaryIO | None:
         final = self.dir / self.shards[i].local_name
-        if i in self._present or final.exists():
-            self._present.add(i)
+        if hold:
+            try:
+                f = open(final, "rb")  # noqa: SIM115 - the caller's to close
+            except FileNotFoundError:
+                self._present.discard(i)
+                return None
+        elif not (i in self._present or final.exists()):
+            return None
+        self._present.add(i)
+        return f if hold else str(final)
+
+    def _get(self, i: int, hold: bool):
+        self._check_pid()
+        got = self._here(i, hold)
+        if got is not None:
             self.stats["hits"] += 1
-            return str(final)
+            return got
         with self._mutex:
             fut = self._inflight.get(i)
             gated = i in self._gated
@@ -250,13 +274,14 @@ class ShardCache:
             self._done(i, fut)  # (a gated prefetch finds it fetched, or being fetched, and returns)
             fut = None
         if fut is not None:
-            got = fut.result()
-            if got is not None and os.path.exists(got):
-                self.stats["waits"] += 1
-                return got
+            if fut.result() is not None:
+                got = self._here(i, hold)
+                if got is not None:
+                    self.stats["waits"] += 1
+                    return got
         elif self.follow_wait > 0:
             self._await_leader(i)
-        return self._fetch(i, demand=True)
+        return self._fetch(i, demand=True, hold=hold)
 
     def ready(self, i: int) -> bool:
         """Whether shard ``i`` is here (``path`` would not wait)."""
@@ -459,15 +484,19 @@ class ShardCache:
             tmp.touch()
             return str(tmp)
 
-    def _fetch(self, i: int, demand: bool) -> str | None:
+    def _fetch(self, i: int, demand: bool, hold: bool = False):
+        """Shard ``i``'s path (``hold``: an open file, opened under the lock the shard entered
+        the cache under), or None for a prefetch that is not admitted."""
         shard = self.shards[i]
         final = self.dir / shard.local_name
         delay = 0.005
         while True:
             r = self._admit(i, demand)
             if r == _PRESENT:
-                self._present.add(i)
-                return str(final)
+                got = self._here(i, hold)
+                if got is None:  # evicted since: admitted again, and fetched
+                    continue
+                return got
             if r in (_BUSY, _DEFERRED):
                 if not demand:
                     return None
@@ -479,6 +508,7 @@ class ShardCache:
                 download_verified(shard, tmp, lambda: self.fs_for(shard.url))
                 with self._locked():  # every change of the directory's listing is made under the lock
                     os.replace(tmp, final)
+                    held = open(final, "rb") if hold else None  # noqa: SIM115 - the caller's to close
             except BaseException:
                 try:
                     os.unlink(tmp)
@@ -491,7 +521,7 @@ class ShardCache:
             self._present.add(i)
             if self.on_fetched is not None:
                 self.on_fetched(self._by_local[shard.local_name])
-            return str(final)
+            return held if hold else str(final)
 
 
 class LocalShards:
@@ -532,6 +562,9 @@ class LocalShards:
                         raise StorageError(f"{shard.url}: corrupt shard: sha256 {digest}, index says {shard.sha256}")
                 self._ok.add(i)
         return p
+
+    def open(self, i: int) -> BinaryIO:
+        return open(self.path(i), "rb")  # noqa: SIM115 - the caller's to close
 
     def advance(self, position: int, ahead: int, evict_position: int | None = None) -> None:
         pass

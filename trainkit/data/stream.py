@@ -254,19 +254,12 @@ class Stream:
                     log.debug("opening %s after its fetch failed: %s", self.shards[i].url, exc)
 
     def _open_map(self, i: int) -> tuple[mmap.mmap, Any, str, int]:
-        for attempt in range(5):
-            path = self.cache.path(i)
-            try:
-                with open(path, "rb") as f:
-                    # the page tables at once: not a fault per 4 KiB page on first touch
-                    mm = mmap.mmap(f.fileno(), 0, flags=mmap.MAP_SHARED | _POPULATE, prot=mmap.PROT_READ)
-                    ino = os.fstat(f.fileno()).st_ino
-            except FileNotFoundError:
-                self.cache.forget(i)
-                continue  # evicted between the check and the open: fetch again
-            return mm, self.source.open(i, mm), path, ino
-        raise StorageError(f"{self.shards[i].url}: evicted from the cache faster than it can be read; "
-                           "raise cache_bytes")
+        with self.cache.open(i) as f:
+            # the page tables at once: not a fault per 4 KiB page on first touch
+            mm = mmap.mmap(f.fileno(), 0, flags=mmap.MAP_SHARED | _POPULATE, prot=mmap.PROT_READ)
+            ino = os.fstat(f.fileno()).st_ino
+            path = f.name
+        return mm, self.source.open(i, mm), path, ino
 
     def _mapping(self, i: int) -> tuple:
         self._reading_pid = os.getpid()

@@ -15,17 +15,10 @@ from typing import Any
 
 from torch.distributed.elastic.multiprocessing.errors import record
 
+from trainkit.distributed import is_peer_loss
 from trainkit.errors import EXIT_PREEMPTED, Preempted, TrainkitError
 
 PEER_LOST = "lost a peer worker"
-
-
-def is_peer_loss(exc: BaseException) -> bool:
-    """A rank whose peer died: the peer's own error explains the job, not this one."""
-    text = str(exc)
-    return isinstance(exc, RuntimeError) and any(
-        m in text for m in ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
-    )
 
 
 def exit_for(exc: BaseException) -> tuple[int, str] | None:
