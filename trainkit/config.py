@@ -164,7 +164,7 @@ class PreemptionConfig:
     poll_seconds: float = 5.0
     # The ranks agree on a stop or a timer save at most this often (in whole steps; 0: every
     # step). A stop lands at most this much plus one step after the notice.
-    agree_every_s: float = 0.1
+    agree_every_s: float = 0.5
 
     def check(self, cfg: Config) -> None:
         positive("preemption.grace_seconds", self.grace_seconds)

@@ -80,5 +80,29 @@ def main(a: dict) -> None:
         dist.destroy_process_group()
 
 
+def period(a: dict) -> None:
+    """Steps of ``step_s`` with a pause of ``pause_s`` at every ``pause_every``-th boundary (a
+    logging step, a save): each rank writes at which boundaries the agreement sent."""
+    import torch.distributed as dist
+
+    from trainkit import distributed
+    from trainkit.preemption import StepAgreement
+
+    with distributed.exit_guard():
+        dist.init_process_group("gloo", rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
+        distributed.keep_until_exit(dist.group.WORLD)
+        agreement = StepAgreement(every_s=a["every_s"])
+        sent = []
+        for step in range(1, a["steps"] + 1):
+            time.sleep(a["step_s"] + (a["pause_s"] if step % a["pause_every"] == 0 else 0.0))
+            agreement.decide(False, False)
+            sent.append(agreement.submitted)
+        agreement.drain()
+        with open(os.path.join(a["out"], f"rank{dist.get_rank()}.json"), "w") as f:
+            json.dump(sent, f)
+        dist.destroy_process_group()
+
+
 if __name__ == "__main__":
-    main(json.loads(sys.argv[1]))
+    args = json.loads(sys.argv[1])
+    period(args) if args.get("mode") == "period" else main(args)

@@ -30,12 +30,7 @@ def _first(flags: list[list[bool]], index: int) -> int | None:
     return next((i + 1 for i, f in enumerate(flags) if f[index]), None)
 
 
-@pytest.mark.parametrize("every_s, rounds", [(0.0, 40), (0.01, 20)], ids=["every-step", "every-10ms"])
-def test_every_rank_stops_and_saves_at_the_agreed_step(tmp_path, every_s, rounds):
-    out = tmp_path / "out"
-    out.mkdir()
-    args = {"root": str(tmp_path / "ck"), "out": str(out), "rounds": rounds, "seed": 7, "max_flag_step": 12,
-            "every_s": every_s}
+def _run_workers(args: dict) -> None:
     port = free_port()
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
                OMP_NUM_THREADS="1", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -49,6 +44,15 @@ def test_every_rank_stops_and_saves_at_the_agreed_step(tmp_path, every_s, rounds
             if p.poll() is None:
                 p.kill()
     assert [p.returncode for p in procs] == [0, 0], errs
+
+
+@pytest.mark.parametrize("every_s, rounds", [(0.0, 40), (0.01, 20)], ids=["every-step", "every-10ms"])
+def test_every_rank_stops_and_saves_at_the_agreed_step(tmp_path, every_s, rounds):
+    out = tmp_path / "out"
+    out.mkdir()
+    args = {"root": str(tmp_path / "ck"), "out": str(out), "rounds": rounds, "seed": 7, "max_flag_step": 12,
+            "every_s": every_s}
+    _run_workers(args)
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
     step = 0
     for r, (a, b) in enumerate(zip(*ranks)):
@@ -93,3 +97,19 @@ def test_every_rank_stops_and_saves_at_the_agreed_step(tmp_path, every_s, rounds
     if every_s:
         assert not all(all(a["sent"]) for a in ranks[0]), "rank 0 never proposed a period longer than a step"
     assert Checkpointer(args["root"]).latest_step() == step
+
+
+def test_pauses_at_some_boundaries_do_not_shorten_the_period(tmp_path):
+    """Steps of 5 ms with a 100 ms pause at every 4th boundary (a save, a logging step), at most
+    one send per 50 ms: the step time is the median interval, so the ranks send about every 10
+    steps. Counted as the time between sends over the steps in between, the pauses made it
+    one or two steps, and the agreement's collective ran at nearly every boundary."""
+    out = tmp_path / "out"
+    out.mkdir()
+    args = {"mode": "period", "out": str(out), "steps": 120, "every_s": 0.05, "step_s": 0.005,
+            "pause_every": 4, "pause_s": 0.1}
+    _run_workers(args)
+    sent = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+    assert sent[0] == sent[1]  # one schedule
+    later = sent[0][20:]  # after the first intervals are measured
+    assert sum(later) <= len(later) // 6, sent[0]

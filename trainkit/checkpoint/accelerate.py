@@ -60,7 +60,7 @@ class AcceleratorCheckpoints:
     def __init__(self, accelerator: Any, run_dir: str, *, every_steps: int = 0, every_seconds: float = 0.0,
                  keep_last: int = 2, async_save: bool = True,
                  signals: Iterable[str] = ("SIGTERM", "SIGINT", "SIGUSR1"), aws_endpoint: str = "",
-                 gcp_endpoint: str = "", poll_seconds: float = 5.0, agree_every_s: float = 0.1) -> None:
+                 gcp_endpoint: str = "", poll_seconds: float = 5.0, agree_every_s: float = 0.5) -> None:
         global created
         from trainkit.checkpoint import Checkpointer, SavePolicy
         from trainkit.metrics import JsonlLog

@@ -10,9 +10,10 @@ one step after the earliest flag, deterministically, with no host-device synchro
 The collective is cheap (~0.15-0.35 ms of host time on 2 gloo ranks) but not free: on a
 step of a few milliseconds, one per step is a few per cent. So with ``every_s`` > 0
 (``preemption.agree_every_s``) the flags are sent only once per that many seconds, in whole
-steps: rank 0 measures the step time and proposes the next period inside the same
-all-reduce, so every rank learns it at the same boundary and all keep one schedule. Flags
-raised between two sends are kept and go with the next one; a stop then lands at most one
+steps: rank 0 measures the step time (the median of the last boundaries' intervals, so a
+save, an evaluation or a logging step does not shorten the period) and proposes the next
+period inside the same all-reduce, so every rank learns it at the same boundary and all
+keep one schedule. Flags raised between two sends are kept and go with the next one; a stop then lands at most one
 period plus one step after the flag, still the same step on every rank.
 
 Step-based saves (``every_steps``) need no agreement: every rank computes them alike.
@@ -26,7 +27,9 @@ any rank said due, so it may itself be a collective, and returns True to stop th
 
 from __future__ import annotations
 
+import statistics
 import time
+from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,6 +43,8 @@ from trainkit.preemption.watcher import PreemptionWatcher
 _HOOKS: list[Any] = []
 # The longest period, in steps, between two sends (bounds the stop latency of very fast steps).
 MAX_PERIOD = 1000
+# Boundary intervals the step time is the median of.
+STEP_SAMPLES = 16
 
 
 def add_boundary_hook(hook: Any) -> None:
@@ -78,7 +83,8 @@ class StepAgreement:
         self._period = 1  # boundaries from one send to the next: the same on every rank
         self._wait = 0  # boundaries left before the next send
         self._held = (False, False)  # flags raised since the last send
-        self._sent_at: float | None = None
+        self._boundary_at: float | None = None
+        self._intervals: deque[float] = deque(maxlen=STEP_SAMPLES)
         self.submitted = False
 
     @property
@@ -89,6 +95,11 @@ class StepAgreement:
     def decide(self, stop: bool, save: bool) -> Decision:
         if self._group is None:
             return Decision(self._act([h.due() for h in self._hooks]) or stop, save)
+        if self._proposer and self._every_s > 0:
+            now = time.perf_counter()
+            if self._boundary_at is not None:
+                self._intervals.append(now - self._boundary_at)
+            self._boundary_at = now
         self._held = (self._held[0] or stop, self._held[1] or save)
         if self._pending is not None:
             decision = self._collect()
@@ -104,12 +115,10 @@ class StepAgreement:
     def _send(self) -> None:
         held_stop, held_save = self._held
         self._held = (False, False)
-        now = time.perf_counter()
         proposal = 1
-        if self._proposer and self._every_s > 0 and self._sent_at is not None:
-            step_s = (now - self._sent_at) / self._period
+        if self._proposer and self._intervals:
+            step_s = statistics.median(self._intervals)
             proposal = max(1, min(MAX_PERIOD, int(self._every_s / max(step_s, 1e-9))))
-        self._sent_at = now
         flags = torch.tensor([int(held_stop), int(held_save), proposal if self._proposer else 0,
                               *(int(h.due()) for h in self._hooks)], dtype=torch.int32)
         work = dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self._group, async_op=True)
