@@ -22,7 +22,7 @@ from launching import ROOT, launch
 from trainkit import rundir
 
 SCRIPT = ROOT / "docs" / "examples" / "accelerate_loop.py"
-STEPS = 100
+STEPS = 400  # after the SIGTERM the run must outlast the agreement's period (0.5 s; ~4 ms steps)
 
 
 def _args(run_dir: Path) -> list[str]:

@@ -35,8 +35,8 @@ def commit_collectively(store: CheckpointStore, group, step: int, records: dict[
                         extra: dict[str, Any], on_commit: Callable[[], None] | None = None) -> None:
     """Every rank, after writing its files: gather (files, error) to rank 0, which writes the
     manifest and moves ``latest`` only when no rank failed and all ``world_size`` ranks the
-    save was made by answered (a group torn down under a save in flight leaves one); the outcome is broadcast so every
-    rank raises the same error or none. Then rank 0 applies retention (the checkpoint is
+    save was made by answered (a group torn down under a save in flight leaves one); the
+    outcome is broadcast so every rank raises the same error or none. Then rank 0 applies retention (the checkpoint is
     committed already; a failed deletion is only logged)."""
     gathered = distributed.gather_object((records, err), group)
     outcome: str | None = None

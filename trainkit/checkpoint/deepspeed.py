@@ -152,8 +152,8 @@ class DeepSpeedCheckpointer:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         commit_collectively(self.store, self._group, step, records, err, world_size=self._world,
-                            keep_last=self.keep_last,
-                            keep_every=self.keep_every, extra={"kind": "deepspeed", "tag": tag})
+                            keep_last=self.keep_last, keep_every=self.keep_every,
+                            extra={"kind": "deepspeed", "tag": tag})
         self.commits.append(step)
         log.info("DeepSpeed checkpoint step %d committed under %s", step, self.root)
 

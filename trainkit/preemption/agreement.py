@@ -13,8 +13,8 @@ step of a few milliseconds, one per step is a few per cent. So with ``every_s`` 
 steps: rank 0 measures the step time (the median of the last boundaries' intervals, so a
 save, an evaluation or a logging step does not shorten the period) and proposes the next
 period inside the same all-reduce, so every rank learns it at the same boundary and all
-keep one schedule. Flags raised between two sends are kept and go with the next one; a stop then lands at most one
-period plus one step after the flag, still the same step on every rank.
+keep one schedule. Flags raised between two sends are kept and go with the next one; a stop
+then lands at most one period plus one step after the flag, still the same step on every rank.
 
 Step-based saves (``every_steps``) need no agreement: every rank computes them alike.
 One process has no peers: its own flags count at once.
