@@ -16,7 +16,7 @@ from trainkit import rundir
 
 SCRIPT = ROOT / "docs" / "examples" / "train_script.py"
 HERE = Path(__file__).resolve().parent
-STEPS = 150
+STEPS = 400  # after the SIGTERM the run must outlast the agreement's period (0.5 s)
 
 
 def script_args(run_dir: Path, *extra: str) -> list[str]:

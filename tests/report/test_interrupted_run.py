@@ -20,7 +20,9 @@ from trainkit.report.goodput import goodput
 
 # Spot capacity at $0.90 an hour per worker, $3.00 on demand.
 PRICES = ["cost.spot=true", "cost.per=worker", "cost.spot_usd_per_hour=0.9", "cost.on_demand_usd_per_hour=3.0"]
-ARGS = [*RESNET_TINY, "strategy=ddp", "launcher.workers=2", "trainer.max_steps=40", "checkpoint.every_steps=5",
+# Enough steps that the run outlasts the stop agreement's period (0.5 s) after the SIGTERM.
+STEPS = 120
+ARGS = [*RESNET_TINY, "strategy=ddp", "launcher.workers=2", f"trainer.max_steps={STEPS}", "checkpoint.every_steps=5",
         "checkpoint.async_save=false", *PRICES]
 
 
@@ -67,7 +69,7 @@ def test_goodput_and_recomputed_steps_of_an_interrupted_run(tmp_path: Path) -> N
     assert result["crashes"] == 1 and result["preemptions"] == 1
     assert result["recomputed_steps"] == killed_at - restored_first
     assert 0 < result["goodput"] < 1
-    assert [r["step"] for r in rows] == list(range(1, 41))
+    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
 
     # Every bucket the interruptions cause is there, and the named ones explain the wall time.
     badput, wall = result["badput_s"], result["wall_s"]
@@ -85,7 +87,7 @@ def test_goodput_and_recomputed_steps_of_an_interrupted_run(tmp_path: Path) -> N
     assert cost["lost_to_preemption_usd"] == pytest.approx(result["interruption_s"] * 2 * 0.9 / 3600)
     assert cost["saving_vs_on_demand_usd"] == pytest.approx((wall - result["interruption_s"]) * 2 * 3.0 / 3600
                                                             - cost["usd"])
-    assert cost["usd_per_1k_steps"] == pytest.approx(cost["usd"] / 40 * 1000)
+    assert cost["usd_per_1k_steps"] == pytest.approx(cost["usd"] / STEPS * 1000)
 
     out = subprocess.run([sys.executable, "-m", "trainkit.report", str(run)], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
