@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import torch
 from safetensors.torch import load_file
@@ -65,3 +67,22 @@ def test_a_save_whose_peer_died_is_never_committed(tmp_path):
     assert raised and "not committed" in raised, (raised, log)
     assert "retrying" not in log, log
     assert Checkpointer(root, async_save=False).steps() == [1]
+
+
+def test_a_checkpointer_made_before_the_process_group_says_so(tmp_path):
+    """Made before init_process_group, it would save in a world it was not made for: the save
+    is not committed, and the error says what to change."""
+    code = f"""
+import torch, torch.distributed as dist
+from trainkit.checkpoint import Checkpointer
+ck = Checkpointer({str(tmp_path / 'ck')!r}, async_save=False)
+dist.init_process_group("gloo", init_method={('file://' + str(tmp_path / 'rdzv'))!r}, rank=0, world_size=1)
+try:
+    ck.save(1, {{"w": torch.ones(2)}})
+except Exception as exc:
+    print("RAISED", exc)
+dist.destroy_process_group()
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=str(ckpt_mp.REPO))
+    assert "RAISED" in out.stdout and "after init_process_group" in out.stdout, out.stdout + out.stderr
+    assert Checkpointer(str(tmp_path / "ck"), async_save=False).steps() == []

@@ -330,9 +330,12 @@ class DCPCheckpointer:
                             extra={"kind": "dcp", "shards": SAFETENSORS}, on_commit=committed)
 
     def _same_world(self, step: int) -> None:
-        if distributed.initialized() != self._distributed:
-            raise StorageError(f"checkpoint step {step} under {self.root} was not committed: the process group "
-                               "was torn down while the save was in flight")
+        if distributed.initialized() == self._distributed:
+            return
+        why = ("the process group was torn down while the save was in flight" if self._distributed else
+               "torch.distributed was initialized after the Checkpointer was made (make it after "
+               "init_process_group, on every rank)")
+        raise StorageError(f"checkpoint step {step} under {self.root} was not committed: {why}")
 
     def wait(self) -> None:
         """Blocks until the in-flight save is committed; raises its error if it failed."""
