@@ -105,4 +105,7 @@ def period(a: dict) -> None:
 
 if __name__ == "__main__":
     args = json.loads(sys.argv[1])
-    period(args) if args.get("mode") == "period" else main(args)
+    if args.get("mode") == "period":
+        period(args)
+    else:
+        main(args)
