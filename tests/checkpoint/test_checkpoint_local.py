@@ -511,3 +511,15 @@ def test_cached_save_plans_write_the_same_files_and_replan_when_the_tree_changes
         extra = {"t": torch.zeros(6, dtype=want.dtype)}
         assert Checkpointer(str(root)).load({**state_of(m, o, {"step": 0}), "extra": extra}, step=s) == s
         assert extra["t"].dtype == want.dtype and torch.equal(extra["t"], want)
+
+
+def test_a_commit_needs_every_rank_the_save_was_made_by(tmp_path):
+    """A save made by 2 ranks whose commit only one answers (its group torn down while the save
+    was in flight, so the gather falls back to this process) is not committed."""
+    from trainkit.checkpoint._protocol import commit_collectively
+    from trainkit.checkpoint._store import CheckpointStore
+
+    store = CheckpointStore(str(tmp_path / "ck"))
+    with pytest.raises(StorageError, match="1 of the save's 2 ranks answered"):
+        commit_collectively(store, None, 3, {}, None, world_size=2, keep_last=2, keep_every=0, extra={"kind": "dcp"})
+    assert store.committed_steps() == []

@@ -156,9 +156,9 @@ class DCPCheckpointer:
         # collectives (async DCP deadlocks on the training group while it trains) and the
         # commit/load agreement. Created collectively, here, on every rank.
         self._group = distributed.new_gloo_group(process_group, collective_timeout)
-        # The world every save is made and committed in. A save still in flight when the
-        # group is torn down (a launcher ending a worker whose peer died) must fail, not go on
-        # as a single process: its retry would commit one rank's part of the checkpoint.
+        # The world every save is made and committed in: a commit needs all of it, so a save
+        # still in flight when the group is torn down (a launcher ending a worker whose peer
+        # died) fails instead of committing one rank's part of the checkpoint.
         self._distributed = distributed.initialized()
         self._world = distributed.world(self._group)
         self._executor: ThreadPoolExecutor | None = None
@@ -241,6 +241,10 @@ class DCPCheckpointer:
         _quiet_dcp()
         self.wait()
         step = int(step)
+        if distributed.initialized() != self._distributed:
+            why = ("its process group is gone" if self._distributed else "torch.distributed was initialized after "
+                   "the Checkpointer was made (make it after init_process_group, on every rank)")
+            raise StorageError(f"checkpoint step {step} under {self.root} was not committed: {why}")
         if self._already_committed(step):
             log.info("checkpoint step %d already committed under %s; not saving it again", step, self.root)
             self.last_blocking_s = time.perf_counter() - t0
@@ -298,7 +302,6 @@ class DCPCheckpointer:
                 _dcp(upload.result)
                 return
             if tries > 1:
-                self._same_world(step)
                 writer = self._writer(step)
             sd = self._stager.result() if upload is not None else tensors
             _dcp(lambda: dcp.save(sd, storage_writer=writer, planner=self._planner(sd), process_group=self._group,
@@ -324,18 +327,9 @@ class DCPCheckpointer:
             self._newest_committed = max(step, -1 if self._newest_committed is None else self._newest_committed)
             log.info("checkpoint step %d committed under %s (%.2fs)", step, self.root, self.last_save_s)
 
-        self._same_world(step)
         commit_collectively(self.store, self._group, step, records, err, world_size=self._world,
                             keep_last=self.keep_last, keep_every=self.keep_every,
                             extra={"kind": "dcp", "shards": SAFETENSORS}, on_commit=committed)
-
-    def _same_world(self, step: int) -> None:
-        if distributed.initialized() == self._distributed:
-            return
-        why = ("the process group was torn down while the save was in flight" if self._distributed else
-               "torch.distributed was initialized after the Checkpointer was made (make it after "
-               "init_process_group, on every rank)")
-        raise StorageError(f"checkpoint step {step} under {self.root} was not committed: {why}")
 
     def wait(self) -> None:
         """Blocks until the in-flight save is committed; raises its error if it failed."""
