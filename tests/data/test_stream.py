@@ -21,7 +21,8 @@ def _roundtrip(url: str, cache_dir, n: int = 60) -> Stream:
     assert index["num_samples"] == n and index["num_shards"] > 3
     assert set(index["schema"]) == {"id", "x", "y", "raw", "name"}
     assert index["schema"]["x"] == {"kind": "tensor", "dtype": "float32"}
-    assert all(len(s["sha256"]) == 64 for s in index["shards"])
+    assert all(len(s["sha256"]) == 64 and len(s["crc32c"]) == 8 for s in index["shards"])
+    assert index["checksum"] == "crc32c, sha256"
     assert read_index(url) == index
     stream = Stream(url, cache_dir=str(cache_dir), shuffle_window=2)
     assert len(stream) == n
@@ -117,17 +118,28 @@ def _corrupt(url: str, name: str) -> None:
     fs.pipe_file(path, bytes(data))
 
 
+def _as_written_before_crc32c(url: str, index: dict) -> None:
+    """The index as trainkit wrote it before shards carried a CRC32C: sha256 only."""
+    old = {**index, "checksum": "sha256", "shards": [{k: v for k, v in s.items() if k != "crc32c"}
+                                                     for s in index["shards"]]}
+    fs, path = storage.filesystem(storage.join(url, "index.json"))
+    fs.pipe_file(path, json.dumps(old).encode())
+
+
+@pytest.mark.parametrize("checksum", ["crc32c", "sha256"])
 @pytest.mark.parametrize("where", ["file", "memory", "s3"])
-def test_corrupt_shard_names_its_url(where, tmp_path, memory_url, request):
+def test_corrupt_shard_names_its_url(where, checksum, tmp_path, memory_url, request):
     url = {"file": lambda: "file://" + str(tmp_path / "ds"), "memory": lambda: memory_url,
            "s3": lambda: request.getfixturevalue("s3_url")}[where]()
     index = write_shards(make_samples(40), url, shard_bytes=1000)
+    if checksum == "sha256":
+        _as_written_before_crc32c(url, index)
     bad = index["shards"][1]["name"]
     _corrupt(url, bad)
     stream = Stream(url, cache_dir=str(tmp_path / "cache"))
     first_of_bad = index["shards"][0]["samples"]
     stream[0]  # a good shard still reads
-    with pytest.raises(StorageError, match=rf"{url}/{bad}.*(corrupt|sha256)"):
+    with pytest.raises(StorageError, match=rf"{url}/{bad}: corrupt shard: {checksum} [0-9a-f]+, index says"):
         stream[first_of_bad]
     if stream.cache_dir is not None:  # nothing half-verified is left in the cache
         assert not [p for p in stream.cache_dir.iterdir() if p.name.startswith(bad)]

@@ -82,7 +82,8 @@ class TrainkitSource:
         self.index = index if index is not None else read_index(self.url)
         self.schema: dict[str, dict[str, str]] = self.index["schema"]
         self.shards = [
-            ShardInfo(s["name"], storage.join(self.url, s["name"]), int(s["samples"]), int(s["bytes"]), s["sha256"])
+            ShardInfo(s["name"], storage.join(self.url, s["name"]), int(s["samples"]), int(s["bytes"]), s["sha256"],
+                      crc32c=s.get("crc32c", ""))
             for s in self.index["shards"]
         ]
         if sum(s.num_samples for s in self.shards) != int(self.index["num_samples"]):

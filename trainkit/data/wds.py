@@ -13,7 +13,6 @@ Without an index the dataset is refused with the command that builds it.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import tarfile
 from concurrent.futures import ThreadPoolExecutor
@@ -23,7 +22,7 @@ import numpy as np
 
 from trainkit import storage
 from trainkit.data.batch import default_collate
-from trainkit.data.cache import ShardInfo
+from trainkit.data.cache import ShardInfo, checksums
 from trainkit.errors import ConfigError, StorageError
 
 INDEX = "wds-index.json"
@@ -52,14 +51,13 @@ def _split_key(name: str) -> tuple[str, str]:
 
 
 def index_tar(url: str) -> dict[str, Any]:
-    """One tar's entry of the index: its size, sha256 and each sample's member offsets."""
+    """One tar's entry of the index: its size, checksums and each sample's member offsets."""
 
-    def read() -> tuple[bytes, str]:
+    def read() -> bytes:
         fs, path = storage.filesystem(url)
-        data = fs.cat_file(path)
-        return data, hashlib.sha256(data).hexdigest()
+        return fs.cat_file(path)
 
-    data, digest = storage.retry(read, what=url)
+    data = storage.retry(read, what=url)
     import io
 
     samples: list[tuple[str, dict[str, list[int]]]] = []
@@ -79,7 +77,7 @@ def index_tar(url: str) -> dict[str, Any]:
         if sorted(members) != fields:
             raise ConfigError(f"{url}: sample {key!r} has {sorted(members)}, the first sample has {fields}; "
                               "every sample needs the same extensions")
-    return {"name": url.rsplit("/", 1)[-1], "url": url, "bytes": len(data), "sha256": digest, "fields": fields,
+    return {"name": url.rsplit("/", 1)[-1], "url": url, "bytes": len(data), **checksums(data), "fields": fields,
             "keys": [k for k, _ in samples], "members": [[m[f] for f in fields] for _, m in samples]}
 
 
@@ -130,7 +128,7 @@ class WebDatasetSource:
         self._members = [np.asarray(s["members"], dtype=np.int64).reshape(len(s["keys"]), len(self.fields), 2)
                          for s in index["shards"]]
         self.shards = [ShardInfo(s["name"].replace("/", "__"), storage.join(self.url, s["name"]), len(s["keys"]),
-                                 int(s["bytes"]), s["sha256"]) for s in index["shards"]]
+                                 int(s["bytes"]), s["sha256"], crc32c=s.get("crc32c", "")) for s in index["shards"]]
 
     def open(self, i: int, buf: Any) -> int:
         if len(buf) != self.shards[i].bytes:

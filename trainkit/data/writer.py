@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import threading
@@ -13,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from trainkit import storage
+from trainkit.data.cache import checksums
 from trainkit.data.format import (FORMAT, INDEX_NAME, SHARD_SUFFIX, VERSION, Encoded, build_shard, encode_sample,
                                   encoded_size, schema_of)
 from trainkit.errors import ConfigError
@@ -82,9 +82,9 @@ class ShardWriter:
     def _upload(self, name: str, encoded: list[Encoded]) -> dict[str, Any]:
         try:
             data = build_shard(encoded, self.schema)
-            digest = hashlib.sha256(data).hexdigest()
+            sums = checksums(data)
             _put(storage.join(self.url, name), data)
-            return {"name": name, "samples": len(encoded), "bytes": len(data), "sha256": digest}
+            return {"name": name, "samples": len(encoded), "bytes": len(data), **sums}
         finally:
             self._slots.release()
 
@@ -105,7 +105,7 @@ class ShardWriter:
             "num_shards": len(shards),
             "total_bytes": sum(s["bytes"] for s in shards),
             "schema": self.schema,
-            "checksum": "sha256",
+            "checksum": ", ".join(k for k in ("crc32c", "sha256") if k in shards[0]),
             "shards": shards,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             **self.extra,
