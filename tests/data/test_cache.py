@@ -178,3 +178,36 @@ def test_a_demanded_shard_is_handed_over_open_while_neighbours_evict_it(big_memo
         t.join()
     assert not errors, errors
     assert sum(s.cache.stats["evictions"] for s in streams) > 10  # they did take the room from each other
+
+
+def test_a_shard_being_read_keeps_its_mapping_and_holds_up_no_other(big_memory_dataset, tmp_path):
+    """A long read of one mapped shard (a fill of a window's batches) must not keep the threads
+    that map what they just fetched waiting, and a drop of that shard meanwhile (the window
+    moved on, an eviction) closes its mapping only once the read is over."""
+    url, index = big_memory_dataset
+    stream = Stream(url, cache_dir=str(tmp_path), shuffle_window=2, prefetch=0)
+    fs, _ = storage.filesystem(url)
+    want = fs.cat_file(storage.filesystem(stream.shards[0].url)[1])
+    inside, go = threading.Event(), threading.Event()
+    got: list = []
+
+    def long_read(buf, _state):
+        inside.set()
+        go.wait(30)
+        got.append((buf, bytes(buf[:])))
+
+    reader = threading.Thread(target=stream._read, args=(0, long_read))
+    reader.start()
+    assert inside.wait(30)
+    others = threading.Thread(target=lambda: (stream._mapping(1), stream._drop_map(0)))
+    others.start()
+    others.join(5)
+    held_up = others.is_alive()
+    go.set()
+    reader.join(30)
+    others.join(30)
+    assert not held_up, "mapping another shard waited for a read of shard 0 to end"
+    (buf, data), = got
+    assert data == want  # read whole after its mapping was dropped
+    assert buf.closed and 0 not in stream._maps  # and closed once the read was over
+    stream.close()

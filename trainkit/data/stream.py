@@ -8,7 +8,7 @@ import mmap
 import os
 import threading
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Sequence
 from typing import Any
 
@@ -118,6 +118,8 @@ class Stream:
         self._hlock = threading.Lock()
         self._maps: OrderedDict[int, tuple] = OrderedDict()  # shard -> (mmap, source state, path, inode)
         self._opening: dict[int, threading.RLock] = {}  # shard -> held while this process opens it
+        self._reads: Counter[int] = Counter()  # id(mmap) -> reads of it in progress
+        self._unmap: dict[int, mmap.mmap] = {}  # dropped while being read: closed when the last read ends
         self._maps_pid = os.getpid()
         self._map_key: tuple | None = None
         self._batch_shards = 0  # shards the batch being read touches: all stay mapped while it is
@@ -228,15 +230,22 @@ class Stream:
         if self._maps_pid != os.getpid():  # after fork: the parent's mappings are not ours
             self._maps, self._maps_pid = OrderedDict(), os.getpid()
             self._hlock = threading.Lock()
-            self._opening = {}
+            self._opening, self._reads, self._unmap = {}, Counter(), {}
         return self._maps
 
     def _drop_map(self, i: int) -> None:
         with self._hlock:
             m = self._maps_for_pid().pop(i, None)
             self._opening.pop(i, None)
-        if m is not None:
-            _close(m[0])
+            if m is not None:
+                self._unmap_locked(m[0])
+
+    def _unmap_locked(self, mm: mmap.mmap) -> None:
+        """Closes a dropped mapping now, or when the reads in progress of it end (``_hlock`` held)."""
+        if self._reads[id(mm)]:
+            self._unmap[id(mm)] = mm
+        else:
+            _close(mm)
 
     def _open_fetched(self, shards: list[int]) -> None:
         """In the thread that just fetched them: the shards of the reader's current window are
@@ -287,9 +296,9 @@ class Stream:
                     while len(maps) > max(self.shuffle_window + 2, self._batch_shards):
                         gone, (mm_old, *_rest) = maps.popitem(last=False)
                         self._opening.pop(gone, None)
-                        _close(mm_old)
-            if old is not None:
-                _close(old[0])
+                        self._unmap_locked(mm_old)
+                    if old is not None:
+                        self._unmap_locked(old[0])
         return m
 
     def _opening_lock(self, i: int) -> threading.RLock:
@@ -301,15 +310,29 @@ class Stream:
             return self._opening.setdefault(i, threading.RLock())
 
     def _read(self, i: int, fn):
-        """``fn(mapped shard, header)`` for shard ``i``, under the lock that keeps the mapping
-        open while ``fn`` reads it."""
+        """``fn(mapped shard, header)`` for shard ``i``; the mapping stays open while ``fn`` reads
+        it (a drop meanwhile closes it after). Reads are counted rather than done under
+        ``_hlock``: a fill of a whole window's batches holding it kept the download threads, which
+        map what they fetched, from starting their next downloads."""
         for _attempt in range(5):
             m = self._mapping(i)
             with self._hlock:
                 if self._maps_for_pid().get(i) is m:  # not closed by an eviction meanwhile
-                    return fn(m[0], m[1])
-        raise StorageError(f"{self.shards[i].url}: evicted from the cache faster than it can be read; "
-                           "raise cache_bytes")
+                    self._reads[id(m[0])] += 1
+                    break
+        else:
+            raise StorageError(f"{self.shards[i].url}: evicted from the cache faster than it can be read; "
+                               "raise cache_bytes")
+        try:
+            return fn(m[0], m[1])
+        finally:
+            with self._hlock:
+                key = id(m[0])
+                self._reads[key] -= 1
+                if not self._reads[key]:
+                    del self._reads[key]
+                    if key in self._unmap:
+                        _close(self._unmap.pop(key))
 
     def state(self, i: int) -> Any:
         """What the source parsed from shard ``i`` (trainkit: its header)."""
@@ -410,7 +433,7 @@ class Stream:
         d.pop("_hlock")
         d["_sizing"] = None
         d["_maps"], d["_maps_pid"] = OrderedDict(), -1
-        d["_opening"] = {}
+        d["_opening"], d["_reads"], d["_unmap"] = {}, Counter(), {}
         return d
 
     def __setstate__(self, d) -> None:
