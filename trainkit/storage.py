@@ -141,10 +141,15 @@ def is_transient(exc: BaseException) -> bool:
         return True
     if isinstance(exc, OSError) and exc.errno in _TRANSIENT_ERRNOS:
         return True
-    if any(getattr(exc, a, None) in _TRANSIENT_HTTP for a in ("code", "status", "status_code")):
+    statuses = [s for s in (getattr(exc, a, None) for a in ("code", "status", "status_code")) if isinstance(s, int)]
+    if any(s in _TRANSIENT_HTTP for s in statuses):
         return True
     if type(exc).__name__ in _AZURE_TRANSIENT:
         return True
+    if any(400 <= s < 600 for s in statuses):
+        # the server answered, with a status that is not worth repeating; its message's request id
+        # and time may contain "500" or "503" (Azurite's 403 did, one run in ten)
+        return False
     text = f"{type(exc).__name__} {exc}".lower()
     markers = ("503", "500", "502", "504", "429", "slowdown", "slow down", "throttl", "reset",
                "timeout", "timed out", "temporarily", "serviceunavailable", "internalerror",

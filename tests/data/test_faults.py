@@ -108,6 +108,16 @@ def test_what_storage_retry_repeats():
     assert not storage.is_transient(storage.Failures("ranks", [slowdown, PermissionError()]))
     assert not storage.is_transient(storage.Failures("ranks", []))
 
+    class HttpResponseError(Exception):  # as azure-core raises it: the status in .status_code
+        def __init__(self, message: str, status_code: int) -> None:
+            super().__init__(message)
+            self.status_code = status_code
+
+    denied = HttpResponseError("Server failed to authenticate the request.\nRequestId:9f5003c1-e500-4a29\n"
+                               "Time:2026-12-02T20:43:56.503Z\nErrorCode:AuthorizationFailure", 403)
+    assert not storage.is_transient(denied)  # "500"/"503" in its request id and time say nothing
+    assert storage.is_transient(HttpResponseError("Server busy", 503))
+
     failures, heard, pauses = [TimeoutError("t"), slowdown], [], []
 
     def flaky():
